@@ -1,0 +1,1 @@
+"""MiMo-V2 and DFlash definitions: configs, checkpoint formats, PyTorch references."""

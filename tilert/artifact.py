@@ -1,0 +1,325 @@
+"""The compiled artifact: a directory holding everything `tilert run` needs.
+
+    ARTIFACT/
+      schedule.json    {"format_version", "tool_version", "schedules": {"1": ..., "8": ...}}
+      metadata.json    model config, target GPU, max_seq_len, step sizes, recipe, source,
+                       sha256 of schedule.json and of every weights file, the weights index
+                       (storage format and logical shape of each tensor), tool version, time
+      weights/         safetensors in the runtime layout (absent for --schedule-only):
+                       `<name>` holds the data, `<name>.scale` the scales of a quantized tensor;
+                       shards of about 2 GB
+      tokenizer.json   copied from the checkpoint, when it has one
+
+Writing is all or nothing: the artifact is built in a hidden sibling directory and renamed
+into place at the end, so a failure leaves nothing at the output path.  Reading checks every
+hash and the schedule format version before handing anything out, and names the problem in
+one UserError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import tilert
+from model.config import MimoConfig
+from model.weights import StoredTensor
+from tilert.errors import UserError
+from tilert.schedule import Schedule, schedule_from_json, schedule_to_json
+
+SCHEDULE_FILE = "schedule.json"
+METADATA_FILE = "metadata.json"
+WEIGHTS_DIR = "weights"
+TOKENIZER_FILE = "tokenizer.json"
+SHARD_BYTES = 2 * 1024**3
+SCALE_SUFFIX = ".scale"
+
+
+@dataclass
+class Artifact:
+    path: Path
+    cfg: MimoConfig
+    schedules: dict[int, Schedule]
+    weights: dict[str, StoredTensor] | None
+    meta: dict[str, Any]
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        p = self.path / TOKENIZER_FILE
+        return p if p.is_file() else None
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.meta["max_seq_len"])
+
+    @property
+    def gpu(self) -> str:
+        return str(self.meta.get("gpu", "h100"))
+
+    @property
+    def schedule_only(self) -> bool:
+        return bool(self.meta.get("schedule_only"))
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.schedules)
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _major(version: Any) -> int | None:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return None
+
+
+def _is_artifact(path: Path) -> bool:
+    return (path / METADATA_FILE).is_file() or (path / SCHEDULE_FILE).is_file()
+
+
+def check_output_dir(out_dir: str | Path, force: bool = False) -> Path:
+    """Refuse an output path that holds something, unless `force` and it is an old artifact (or
+    empty).  Called before any long work, and again by write_artifact just before the rename."""
+    out = Path(out_dir)
+    if not out.exists() and not out.is_symlink():
+        return out
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        return out
+    if not force:
+        raise UserError(f"{out}: already exists and is not empty; choose a new directory or pass --force "
+                        f"to replace it")
+    if not out.is_dir() or out.is_symlink() or not _is_artifact(out):
+        raise UserError(f"{out}: exists and is not a tilert artifact; refusing to replace it even with --force")
+    return out
+
+
+def _stored_items(name: str, t: StoredTensor) -> dict[str, torch.Tensor]:
+    items = {name: t.data}
+    if t.scale is not None:
+        items[name + SCALE_SUFFIX] = t.scale
+    return items
+
+
+def _shards(weights: dict[str, StoredTensor], shard_bytes: int) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in weights.items():
+        if shards[-1] and size + t.nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += t.nbytes
+    return shards
+
+
+def _atomic_dir(out_dir: Path, force: bool, fill: Callable[[Path], None]) -> None:
+    """Run `fill` on a hidden temp dir beside out_dir, then move it into place.  An existing
+    artifact is replaced (with force) only once the new one is complete."""
+    check_output_dir(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    old: Path | None = None
+    try:
+        fill(tmp)
+        check_output_dir(out_dir, force)  # nothing appeared meanwhile
+        if out_dir.exists():
+            if any(out_dir.iterdir()):
+                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+                os.rename(out_dir, old / "artifact")
+            else:
+                out_dir.rmdir()
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out_dir.exists():
+            os.rename(old / "artifact", out_dir)  # put the previous artifact back
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+def write_artifact(out_dir: str | Path, cfg: MimoConfig, schedules: dict[int, Schedule],
+                   runtime_weights: dict[str, StoredTensor] | None, meta: dict[str, Any] | None = None,
+                   tokenizer: str | Path | None = None, force: bool = False,
+                   shard_bytes: int = SHARD_BYTES, progress: bool = False) -> Path:
+    """Write an artifact directory (see the module docstring); returns its path.
+
+    `meta` adds keys to metadata.json (gpu, max_seq_len, recipe, source, ...); the keys this
+    function computes (hashes, weights index, versions) always win."""
+    out = Path(out_dir)
+    if not schedules:
+        raise UserError("no schedules to write")
+    meta = dict(meta or {})
+    steps = sorted(int(b) for b in schedules)
+
+    def fill(tmp: Path) -> None:
+        hashes: dict[str, str] = {}
+        doc = {
+            "format_version": tilert.SCHEDULE_FORMAT_VERSION,
+            "tool_version": tilert.__version__,
+            "schedules": {str(b): schedule_to_json(schedules[b]) for b in steps},
+        }
+        with open(tmp / SCHEDULE_FILE, "w") as f:
+            json.dump(doc, f, separators=(",", ":"))
+        hashes[SCHEDULE_FILE] = sha256_file(tmp / SCHEDULE_FILE)
+
+        index: dict[str, dict[str, Any]] = {}
+        if runtime_weights is not None:
+            (tmp / WEIGHTS_DIR).mkdir()
+            shards = _shards(runtime_weights, shard_bytes)
+            total = sum(t.nbytes for t in runtime_weights.values())
+            with tqdm(total=total, unit="B", unit_scale=True, desc="writing weights",
+                      disable=not progress, leave=False) as bar:
+                for k, names in enumerate(shards):
+                    rel = f"{WEIGHTS_DIR}/model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                    tensors: dict[str, torch.Tensor] = {}
+                    for name in names:
+                        t = runtime_weights[name]
+                        tensors.update({n: v.contiguous() for n, v in _stored_items(name, t).items()})
+                        index[name] = {"fmt": t.fmt, "shape": list(t.shape), "file": rel,
+                                       "scale": t.scale is not None}
+                    save_file(tensors, str(tmp / rel), metadata={"format": "pt", "writer": "tilert"})
+                    bar.update(sum(runtime_weights[n].nbytes for n in names))
+                    del tensors
+                    hashes[rel] = sha256_file(tmp / rel)
+
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            hashes[TOKENIZER_FILE] = sha256_file(tmp / TOKENIZER_FILE)
+
+        md = {
+            **meta,
+            "format_version": tilert.SCHEDULE_FORMAT_VERSION,
+            "tool_version": tilert.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": cfg.to_dict(),
+            "steps": steps,
+            "schedule_only": runtime_weights is None,
+            "hashes": hashes,
+            "weights": index,
+        }
+        (tmp / METADATA_FILE).write_text(json.dumps(md, indent=1) + "\n")
+
+    _atomic_dir(out, force, fill)
+    return out
+
+
+# ---- reading ----------------------------------------------------------------------------------
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: missing; {what}")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: corrupt, not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: corrupt, expected a JSON object")
+    return d
+
+
+def _check_version(d: dict, source: Path) -> None:
+    found = d.get("format_version")
+    if _major(found) != _major(tilert.SCHEDULE_FORMAT_VERSION):
+        raise UserError(
+            f"{source}: written by tilert {d.get('tool_version', '?')} with schedule format {found}; "
+            f"this tilert ({tilert.__version__}) reads format {tilert.SCHEDULE_FORMAT_VERSION}: recompile")
+
+
+def _check_hash(root: Path, rel: str, hashes: dict[str, str]) -> Path:
+    path = root / rel
+    if not path.is_file():
+        raise UserError(f"{path}: missing from the artifact")
+    want = hashes.get(rel)
+    if want is None:
+        raise UserError(f"{root / METADATA_FILE}: records no hash for {rel}; the artifact is corrupt")
+    if sha256_file(path) != want:
+        raise UserError(f"{path}: sha256 does not match the one in {METADATA_FILE}; the file was modified "
+                        f"or damaged after compile: recompile")
+    return path
+
+
+def read_artifact(path: str | Path, load_weights: bool = True, progress: bool = False,
+                  steps: list[int] | None = None) -> Artifact:
+    """Read and check an artifact.  With load_weights, a schedule-only artifact is refused.
+    `steps` decodes only the schedules of those step sizes (all by default)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"{root}: not an artifact directory (make one with `tilert compile`)")
+    meta = _read_json(root / METADATA_FILE, "not a tilert artifact, or an incomplete one")
+    _check_version(meta, root / METADATA_FILE)
+    hashes = meta.get("hashes")
+    if not isinstance(hashes, dict):
+        raise UserError(f"{root / METADATA_FILE}: corrupt, no hashes recorded")
+    doc = _read_json(root / SCHEDULE_FILE, "the artifact is incomplete")
+    _check_version(doc, root / SCHEDULE_FILE)
+    _check_hash(root, SCHEDULE_FILE, hashes)
+    if meta.get("schedule_only") and load_weights:
+        raise UserError(f"{root}: compiled with --schedule-only, it holds no weights to run; recompile "
+                        f"without --schedule-only")
+    try:
+        cfg = MimoConfig.from_dict(meta["config"])
+        schedules = {int(b): schedule_from_json(s) for b, s in doc["schedules"].items()
+                     if steps is None or int(b) in steps}
+        int(meta["max_seq_len"])
+    except UserError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(f"{root}: corrupt artifact ({type(e).__name__}: {e})") from None
+    if not schedules:
+        raise UserError(f"{root / SCHEDULE_FILE}: holds no schedules")
+    if TOKENIZER_FILE in hashes:
+        _check_hash(root, TOKENIZER_FILE, hashes)
+
+    weights = None
+    if load_weights:
+        weights = _read_weights(root, meta, hashes, progress)
+    return Artifact(root, cfg, schedules, weights, meta)
+
+
+def _read_weights(root: Path, meta: dict, hashes: dict[str, str], progress: bool) -> dict[str, StoredTensor]:
+    index = meta.get("weights")
+    if not isinstance(index, dict) or not index:
+        raise UserError(f"{root / METADATA_FILE}: corrupt, no weights index")
+    files = sorted({e["file"] for e in index.values()})
+    handles = {}
+    for rel in tqdm(files, desc="checking weights", disable=not progress, leave=False):
+        p = _check_hash(root, rel, hashes)
+        try:
+            handles[rel] = safe_open(str(p), framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise UserError(f"{p}: not a readable safetensors file ({e})") from None
+    weights: dict[str, StoredTensor] = {}
+    for name, e in index.items():
+        f = handles[e["file"]]
+        try:
+            data = f.get_tensor(name)
+            scale = f.get_tensor(name + SCALE_SUFFIX) if e.get("scale") else None
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{root / e['file']}: cannot read tensor {name} ({err})") from None
+        weights[name] = StoredTensor(e["fmt"], tuple(e["shape"]), data, scale)
+    return weights

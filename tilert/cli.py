@@ -1,0 +1,491 @@
+"""The `tilert` command line: synth, compile, inspect, run.
+
+Every UserError (bad input the user can fix) prints `tilert: error: <message>` on stderr and
+exits with status 2, without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import tilert
+from tilert.errors import UserError
+
+PRESET_HELP = "mimo-tiny, mimo-v2-flash, mimo-v2.5-pro"
+DEFAULT_STEPS = (1, 8)
+DEFAULT_MAX_SEQ_LEN = 4096
+DEFAULT_PRESET = "mimo-tiny"
+# The embedded default's prompt (token ids: the synthetic model has no tokenizer).
+DEFAULT_PROMPT_IDS = (1, 17, 42, 101, 7, 256, 3, 99)
+
+
+def _progress() -> bool:
+    """Progress bars on stderr when it is a terminal (never in logs or tests)."""
+    return sys.stderr.isatty() and not os.environ.get("TILERT_NO_PROGRESS")
+
+
+def _bar(**kw):
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, disable=not _progress(), leave=False, **kw)
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+def _parse_ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise UserError(f"{what} {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    if not vals:
+        raise UserError(f"{what}: no values given")
+    return vals
+
+
+def _preset_names() -> list[str]:
+    from model.config import PRESETS
+
+    return list(PRESETS)
+
+
+def _config_name(cfg) -> str | None:
+    """The preset whose geometry `cfg` has (its layer count aside): picks the schedule recipe."""
+    from model.config import PRESETS
+
+    skip = {"layer_types", "mlp_layer_types", "max_position_embeddings", "bos_token_id", "eos_token_id"}
+    mine = {k: v for k, v in cfg.to_dict().items() if k not in skip}
+    for name, make in PRESETS.items():
+        other = {k: v for k, v in make().to_dict().items() if k not in skip}
+        if mine == other:
+            return name
+    return None
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+# ---- synth ---------------------------------------------------------------------------------------
+
+def cmd_synth(args) -> int:
+    from model.checkpoint import write_synthetic
+    from model.config import preset
+
+    cfg = preset(args.preset, args.layers)
+    write_synthetic(cfg, args.out, args.seed)
+    print(f"wrote a synthetic {args.preset} checkpoint ({cfg.num_hidden_layers} layers, seed {args.seed}) "
+          f"to {args.out}", file=sys.stderr)
+    return 0
+
+
+# ---- compile -------------------------------------------------------------------------------------
+
+def _load_draft(path: str, cfg):
+    """The drafter for --draft, if model/dflash.py can load one from a directory."""
+    from model import dflash
+
+    loader = next((getattr(dflash, n) for n in ("load_drafter", "load_draft_checkpoint", "load_dflash")
+                   if callable(getattr(dflash, n, None))), None)
+    if loader is None:
+        raise UserError(f"--draft {path}: compiling a DFlash drafter into the artifact is not supported yet")
+    if not Path(path).is_dir():
+        raise UserError(f"--draft {path}: not a directory")
+    return loader(path, cfg)
+
+
+def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+                     steps=DEFAULT_STEPS, schedule_only: bool = False, quantize_experts: str | None = None,
+                     layers: int | None = None, seed: int = 0, force: bool = False, draft: str | None = None,
+                     log=None) -> Path:
+    """`tilert compile`: a model directory or preset name -> an artifact directory."""
+    from model.checkpoint import load_checkpoint, write_synthetic
+    from model.config import PRESETS, load_config, preset
+    from model.weights import expected_tensors, stored_nbytes
+    from tilert.artifact import check_output_dir, write_artifact
+    from tilert.compiler import compile_step
+    from tilert.cost import GPUS
+    from tilert.layout import runtime_weights
+    from tilert.lower import load_recipe
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out = Path(out)
+    check_output_dir(out, force)  # before any long work
+    if gpu not in GPUS:
+        raise UserError(f"--gpu {gpu}: unknown GPU; known: {', '.join(GPUS)}")
+    steps = sorted(set(int(s) for s in steps))
+    if any(s < 1 for s in steps):
+        raise UserError(f"--steps {steps}: step sizes must be positive")
+    if 1 not in steps:
+        raise UserError(f"--steps {','.join(map(str, steps))}: must include 1 (the decode step)")
+    if max_seq_len < max(steps):
+        raise UserError(f"--max-seq-len {max_seq_len}: must be at least the largest step size {max(steps)}")
+
+    tokenizer = None
+    weights = None
+    with tempfile.TemporaryDirectory(prefix="tilert-synth-") as tmp:
+        model_dir = Path(model)
+        if model_dir.is_dir():
+            if schedule_only:
+                cfg = load_config(model_dir)
+                if layers:
+                    cfg = cfg.with_layers(layers)
+            else:
+                cfg, weights = load_checkpoint(model_dir, layers)
+            name = _config_name(cfg)
+            source = str(model_dir.resolve())
+            if (model_dir / "tokenizer.json").is_file():
+                tokenizer = model_dir / "tokenizer.json"
+        elif model in PRESETS:
+            cfg = preset(model, layers)
+            name = model
+            source = f"preset:{model}"
+            if not schedule_only:
+                need = sum(stored_nbytes(s.fmt, s.shape) for s in expected_tensors(cfg))
+                mem = _memory_bytes()
+                if mem is not None and 2 * need > mem:
+                    raise UserError(
+                        f"--model {model}: synthetic weights would take {_fmt_bytes(need)}, more than this "
+                        f"machine can hold; pass --schedule-only, or fewer --layers")
+                synth_dir = Path(tmp) / model
+                log(f"synthesizing {model} weights (seed {seed})")
+                write_synthetic(cfg, synth_dir, seed)
+                cfg, weights = load_checkpoint(synth_dir)
+                source = f"preset:{model} (synthetic, seed {seed})"
+        else:
+            raise UserError(f"--model {model}: not a model directory nor a known preset "
+                            f"({', '.join(PRESETS)})")
+        if max_seq_len > cfg.max_position_embeddings:
+            raise UserError(f"--max-seq-len {max_seq_len}: exceeds the model's max_position_embeddings "
+                            f"{cfg.max_position_embeddings}")
+        if quantize_experts:
+            if quantize_experts not in ("mxfp4", "fp8"):
+                raise UserError(f"--quantize-experts {quantize_experts}: supported formats are mxfp4 and fp8")
+            cfg = dataclasses.replace(cfg, expert_format=quantize_experts)
+        draft_info = None
+        if draft:
+            draft_info = _load_draft(draft, cfg)
+
+        recipe = load_recipe(name, gpu)
+        schedules = {}
+        t0 = time.perf_counter()
+        with _bar(total=len(steps), desc="compiling", unit="step") as bar:
+            for b in steps:
+                bar.set_postfix_str(f"{b}-token step")
+                schedules[b] = compile_step(cfg, recipe, b, max_seq_len, max(steps))
+                bar.update()
+        log(f"compiled {cfg.num_hidden_layers}-layer {name or cfg.model_type} for {gpu}: steps "
+            + ", ".join(f"{b} ({len(schedules[b].graph.tasks)} tasks)" for b in steps)
+            + f" in {time.perf_counter() - t0:.1f} s")
+
+        rw = None
+        if weights is not None:
+            rw = runtime_weights(cfg, weights, quantize_experts, progress=_progress())
+            del weights
+            if draft_info is not None and isinstance(draft_info, tuple) and len(draft_info) == 2:
+                rw.update({f"draft.{k}": v for k, v in dict(draft_info[1]).items()})
+        meta = {
+            "gpu": gpu,
+            "max_seq_len": max_seq_len,
+            "recipe": recipe,
+            "source": source,
+            "model_name": name,
+            "seed": seed if source.startswith("preset:") and rw is not None else None,
+            "quantize_experts": quantize_experts,
+            "draft": str(Path(draft).resolve()) if draft else None,
+        }
+        path = write_artifact(out, cfg, schedules, rw, meta, tokenizer=tokenizer, force=force,
+                              progress=_progress())
+    log(f"wrote {path}" + (" (schedule only)" if rw is None else ""))
+    return path
+
+
+def cmd_compile(args) -> int:
+    compile_artifact(args.model, args.out, gpu=args.gpu, max_seq_len=args.max_seq_len,
+                     steps=_parse_ints(args.steps, "--steps"), schedule_only=args.schedule_only,
+                     quantize_experts=args.quantize_experts, layers=args.layers, seed=args.seed,
+                     force=args.force, draft=args.draft)
+    return 0
+
+
+# ---- inspect -------------------------------------------------------------------------------------
+
+def cmd_inspect(args) -> int:
+    from tilert import inspect as tinspect
+    from tilert.artifact import read_artifact
+
+    art = read_artifact(args.artifact, load_weights=False)
+    step = args.step if args.step is not None else min(art.schedules)
+    if step not in art.schedules:
+        raise UserError(f"--step {step}: the artifact has schedules for steps {art.steps}")
+    gpu = args.gpu or art.gpu
+    summary = tinspect.summarize(art, step, gpu)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(tinspect.format_report(summary, top_ops=args.top))
+    if args.trace:
+        tinspect.write_trace(art, step, gpu, args.trace)
+        print(f"wrote trace {args.trace} (open it in https://ui.perfetto.dev or chrome://tracing)",
+              file=sys.stderr)
+    if args.plot:
+        tinspect.plot_timeline(art, step, gpu, args.plot)
+        print(f"wrote plot {args.plot}", file=sys.stderr)
+    return 0
+
+
+# ---- run -----------------------------------------------------------------------------------------
+
+def default_cache_dir() -> Path:
+    if os.environ.get("TILERT_CACHE"):
+        return Path(os.environ["TILERT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tilert"
+
+
+def default_artifact(log=None) -> Path:
+    """The embedded default: mimo-tiny with synthetic weights (seed 0), compiled once and cached."""
+    from tilert.artifact import read_artifact
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    path = default_cache_dir() / f"{DEFAULT_PRESET}-{tilert.__version__}"
+    if path.exists():
+        try:
+            art = read_artifact(path, load_weights=False)
+            if art.meta.get("source", "").startswith(f"preset:{DEFAULT_PRESET}") and not art.schedule_only:
+                return path
+        except UserError as e:
+            log(f"cached default artifact is unusable ({e}); recompiling")
+        shutil.rmtree(path, ignore_errors=True)
+    log(f"compiling the embedded default ({DEFAULT_PRESET}, synthetic weights) into {path}")
+    compile_artifact(DEFAULT_PRESET, path, seed=0, log=log)
+    return path
+
+
+def reference_weights(cfg, runtime: dict) -> dict:
+    """The runtime layout back in canonical names: stacked experts split per expert."""
+    from model.weights import StoredTensor
+    from tilert.layout import EXPERT_PROJS
+    from tilert.lower import stacked_expert_name
+
+    stacked = {stacked_expert_name(i, p): (i, p) for i in range(cfg.num_hidden_layers) if cfg.is_moe(i)
+               for p in EXPERT_PROJS}
+    out = {}
+    for name, t in runtime.items():
+        if name in stacked:
+            layer, proj = stacked[name]
+            for e in range(t.shape[0]):
+                out[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] = StoredTensor(
+                    t.fmt, tuple(t.shape[1:]), t.data[e], None if t.scale is None else t.scale[e])
+        elif not name.startswith("draft."):
+            out[name] = t
+    return out
+
+
+def chunks(n: int, steps: list[int]) -> list[int]:
+    """Step sizes covering n prompt tokens, largest first (e.g. 8, 8, 1, 1 for 18 with {1, 8})."""
+    out = []
+    for b in sorted(steps, reverse=True):
+        while n >= b:
+            out.append(b)
+            n -= b
+    if n:
+        raise UserError(f"cannot split a prompt into the compiled step sizes {sorted(steps)}")
+    return out
+
+
+def generate_vm(art, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                interleave: int | None = None) -> list[int]:
+    from tilert.vm import VM
+
+    vm = VM(art.cfg, art.schedules, art.weights, art.max_seq_len)
+    pos, token = 0, None
+    with _bar(total=len(prompt) + max_new_tokens, desc="generating", unit="tok") as bar:
+        for b in chunks(len(prompt), list(art.schedules)):
+            _, nxt = vm.step(prompt[pos:pos + b], temperature, seed, interleave)
+            token = nxt[-1]
+            pos += b
+            bar.update(b)
+        out: list[int] = []
+        while len(out) < max_new_tokens:
+            out.append(token)
+            bar.update()
+            if len(out) < max_new_tokens:
+                _, nxt = vm.step([token], temperature, seed, interleave)
+                token = nxt[0]
+    return out
+
+
+def generate_reference(art, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,
+                       seed: int = 0) -> list[int]:
+    import torch
+
+    from model.reference import ReferenceDecoder, generate
+
+    weights = reference_weights(art.cfg, art.weights)
+    dec = ReferenceDecoder(art.cfg, weights, torch.float32, max_seq_len=min(art.max_seq_len,
+                                                                            len(prompt) + max_new_tokens))
+    return generate(dec, prompt, max_new_tokens, temperature, seed)
+
+
+def _tokenizer(art):
+    if art.tokenizer_path is None:
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(art.tokenizer_path))
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise UserError(f"{art.tokenizer_path}: not a readable tokenizer ({e})") from None
+
+
+def cmd_run(args) -> int:
+    from tilert.artifact import read_artifact
+
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
+    if args.prompt is not None and args.prompt_ids is not None:
+        raise UserError("give --prompt or --prompt-ids, not both")
+    if args.interleave is not None and args.backend != "vm":
+        raise UserError("--interleave only applies to --backend vm")
+    path = Path(args.artifact) if args.artifact else default_artifact()
+    art = read_artifact(path, load_weights=False)
+    if art.schedule_only:
+        read_artifact(path)  # raises the schedule-only error
+    tok = _tokenizer(art)
+    if args.prompt_ids is not None:
+        prompt = _parse_ints(args.prompt_ids, "--prompt-ids")
+    elif args.prompt is not None:
+        if tok is None:
+            raise UserError(f"{path}: the artifact has no tokenizer.json to encode --prompt; "
+                            f"pass token ids with --prompt-ids 1,2,3")
+        prompt = tok.encode(args.prompt).ids
+        if not prompt:
+            raise UserError("--prompt encodes to no tokens")
+    elif not args.artifact:
+        prompt = list(DEFAULT_PROMPT_IDS)
+    else:
+        raise UserError("no prompt: pass --prompt TEXT or --prompt-ids 1,2,3")
+    V = art.cfg.vocab_size
+    bad = [t for t in prompt if not 0 <= t < V]
+    if bad:
+        raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {V})")
+    total = len(prompt) + args.max_new_tokens
+    if total > art.max_seq_len:
+        raise UserError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} = {total} tokens "
+                        f"exceeds the artifact's max sequence length {art.max_seq_len}; recompile with a larger "
+                        f"--max-seq-len")
+    art = read_artifact(path, load_weights=True)
+
+    t0 = time.perf_counter()
+    if args.backend == "vm":
+        new = generate_vm(art, prompt, args.max_new_tokens, args.temperature, args.seed, args.interleave)
+    else:
+        new = generate_reference(art, prompt, args.max_new_tokens, args.temperature, args.seed)
+    elapsed = time.perf_counter() - t0
+    text = tok.decode(new) if tok is not None else " ".join(str(t) for t in new)
+    rate = len(new) / elapsed if elapsed > 0 else 0.0
+    if args.json:
+        print(json.dumps({"tokens": new, "text": text, "tokens_per_s": rate, "backend": args.backend,
+                          "prompt_tokens": len(prompt), "seconds": elapsed, "artifact": str(path)}))
+    else:
+        print(text)
+        print(f"[{args.backend}] {len(prompt)} prompt tokens, {len(new)} new tokens in {elapsed:.2f} s "
+              f"({rate:.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+# ---- argument parsing ----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tilert", description=tilert.__doc__)
+    p.add_argument("--version", action="version", version=f"tilert {tilert.__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("synth", help="write a synthetic (random) checkpoint of a preset")
+    s.add_argument("--preset", required=True, help=PRESET_HELP)
+    s.add_argument("--out", required=True, help="checkpoint directory to create")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--layers", type=int, help="keep only the first N layers")
+    s.set_defaults(func=cmd_synth)
+
+    c = sub.add_parser("compile", help="compile a model into an artifact directory")
+    c.add_argument("--model", required=True, help=f"checkpoint directory, or a preset ({PRESET_HELP})")
+    c.add_argument("--out", required=True, help="artifact directory to create")
+    c.add_argument("--gpu", default="h100", help="target GPU: h100 or h200 (default h100)")
+    c.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                   help=f"longest sequence the KV cache holds (default {DEFAULT_MAX_SEQ_LEN})")
+    c.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)),
+                   help="tokens per step to compile, comma-separated (default 1,8; 1 is required)")
+    c.add_argument("--draft", help="DFlash drafter checkpoint directory")
+    c.add_argument("--schedule-only", action="store_true", help="schedules and metadata only, no weights")
+    c.add_argument("--quantize-experts", choices=["mxfp4", "fp8"], help="re-store the routed experts in this format")
+    c.add_argument("--layers", type=int, help="keep only the first N layers")
+    c.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights of a preset (default 0)")
+    c.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
+    c.set_defaults(func=cmd_compile)
+
+    i = sub.add_parser("inspect", help="tables and estimates of a compiled artifact")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the simulated step")
+    i.add_argument("--plot", metavar="FILE.png", help="draw the per-worker timeline (needs matplotlib)")
+    i.add_argument("--step", type=int, help="which step size to inspect (default: the smallest, decode)")
+    i.add_argument("--gpu", help="estimate for this GPU instead of the artifact's target")
+    i.add_argument("--top", type=int, default=30, help="ops listed in the table, costliest first (0: all)")
+    i.set_defaults(func=cmd_inspect)
+
+    r = sub.add_parser("run", help="generate tokens with a compiled artifact")
+    r.add_argument("artifact", nargs="?", help="artifact directory (default: the embedded mimo-tiny model)")
+    r.add_argument("--prompt", help="prompt text (needs the artifact's tokenizer.json)")
+    r.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3")
+    r.add_argument("--max-new-tokens", type=int, default=32)
+    r.add_argument("--backend", choices=["vm", "reference"], default="vm")
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.add_argument("--seed", type=int, default=0, help="sampling seed")
+    r.add_argument("--json", action="store_true", help="print {tokens, text, tokens_per_s, ...}")
+    r.add_argument("--interleave", type=int, metavar="SEED",
+                   help="VM only: run the workers in an adversarial order drawn from SEED")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error (argparse printed it)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"tilert: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tilert: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `tilert inspect A | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

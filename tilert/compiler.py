@@ -1,0 +1,32 @@
+"""Model -> validated schedules: lower, fuse, derive dependencies, schedule, validate."""
+
+from __future__ import annotations
+
+from model.config import MimoConfig
+from tilert.deps import derive_dependencies
+from tilert.fusion import apply_fusions
+from tilert.lower import lower_step
+from tilert.schedule import Schedule
+from tilert.scheduler import build_schedule
+from tilert.validate import validate
+
+
+def compile_step(cfg: MimoConfig, recipe: dict, tokens: int, max_seq_len: int, max_tokens: int,
+                 num_workers: int | None = None, policy: str = "list") -> Schedule:
+    """One validated schedule for a step of `tokens` tokens."""
+    graph = lower_step(cfg, recipe, tokens=tokens, max_seq_len=max_seq_len, max_tokens=max_tokens)
+    graph = apply_fusions(graph, recipe.get("fuse", []))
+    derive_dependencies(graph)
+    schedule = build_schedule(graph, num_workers or recipe["workers"], policy=policy)
+    schedule.meta.update({"tokens": tokens, "max_seq_len": max_seq_len, "recipe": recipe.get("source")})
+    validate(schedule)
+    return schedule
+
+
+def compile_steps(cfg: MimoConfig, recipe: dict, token_counts: list[int], max_seq_len: int,
+                  num_workers: int | None = None, policy: str = "list") -> dict[int, Schedule]:
+    """Schedules for every step size in `token_counts` (1 = decode; larger = prefill chunks and
+    speculative verification), sharing one KV-cache layout sized for the largest."""
+    max_tokens = max(token_counts)
+    return {b: compile_step(cfg, recipe, b, max_seq_len, max_tokens, num_workers, policy)
+            for b in sorted(set(token_counts))}

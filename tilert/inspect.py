@@ -1,0 +1,337 @@
+"""`tilert inspect`: what a compiled artifact holds and what the cost model expects of it.
+
+`summarize` gathers everything as a JSON-ready dict (the `--json` output); `format_report`
+renders it as tables.  `write_trace` and `plot_timeline` draw the simulated timeline of one step.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from tilert.cost import GPUS, GpuSpec, critical_path, estimate, simulate, task_times
+from tilert.errors import UserError
+from tilert.ir import ACTIVATION, INPUT, OUTPUT, STATE, WEIGHT
+from tilert.schedule import Schedule
+
+# Device memory of one card (bytes), to say whether the artifact fits.
+GPU_MEMORY = {"h100": 80e9, "h200": 141e9}
+
+
+def _gpu(name: str) -> GpuSpec:
+    if name not in GPUS:
+        raise UserError(f"unknown GPU {name!r}; known: {', '.join(GPUS)}")
+    return GPUS[name]
+
+
+def _stats(values) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    if not len(a):
+        return {"min": 0.0, "mean": 0.0, "max": 0.0}
+    return {"min": float(a.min()), "mean": float(a.mean()), "max": float(a.max())}
+
+
+def memory_footprint(art) -> dict[str, Any]:
+    """Device memory: weights as stored, KV cache (state), and the largest step's activations."""
+    weights: dict[str, int] = {}
+    state: dict[str, int] = {}
+    act = 0
+    for s in art.schedules.values():
+        step_act = 0
+        for name, b in s.graph.buffers.items():
+            if b.kind == WEIGHT:
+                weights[name] = b.nbytes
+            elif b.kind == STATE:
+                state[name] = b.nbytes
+            elif b.kind in (ACTIVATION, INPUT, OUTPUT):
+                step_act += b.nbytes
+        act = max(act, step_act)
+    out = {
+        "weights_bytes": sum(weights.values()),
+        "kv_cache_bytes": sum(state.values()),
+        "activation_bytes": act,
+        "max_seq_len": art.max_seq_len,
+    }
+    out["total_bytes"] = out["weights_bytes"] + out["kv_cache_bytes"] + out["activation_bytes"]
+    cap = GPU_MEMORY.get(art.gpu)
+    if cap:
+        out["gpu_memory_bytes"] = int(cap)
+        out["fits"] = out["total_bytes"] <= cap
+    return out
+
+
+def summarize(art, step: int, gpu_name: str | None = None) -> dict[str, Any]:
+    """Everything `tilert inspect` shows, for the schedule of `step` tokens."""
+    gpu = _gpu(gpu_name or art.gpu)
+    s: Schedule = art.schedules[step]
+    g = s.graph
+    cfg = art.cfg
+    dur = task_times(g, gpu, s.num_workers)
+    tl = simulate(s, gpu)
+    est = estimate(s, gpu)
+    cp_s, cp_tasks = critical_path(g, gpu, s.num_workers)
+
+    ops = []
+    for op in g.ops:
+        ids = np.asarray(op.tasks, dtype=np.int64)
+        nbytes = int(sum(g.tasks[t].bytes for t in op.tasks))
+        flops = int(sum(g.tasks[t].flops for t in op.tasks))
+        ops.append({
+            "name": op.name, "kind": op.kind, "layer": op.layer, "tasks": len(op.tasks),
+            "bytes": nbytes, "flops": flops,
+            # Its share of a perfectly balanced step: worker-seconds over workers.
+            "est_time_s": float(dur[ids].sum()) / s.num_workers if len(ids) else 0.0,
+            # When it actually runs in the simulated step.
+            "start_s": float(tl.start[ids].min()) if len(ids) else 0.0,
+            "end_s": float(tl.end[ids].max()) if len(ids) else 0.0,
+        })
+
+    kinds: dict[str, dict[str, Any]] = defaultdict(lambda: {"ops": 0, "tasks": 0, "bytes": 0, "flops": 0,
+                                                            "est_time_s": 0.0})
+    for o in ops:
+        k = kinds[o["kind"]]
+        k["ops"] += 1
+        k["tasks"] += o["tasks"]
+        k["bytes"] += o["bytes"]
+        k["flops"] += o["flops"]
+        k["est_time_s"] += o["est_time_s"]
+    total_bytes = max(1, sum(o["bytes"] for o in ops))
+    op_kinds = sorted(({"kind": k, **v, "bytes_share": v["bytes"] / total_bytes} for k, v in kinds.items()),
+                      key=lambda r: -r["bytes"])
+
+    counts = np.bincount(tl.worker, minlength=s.num_workers) if len(g.tasks) else np.zeros(s.num_workers)
+    wbytes = np.bincount(tl.worker, weights=[t.bytes for t in g.tasks], minlength=s.num_workers) \
+        if len(g.tasks) else np.zeros(s.num_workers)
+    busy = np.bincount(tl.worker, weights=tl.end - tl.start, minlength=s.num_workers) \
+        if len(g.tasks) else np.zeros(s.num_workers)
+    busiest = [{"worker": int(w), "tasks": int(counts[w]), "bytes": int(wbytes[w]), "busy_s": float(busy[w])}
+               for w in np.argsort(-busy, kind="stable")[:5]]
+
+    path_ops: list[str] = []
+    for t in cp_tasks:
+        name = g.ops[g.tasks[t].op].name
+        if not path_ops or path_ops[-1] != name:
+            path_ops.append(name)
+
+    step_time = est["step_time_s"]
+    return {
+        "artifact": str(art.path),
+        "model": {
+            "model_type": cfg.model_type,
+            "name": art.meta.get("model_name"),
+            "source": art.meta.get("source"),
+            "layers": cfg.num_hidden_layers,
+            "moe_layers": sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers)),
+            "swa_layers": sum(cfg.is_swa(i) for i in range(cfg.num_hidden_layers)),
+            "hidden_size": cfg.hidden_size,
+            "attention_heads": cfg.num_attention_heads,
+            "kv_heads": [cfg.ga_num_kv_heads, cfg.swa_num_kv_heads],
+            "experts": [cfg.n_routed_experts, cfg.num_experts_per_tok],
+            "expert_format": cfg.expert_format,
+            "vocab_size": cfg.vocab_size,
+        },
+        "artifact_info": {
+            "gpu": art.gpu,
+            "max_seq_len": art.max_seq_len,
+            "steps": art.steps,
+            "schedule_only": art.schedule_only,
+            "tool_version": art.meta.get("tool_version"),
+            "format_version": art.meta.get("format_version"),
+            "created": art.meta.get("created"),
+            "recipe": (art.meta.get("recipe") or {}).get("source"),
+        },
+        "step": step,
+        "gpu": gpu.name,
+        "schedule": {
+            "ops": len(g.ops), "tasks": len(g.tasks), "workers": s.num_workers,
+            "counters": len(s.counters), "waits": int(sum(len(w) for w in s.waits)),
+        },
+        "ops": ops,
+        "workers": {
+            "tasks": _stats(counts), "bytes": _stats(wbytes), "busy_s": _stats(busy),
+            "busiest": busiest,
+        },
+        "op_kinds": op_kinds,
+        "estimate": {
+            "step_time_s": step_time,
+            "floor_s": est["floor_s"],
+            "ratio": est["ratio"],
+            "floor_fraction": est["floor_fraction"],
+            "mean_busy": est["mean_busy"],
+            "bytes": est["bytes"],
+            "flops": est["flops"],
+            "tokens_per_s": step / step_time if step_time > 0 else 0.0,
+            "critical_path_s": cp_s,
+            "critical_path_tasks": len(cp_tasks),
+            "critical_path_ops": path_ops,
+        },
+        "memory": memory_footprint(art),
+    }
+
+
+# ---- text rendering --------------------------------------------------------------------------
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def fmt_time(s: float) -> str:
+    if s >= 1:
+        return f"{s:.3f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3f} ms"
+    return f"{s * 1e6:.2f} us"
+
+
+def fmt_count(n: float) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or unit == "T":
+            return f"{n:.0f}" if unit == "" else f"{n:.2f}{unit}"
+        n /= 1000
+    return f"{n:.2f}T"
+
+
+def table(headers: list[str], rows: list[list[Any]], align: str | None = None) -> str:
+    """A plain text table; `align` is one char per column, 'l' or 'r' (default: first left)."""
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    align = align or "l" + "r" * (len(headers) - 1)
+
+    def line(vals):
+        return "  ".join(v.ljust(w) if a == "l" else v.rjust(w) for v, w, a in zip(vals, widths, align)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def format_report(sm: dict[str, Any], top_ops: int = 30) -> str:
+    m, a, e, mem, sc = sm["model"], sm["artifact_info"], sm["estimate"], sm["memory"], sm["schedule"]
+    out = []
+    out.append(f"artifact  {sm['artifact']}")
+    out.append(f"model     {m['name'] or m['model_type']} ({m['source']}): {m['layers']} layers "
+               f"({m['swa_layers']} sliding-window, {m['moe_layers']} MoE), hidden {m['hidden_size']}, "
+               f"{m['attention_heads']} heads, KV heads {m['kv_heads'][0]} global / {m['kv_heads'][1]} SWA, "
+               f"{m['experts'][0]} experts top-{m['experts'][1]} ({m['expert_format']}), vocab {m['vocab_size']}")
+    out.append(f"compiled  for {a['gpu']}, max_seq_len {a['max_seq_len']}, steps {a['steps']}, recipe {a['recipe']}, "
+               f"tilert {a['tool_version']} (format {a['format_version']})"
+               + (", schedule only (no weights)" if a["schedule_only"] else ""))
+    out.append(f"schedule  step of {sm['step']} token(s): {sc['ops']} ops, {sc['tasks']} tasks on {sc['workers']} "
+               f"workers, {sc['counters']} counters, {sc['waits']} waits")
+    out.append("")
+
+    out.append(f"== estimated step time on {sm['gpu']} ==")
+    out.append(table(["", "value"], [
+        ["estimated step time", fmt_time(e["step_time_s"])],
+        ["bandwidth floor", fmt_time(e["floor_s"])],
+        ["ratio (step / floor)", f"{e['ratio']:.2f}x"],
+        ["share of peak bandwidth", f"{100 * e['floor_fraction']:.1f}%"],
+        ["mean worker busy", f"{100 * e['mean_busy']:.1f}%"],
+        ["bytes moved", fmt_bytes(e["bytes"])],
+        ["flops", fmt_count(e["flops"])],
+        ["tokens/s (this step size)", f"{e['tokens_per_s']:.1f}"],
+        ["critical path", f"{fmt_time(e['critical_path_s'])} over {e['critical_path_tasks']} tasks, "
+                          f"{len(e['critical_path_ops'])} ops"],
+    ], "lr"))
+    path = e["critical_path_ops"]
+    shown = path if len(path) <= 12 else path[:6] + [f"... {len(path) - 12} more ..."] + path[-6:]
+    out.append("critical path ops: " + " -> ".join(shown))
+    out.append("")
+
+    ops = sm["ops"]
+    rows = sorted(ops, key=lambda o: -o["est_time_s"]) if top_ops else ops
+    if top_ops and len(ops) > top_ops:
+        title = f"== ops: the {top_ops} costliest of {len(ops)} (--top 0 lists all, in program order) =="
+        rows = rows[:top_ops]
+    else:
+        title = f"== ops ({len(ops)}) =="
+        rows = ops
+    out.append(title)
+    out.append(table(["op", "kind", "tasks", "bytes", "flops", "est time", "runs at"], [
+        [o["name"], o["kind"], o["tasks"], fmt_bytes(o["bytes"]), fmt_count(o["flops"]), fmt_time(o["est_time_s"]),
+         f"{fmt_time(o['start_s'])} - {fmt_time(o['end_s'])}"] for o in rows
+    ], "llrrrrr"))
+    out.append("")
+
+    out.append("== bytes per op kind ==")
+    out.append(table(["kind", "ops", "tasks", "bytes", "share", "flops", "est time"], [
+        [k["kind"], k["ops"], k["tasks"], fmt_bytes(k["bytes"]), f"{100 * k['bytes_share']:.1f}%",
+         fmt_count(k["flops"]), fmt_time(k["est_time_s"])] for k in sm["op_kinds"]
+    ]))
+    out.append("")
+
+    w = sm["workers"]
+    out.append(f"== tasks per worker ({sc['workers']} workers) ==")
+    out.append(table(["", "min", "mean", "max"], [
+        ["tasks", f"{w['tasks']['min']:.0f}", f"{w['tasks']['mean']:.1f}", f"{w['tasks']['max']:.0f}"],
+        ["bytes", fmt_bytes(w["bytes"]["min"]), fmt_bytes(w["bytes"]["mean"]), fmt_bytes(w["bytes"]["max"])],
+        ["busy time", fmt_time(w["busy_s"]["min"]), fmt_time(w["busy_s"]["mean"]), fmt_time(w["busy_s"]["max"])],
+    ]))
+    out.append("busiest: " + ", ".join(f"worker {b['worker']} ({b['tasks']} tasks, {fmt_bytes(b['bytes'])}, "
+                                       f"{fmt_time(b['busy_s'])})" for b in w["busiest"]))
+    out.append("")
+
+    out.append("== memory footprint ==")
+    rows = [["weights (as stored)", fmt_bytes(mem["weights_bytes"])],
+            [f"KV cache ({mem['max_seq_len']} positions)", fmt_bytes(mem["kv_cache_bytes"])],
+            ["activations (largest step)", fmt_bytes(mem["activation_bytes"])],
+            ["total", fmt_bytes(mem["total_bytes"])]]
+    if "gpu_memory_bytes" in mem:
+        rows.append([f"one {a['gpu']}", fmt_bytes(mem["gpu_memory_bytes"])
+                     + ("" if mem["fits"] else "  (does not fit on one card)")])
+    out.append(table(["", "bytes"], rows, "lr"))
+    return "\n".join(out)
+
+
+# ---- timelines -------------------------------------------------------------------------------
+
+def write_trace(art, step: int, gpu_name: str | None, path: str) -> None:
+    from tilert.trace import timeline_to_chrome_trace
+
+    s = art.schedules[step]
+    tl = simulate(s, _gpu(gpu_name or art.gpu))
+    with open(path, "w") as f:
+        json.dump(timeline_to_chrome_trace(tl, s), f)
+
+
+def plot_timeline(art, step: int, gpu_name: str | None, path: str) -> None:
+    """One row per worker, one bar per task, coloured by op kind."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'tilert[plot]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = art.schedules[step]
+    gpu = _gpu(gpu_name or art.gpu)
+    tl = simulate(s, gpu)
+    g = s.graph
+    kinds = sorted({g.ops[t.op].kind for t in g.tasks})
+    cmap = plt.get_cmap("tab20")
+    colour = {k: cmap(i % 20) for i, k in enumerate(kinds)}
+    height = max(3.0, min(40.0, 0.12 * s.num_workers + 1.5))
+    fig, ax = plt.subplots(figsize=(14, height))
+    scale = 1e6  # microseconds
+    for k in kinds:
+        ids = np.array([t.id for t in g.tasks if g.ops[t.op].kind == k], dtype=np.int64)
+        for w in np.unique(tl.worker[ids]):
+            sel = ids[tl.worker[ids] == w]
+            bars = list(zip(tl.start[sel] * scale, (tl.end[sel] - tl.start[sel]) * scale))
+            ax.broken_barh(bars, (w - 0.4, 0.8), facecolors=colour[k], linewidth=0)
+    ax.set_xlabel("time (us)")
+    ax.set_ylabel("worker")
+    ax.set_ylim(-1, s.num_workers)
+    ax.invert_yaxis()
+    ax.set_title(f"{art.meta.get('model_name') or art.cfg.model_type}: simulated step of {step} token(s) on "
+                 f"{gpu.name}, {fmt_time(tl.step_time)}")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colour[k]) for k in kinds]
+    ax.legend(handles, kinds, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

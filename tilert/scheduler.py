@@ -1,0 +1,112 @@
+"""From a task graph to a schedule: assign tasks to workers, then synchronise them with counters.
+
+Each stream keeps program order, which is a topological order of the dependencies, and every
+wait names only earlier tasks, so every edge of the combined graph goes from a lower task id to
+a higher one: the schedule cannot deadlock.
+
+Counters.  A consumer's producers are grouped by producer op; each group becomes one counter
+(shared by every consumer that waits for the same set of tasks) with target = its size.  A
+group needs no wait when every task in it already happens before the consumer: earlier on the
+consumer's own worker, or known through waits already placed.  That is tracked with vector
+clocks (per task, the stream positions on each worker known to have finished), and groups are
+visited latest-op first, because waiting for a late op usually covers the earlier ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tilert.cost import GPUS, GpuSpec, task_times
+from tilert.deps import derive_dependencies
+from tilert.ir import TaskGraph
+from tilert.schedule import Counter, Schedule
+
+POLICIES = ("list", "round_robin")
+
+
+def build_schedule(graph: TaskGraph, num_workers: int, policy: str = "list", gpu: GpuSpec | str = "h100") -> Schedule:
+    """Schedule `graph` on `num_workers` persistent workers.  policy "list": each task, in
+    program order, goes to the worker on which it can start earliest under the cost model of
+    `gpu` (ties: lowest worker id); "round_robin": task t goes to worker t % num_workers."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
+    if len(graph.deps) != len(graph.tasks):
+        derive_dependencies(graph)
+    n = len(graph.tasks)
+    if policy == "list":
+        worker_of = _list_assign(graph, num_workers, gpu)
+    elif policy == "round_robin":
+        worker_of = [t % num_workers for t in range(n)]
+    else:
+        raise ValueError(f"unknown scheduling policy {policy!r}; choose one of {POLICIES}")
+    streams: list[list[int]] = [[] for _ in range(num_workers)]
+    for t, w in enumerate(worker_of):
+        streams[w].append(t)
+    waits, signals, counters = _synchronise(graph, worker_of, streams, num_workers)
+    meta = {"policy": policy, "gpu": gpu.name}
+    return Schedule(graph, num_workers, streams, waits, signals, counters, worker_of, meta)
+
+
+def _list_assign(graph: TaskGraph, num_workers: int, gpu: GpuSpec) -> list[int]:
+    dur = task_times(graph, gpu, num_workers)
+    finish = np.zeros(len(graph.tasks))
+    free = np.zeros(num_workers)
+    worker_of = []
+    for t, deps in enumerate(graph.deps):
+        ready = finish[deps].max() if deps else 0.0
+        start = np.maximum(free, ready)
+        w = int(np.argmin(start))  # the first minimum: lowest worker id among ties
+        finish[t] = free[w] = start[w] + dur[t]
+        worker_of.append(w)
+    return worker_of
+
+
+def _synchronise(graph: TaskGraph, worker_of: list[int], streams: list[list[int]], num_workers: int):
+    n = len(graph.tasks)
+    worker = np.array(worker_of, dtype=np.int64)
+    pos = np.zeros(n, dtype=np.int64)
+    for stream in streams:
+        pos[stream] = np.arange(len(stream))
+    op_of = np.array([t.op for t in graph.tasks], dtype=np.int64)
+
+    # clocks[t][w] = number of tasks of worker w's stream that finish before t ends (t included).
+    clocks = np.zeros((n, num_workers), dtype=np.int32)
+    last = [-1] * num_workers
+    waits: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    signals: list[list[int]] = [[] for _ in range(n)]
+    counters: list[Counter] = []
+    counter_clock: list[np.ndarray] = []
+    by_set: dict[tuple[int, ...], int] = {}
+
+    for t in range(n):
+        w = worker_of[t]
+        clock = clocks[last[w]].copy() if last[w] >= 0 else np.zeros(num_workers, np.int32)
+        deps = np.asarray(graph.deps[t], dtype=np.int64)
+        if len(deps) and (pos[deps] >= clock[worker[deps]]).any():
+            for group in _groups_latest_first(deps, op_of[deps]):
+                if (pos[group] < clock[worker[group]]).all():
+                    continue  # already happens before t
+                key = tuple(group.tolist())
+                cid = by_set.get(key)
+                if cid is None:
+                    cid = by_set[key] = len(counters)
+                    counters.append(Counter(cid, len(key), list(key)))
+                    counter_clock.append(clocks[group].max(axis=0))
+                    for s in key:
+                        signals[s].append(cid)
+                waits[t].append((cid, len(key)))
+                np.maximum(clock, counter_clock[cid], out=clock)
+        clock[w] = pos[t] + 1
+        clocks[t] = clock
+        last[w] = t
+    return waits, signals, counters
+
+
+def _groups_latest_first(deps: np.ndarray, ops: np.ndarray) -> list[np.ndarray]:
+    """Split sorted producer ids by op; groups ordered by their latest task, latest first."""
+    perm = np.argsort(ops, kind="stable")
+    cuts = np.flatnonzero(np.diff(ops[perm])) + 1
+    groups = np.split(deps[perm], cuts)
+    groups.sort(key=lambda g: -int(g[-1]))
+    return groups
