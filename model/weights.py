@@ -32,6 +32,8 @@ class StoredTensor:
         if self.fmt in (BF16, FP32):
             return self.data.to(dtype)
         if self.fmt == FP8:
+            if self.data.dim() > 2:  # stacked experts [E, rows, cols]: one block grid per expert
+                return torch.stack([fp8.dequantize(d, s, dtype) for d, s in zip(self.data, self.scale)])
             return fp8.dequantize(self.data, self.scale, dtype)
         if self.fmt == MXFP4:
             return mxfp4.dequantize(self.data, self.scale, dtype)

@@ -9,6 +9,8 @@
                        `<name>` holds the data, `<name>.scale` the scales of a quantized tensor;
                        shards of about 2 GB
       tokenizer.json   copied from the checkpoint, when it has one
+    A DFlash drafter (`--draft`) adds its tensors to weights/ as `draft.<name>` and its config to
+    metadata.json (`draft`).
 
 Writing is all or nothing: the artifact is built in a hidden sibling directory and renamed
 into place at the end, so a failure leaves nothing at the output path.  Reading checks every
@@ -18,15 +20,18 @@ one UserError.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -45,6 +50,7 @@ WEIGHTS_DIR = "weights"
 TOKENIZER_FILE = "tokenizer.json"
 SHARD_BYTES = 2 * 1024**3
 SCALE_SUFFIX = ".scale"
+DRAFT_PREFIX = "draft."  # a DFlash drafter's tensors (`--draft`), beside the target's
 
 
 @dataclass
@@ -73,11 +79,34 @@ class Artifact:
         return bool(self.meta.get("schedule_only"))
 
     @property
+    def draft_config(self) -> dict | None:
+        """The DFlash drafter's config (compiled with --draft), else None."""
+        return (self.meta.get("draft") or {}).get("config")
+
+    @property
+    def draft_weights(self) -> dict[str, StoredTensor]:
+        return {k[len(DRAFT_PREFIX):]: v for k, v in (self.weights or {}).items() if k.startswith(DRAFT_PREFIX)}
+
+    @property
     def steps(self) -> list[int]:
-        return sorted(self.schedules)
+        """Every step size compiled (the schedules read may be fewer: read_artifact(steps=))."""
+        return sorted(int(b) for b in self.meta.get("steps") or self.schedules)
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+
+@contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector while building or parsing millions of small acyclic
+    objects (a 48-layer schedule): its repeated full passes would otherwise dominate."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
@@ -133,6 +162,17 @@ def _shards(weights: dict[str, StoredTensor], shard_bytes: int) -> list[list[str
     return shards
 
 
+def _normal_permissions(root: Path) -> None:
+    """mkdtemp makes a private directory (and safetensors private files): give the finished
+    artifact the usual permissions under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, _, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~umask)
+
+
 def _atomic_dir(out_dir: Path, force: bool, fill: Callable[[Path], None]) -> None:
     """Run `fill` on a hidden temp dir beside out_dir, then move it into place.  An existing
     artifact is replaced (with force) only once the new one is complete."""
@@ -140,8 +180,10 @@ def _atomic_dir(out_dir: Path, force: bool, fill: Callable[[Path], None]) -> Non
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     old: Path | None = None
+    settled = False  # out_dir holds a complete artifact (the new one, or the old one put back)
     try:
         fill(tmp)
+        _normal_permissions(tmp)
         check_output_dir(out_dir, force)  # nothing appeared meanwhile
         if out_dir.exists():
             if any(out_dir.iterdir()):
@@ -150,13 +192,15 @@ def _atomic_dir(out_dir: Path, force: bool, fill: Callable[[Path], None]) -> Non
             else:
                 out_dir.rmdir()
         os.rename(tmp, out_dir)
+        settled = True
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not out_dir.exists():
             os.rename(old / "artifact", out_dir)  # put the previous artifact back
+            settled = True
         raise
     finally:
-        if old is not None:
+        if old is not None and settled:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -178,14 +222,18 @@ def write_artifact(out_dir: str | Path, cfg: MimoConfig, schedules: dict[int, Sc
 
     def fill(tmp: Path) -> None:
         hashes: dict[str, str] = {}
-        doc = {
-            "format_version": tilert.SCHEDULE_FORMAT_VERSION,
-            "tool_version": tilert.__version__,
-            "schedules": {str(b): schedule_to_json(schedules[b]) for b in steps},
-        }
-        with open(tmp / SCHEDULE_FILE, "w") as f:
-            json.dump(doc, f, separators=(",", ":"))
-        hashes[SCHEDULE_FILE] = sha256_file(tmp / SCHEDULE_FILE)
+        with gc_paused():
+            doc = {
+                "format_version": tilert.SCHEDULE_FORMAT_VERSION,
+                "tool_version": tilert.__version__,
+                "schedules": {str(b): schedule_to_json(schedules[b]) for b in steps},
+            }
+        with gc_paused():  # json.dumps (C encoder) of a big dict; json.dump to a file is ~4x slower
+            data = json.dumps(doc, separators=(",", ":")).encode()
+        del doc
+        (tmp / SCHEDULE_FILE).write_bytes(data)
+        hashes[SCHEDULE_FILE] = hashlib.sha256(data).hexdigest()
+        del data
 
         index: dict[str, dict[str, Any]] = {}
         if runtime_weights is not None:
@@ -234,7 +282,8 @@ def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: missing; {what}")
     try:
-        d = json.loads(path.read_text())
+        with gc_paused():
+            d = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: corrupt, not valid JSON ({e})") from None
     if not isinstance(d, dict):
@@ -263,15 +312,22 @@ def _check_hash(root: Path, rel: str, hashes: dict[str, str]) -> Path:
     return path
 
 
-def read_artifact(path: str | Path, load_weights: bool = True, progress: bool = False,
-                  steps: list[int] | None = None) -> Artifact:
-    """Read and check an artifact.  With load_weights, a schedule-only artifact is refused.
-    `steps` decodes only the schedules of those step sizes (all by default)."""
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """metadata.json of an artifact, after checking its format version (nothing else is read)."""
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"{root}: not an artifact directory (make one with `tilert compile`)")
     meta = _read_json(root / METADATA_FILE, "not a tilert artifact, or an incomplete one")
     _check_version(meta, root / METADATA_FILE)
+    return meta
+
+
+def read_artifact(path: str | Path, load_weights: bool = True, progress: bool = False,
+                  steps: list[int] | None = None) -> Artifact:
+    """Read and check an artifact.  With load_weights, a schedule-only artifact is refused.
+    `steps` decodes only the schedules of those step sizes (all by default)."""
+    root = Path(path)
+    meta = read_metadata(root)
     hashes = meta.get("hashes")
     if not isinstance(hashes, dict):
         raise UserError(f"{root / METADATA_FILE}: corrupt, no hashes recorded")
@@ -283,15 +339,18 @@ def read_artifact(path: str | Path, load_weights: bool = True, progress: bool = 
                         f"without --schedule-only")
     try:
         cfg = MimoConfig.from_dict(meta["config"])
-        schedules = {int(b): schedule_from_json(s) for b, s in doc["schedules"].items()
-                     if steps is None or int(b) in steps}
+        with gc_paused():
+            schedules = {int(b): schedule_from_json(s) for b, s in doc["schedules"].items()
+                         if steps is None or int(b) in steps}
         int(meta["max_seq_len"])
     except UserError:
         raise
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise UserError(f"{root}: corrupt artifact ({type(e).__name__}: {e})") from None
-    if not schedules:
+    if not doc["schedules"]:
         raise UserError(f"{root / SCHEDULE_FILE}: holds no schedules")
+    if steps is not None and not schedules:
+        raise UserError(f"{root}: no schedule for steps {sorted(steps)}; compiled: {sorted(map(int, doc['schedules']))}")
     if TOKENIZER_FILE in hashes:
         _check_hash(root, TOKENIZER_FILE, hashes)
 

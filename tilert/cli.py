@@ -100,16 +100,28 @@ def cmd_synth(args) -> int:
 # ---- compile -------------------------------------------------------------------------------------
 
 def _load_draft(path: str, cfg):
-    """The drafter for --draft, if model/dflash.py can load one from a directory."""
-    from model import dflash
-
-    loader = next((getattr(dflash, n) for n in ("load_drafter", "load_draft_checkpoint", "load_dflash")
-                   if callable(getattr(dflash, n, None))), None)
-    if loader is None:
-        raise UserError(f"--draft {path}: compiling a DFlash drafter into the artifact is not supported yet")
+    """(DFlashConfig, weights, config dict) of the drafter at `path`, checked against the target."""
+    try:
+        from model.dflash_checkpoint import drafter_config_to_dict, load_drafter
+    except ImportError:
+        raise UserError(f"--draft {path}: loading a DFlash drafter is not supported yet") from None
     if not Path(path).is_dir():
         raise UserError(f"--draft {path}: not a directory")
-    return loader(path, cfg)
+    try:
+        dcfg, weights = load_drafter(path)
+    except ValueError as e:  # an invalid DFlashConfig
+        raise UserError(f"--draft {path}: {e}") from None
+    problems = []
+    if dcfg.hidden_size != cfg.hidden_size:
+        problems.append(f"hidden size {dcfg.hidden_size} != the target's {cfg.hidden_size}")
+    if dcfg.vocab_size != cfg.vocab_size:
+        problems.append(f"vocabulary {dcfg.vocab_size} != the target's {cfg.vocab_size}")
+    bad = [layer for layer in dcfg.target_layers if not 0 <= layer < cfg.num_hidden_layers]
+    if bad:
+        problems.append(f"target layers {bad} are not layers of the {cfg.num_hidden_layers}-layer target")
+    if problems:
+        raise UserError(f"--draft {path}: the drafter does not fit this model: " + "; ".join(problems))
+    return dcfg, weights, drafter_config_to_dict(dcfg)
 
 
 def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
@@ -120,7 +132,7 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
     from model.checkpoint import load_checkpoint, write_synthetic
     from model.config import PRESETS, load_config, preset
     from model.weights import expected_tensors, stored_nbytes
-    from tilert.artifact import check_output_dir, write_artifact
+    from tilert.artifact import DRAFT_PREFIX, check_output_dir, gc_paused, write_artifact
     from tilert.compiler import compile_step
     from tilert.cost import GPUS
     from tilert.layout import runtime_weights
@@ -131,7 +143,7 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
     check_output_dir(out, force)  # before any long work
     if gpu not in GPUS:
         raise UserError(f"--gpu {gpu}: unknown GPU; known: {', '.join(GPUS)}")
-    steps = sorted(set(int(s) for s in steps))
+    steps = sorted({int(s) for s in steps})
     if any(s < 1 for s in steps):
         raise UserError(f"--steps {steps}: step sizes must be positive")
     if 1 not in steps:
@@ -183,14 +195,18 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
         draft_info = None
         if draft:
             draft_info = _load_draft(draft, cfg)
+            steps = sorted(set(steps) | {draft_info[0].block_size})  # the verification step
+        if max_seq_len < max(steps):
+            raise UserError(f"--max-seq-len {max_seq_len}: must be at least the largest step size {max(steps)}")
 
         recipe = load_recipe(name, gpu)
         schedules = {}
         t0 = time.perf_counter()
-        with _bar(total=len(steps), desc="compiling", unit="step") as bar:
+        with _bar(total=len(steps), desc="compiling", unit="step") as bar, gc_paused():
             for b in steps:
-                bar.set_postfix_str(f"{b}-token step")
-                schedules[b] = compile_step(cfg, recipe, b, max_seq_len, max(steps))
+                schedules[b] = compile_step(
+                    cfg, recipe, tokens=b, max_seq_len=max_seq_len, max_tokens=max(steps), gpu=gpu,
+                    on_phase=lambda phase, b=b: bar.set_postfix_str(f"{b}-token step: {phase}"))
                 bar.update()
         log(f"compiled {cfg.num_hidden_layers}-layer {name or cfg.model_type} for {gpu}: steps "
             + ", ".join(f"{b} ({len(schedules[b].graph.tasks)} tasks)" for b in steps)
@@ -200,8 +216,8 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
         if weights is not None:
             rw = runtime_weights(cfg, weights, quantize_experts, progress=_progress())
             del weights
-            if draft_info is not None and isinstance(draft_info, tuple) and len(draft_info) == 2:
-                rw.update({f"draft.{k}": v for k, v in dict(draft_info[1]).items()})
+            if draft_info is not None:
+                rw.update({f"{DRAFT_PREFIX}{k}": v for k, v in draft_info[1].items()})
         meta = {
             "gpu": gpu,
             "max_seq_len": max_seq_len,
@@ -210,7 +226,7 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
             "model_name": name,
             "seed": seed if source.startswith("preset:") and rw is not None else None,
             "quantize_experts": quantize_experts,
-            "draft": str(Path(draft).resolve()) if draft else None,
+            "draft": {"path": str(Path(draft).resolve()), "config": draft_info[2]} if draft_info else None,
         }
         path = write_artifact(out, cfg, schedules, rw, meta, tokenizer=tokenizer, force=force,
                               progress=_progress())
@@ -230,12 +246,13 @@ def cmd_compile(args) -> int:
 
 def cmd_inspect(args) -> int:
     from tilert import inspect as tinspect
-    from tilert.artifact import read_artifact
+    from tilert.artifact import read_artifact, read_metadata
 
-    art = read_artifact(args.artifact, load_weights=False)
-    step = args.step if args.step is not None else min(art.schedules)
-    if step not in art.schedules:
-        raise UserError(f"--step {step}: the artifact has schedules for steps {art.steps}")
+    compiled = sorted(int(b) for b in read_metadata(args.artifact).get("steps") or [])
+    step = args.step if args.step is not None else (compiled[0] if compiled else 1)
+    if step not in compiled:
+        raise UserError(f"--step {step}: the artifact has schedules for steps {compiled}")
+    art = read_artifact(args.artifact, load_weights=False, steps=[step])
     gpu = args.gpu or art.gpu
     summary = tinspect.summarize(art, step, gpu)
     if args.json:
@@ -283,6 +300,7 @@ def default_artifact(log=None) -> Path:
 def reference_weights(cfg, runtime: dict) -> dict:
     """The runtime layout back in canonical names: stacked experts split per expert."""
     from model.weights import StoredTensor
+    from tilert.artifact import DRAFT_PREFIX
     from tilert.layout import EXPERT_PROJS
     from tilert.lower import stacked_expert_name
 
@@ -295,7 +313,7 @@ def reference_weights(cfg, runtime: dict) -> dict:
             for e in range(t.shape[0]):
                 out[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] = StoredTensor(
                     t.fmt, tuple(t.shape[1:]), t.data[e], None if t.scale is None else t.scale[e])
-        elif not name.startswith("draft."):
+        elif not name.startswith(DRAFT_PREFIX):
             out[name] = t
     return out
 
@@ -343,22 +361,30 @@ def generate_reference(art, prompt: list[int], max_new_tokens: int, temperature:
     weights = reference_weights(art.cfg, art.weights)
     dec = ReferenceDecoder(art.cfg, weights, torch.float32, max_seq_len=min(art.max_seq_len,
                                                                             len(prompt) + max_new_tokens))
-    return generate(dec, prompt, max_new_tokens, temperature, seed)
+    # A toy model's ops are tiny: intra-op threads only add synchronisation (much slower on a
+    # busy machine).  Real sizes keep torch's threads.
+    threads = torch.get_num_threads()
+    if art.cfg.hidden_size < 1024:
+        torch.set_num_threads(1)
+    try:
+        return generate(dec, prompt, max_new_tokens, temperature, seed)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def _tokenizer(art):
-    if art.tokenizer_path is None:
+def _tokenizer(path: Path):
+    if not path.is_file():
         return None
     from tokenizers import Tokenizer
 
     try:
-        return Tokenizer.from_file(str(art.tokenizer_path))
-    except Exception as e:  # the tokenizers library raises its own exception types
-        raise UserError(f"{art.tokenizer_path}: not a readable tokenizer ({e})") from None
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 -- the tokenizers library raises its own exception types
+        raise UserError(f"{path}: not a readable tokenizer ({e})") from None
 
 
 def cmd_run(args) -> int:
-    from tilert.artifact import read_artifact
+    from tilert.artifact import TOKENIZER_FILE, read_artifact, read_metadata
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
@@ -367,10 +393,16 @@ def cmd_run(args) -> int:
     if args.interleave is not None and args.backend != "vm":
         raise UserError("--interleave only applies to --backend vm")
     path = Path(args.artifact) if args.artifact else default_artifact()
-    art = read_artifact(path, load_weights=False)
-    if art.schedule_only:
-        read_artifact(path)  # raises the schedule-only error
-    tok = _tokenizer(art)
+    # Everything that can be refused from metadata.json alone is, before reading weights.
+    meta = read_metadata(path)
+    if meta.get("schedule_only"):
+        raise UserError(f"{path}: compiled with --schedule-only, it holds no weights to run; recompile "
+                        f"without --schedule-only")
+    try:
+        max_seq_len, vocab = int(meta["max_seq_len"]), int(meta["config"]["vocab_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: corrupt artifact metadata ({type(e).__name__}: {e})") from None
+    tok = _tokenizer(path / TOKENIZER_FILE)
     if args.prompt_ids is not None:
         prompt = _parse_ints(args.prompt_ids, "--prompt-ids")
     elif args.prompt is not None:
@@ -384,16 +416,15 @@ def cmd_run(args) -> int:
         prompt = list(DEFAULT_PROMPT_IDS)
     else:
         raise UserError("no prompt: pass --prompt TEXT or --prompt-ids 1,2,3")
-    V = art.cfg.vocab_size
-    bad = [t for t in prompt if not 0 <= t < V]
+    bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:
-        raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {V})")
+        raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
     total = len(prompt) + args.max_new_tokens
-    if total > art.max_seq_len:
+    if total > max_seq_len:
         raise UserError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} = {total} tokens "
-                        f"exceeds the artifact's max sequence length {art.max_seq_len}; recompile with a larger "
+                        f"exceeds the artifact's max sequence length {max_seq_len}; recompile with a larger "
                         f"--max-seq-len")
-    art = read_artifact(path, load_weights=True)
+    art = read_artifact(path, load_weights=True, progress=_progress())
 
     t0 = time.perf_counter()
     if args.backend == "vm":

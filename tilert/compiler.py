@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from model.config import MimoConfig
 from tilert.deps import derive_dependencies
 from tilert.fusion import apply_fusions
@@ -12,21 +14,29 @@ from tilert.validate import validate
 
 
 def compile_step(cfg: MimoConfig, recipe: dict, tokens: int, max_seq_len: int, max_tokens: int,
-                 num_workers: int | None = None, policy: str = "list") -> Schedule:
-    """One validated schedule for a step of `tokens` tokens."""
+                 num_workers: int | None = None, policy: str = "list", gpu: str = "h100",
+                 on_phase: Callable[[str], None] | None = None) -> Schedule:
+    """One validated schedule for a step of `tokens` tokens.  `on_phase(name)` is called as
+    each phase starts (progress reporting)."""
+    phase = on_phase or (lambda name: None)
+    phase("lowering")
     graph = lower_step(cfg, recipe, tokens=tokens, max_seq_len=max_seq_len, max_tokens=max_tokens)
+    phase("fusing")
     graph = apply_fusions(graph, recipe.get("fuse", []))
+    phase("dependencies")
     derive_dependencies(graph)
-    schedule = build_schedule(graph, num_workers or recipe["workers"], policy=policy)
-    schedule.meta.update({"tokens": tokens, "max_seq_len": max_seq_len, "recipe": recipe.get("source")})
+    phase("scheduling")
+    schedule = build_schedule(graph, num_workers or recipe["workers"], policy=policy, gpu=gpu)
+    schedule.meta.update({"tokens": tokens, "max_seq_len": max_seq_len, "recipe": recipe.get("source"), "gpu": gpu})
+    phase("validating")
     validate(schedule)
     return schedule
 
 
 def compile_steps(cfg: MimoConfig, recipe: dict, token_counts: list[int], max_seq_len: int,
-                  num_workers: int | None = None, policy: str = "list") -> dict[int, Schedule]:
+                  num_workers: int | None = None, policy: str = "list", gpu: str = "h100") -> dict[int, Schedule]:
     """Schedules for every step size in `token_counts` (1 = decode; larger = prefill chunks and
     speculative verification), sharing one KV-cache layout sized for the largest."""
     max_tokens = max(token_counts)
-    return {b: compile_step(cfg, recipe, b, max_seq_len, max_tokens, num_workers, policy)
+    return {b: compile_step(cfg, recipe, b, max_seq_len, max_tokens, num_workers, policy, gpu)
             for b in sorted(set(token_counts))}

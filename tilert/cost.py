@@ -1,20 +1,25 @@
 """A cost model of tile tasks on a GPU, and a simulator of schedules under it.
 
-A decode step is bound by memory bandwidth, so a task's time is mostly its bytes over the
-bandwidth its SM gets.  When all W workers stream at once each gets hbm / W, but one SM cannot
-pull more than `sm_bw_cap` times its fair share of the whole chip (hbm / num_sms), so running on
-fewer workers does not make each one arbitrarily fast.  Durations are static (they do not depend
-on how many tasks happen to run at the same moment): a phase in which only a few tasks run is
-therefore estimated pessimistically, never optimistically, and the simulated step time is never
-below the bandwidth floor.
+A decode step is bound by memory bandwidth.  A task costs a fixed overhead (fetching it,
+checking its waits), then streams its bytes; it cannot finish before its flops at one SM's share
+of the tensor cores.  The k tasks streaming at a moment share the chip's bandwidth equally, but
+one SM pulls at most `sm_bw_cap` times its fair share (hbm / num_sms): so each gets
+min(hbm / k, cap).  A lone task (a norm, a router) is therefore fast but not free, and the
+bandwidth in use never exceeds the chip's, so a simulated step is never below the floor.
+
+The scheduler needs a duration before it knows what runs concurrently: `task_time` gives the
+static estimate with `workers` tasks streaming (default every SM).  `critical_path` weights tasks
+by their time at the cap, so it, like `floor`, is a lower bound on any simulated step.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from tilert.deps import derive_dependencies
 from tilert.errors import HangError
 from tilert.ir import Task, TaskGraph
 from tilert.schedule import Schedule, execution_order
@@ -30,9 +35,13 @@ class GpuSpec:
     sm_bw_cap: float = 3.0  # one SM streams at most this many times hbm / num_sms
     signal_latency_s: float = 0.5e-6  # a counter increment becoming visible to a waiting SM
 
-    def sm_bandwidth(self, workers: int | None = None) -> float:
-        share = self.hbm_bytes_per_s / (workers or self.num_sms)
-        return min(share, self.sm_bw_cap * self.hbm_bytes_per_s / self.num_sms)
+    @property
+    def sm_bw_max(self) -> float:
+        return self.sm_bw_cap * self.hbm_bytes_per_s / self.num_sms
+
+    def sm_bandwidth(self, streaming: int | None = None) -> float:
+        """Bytes/s one SM gets while `streaming` SMs stream at once (default: all of them)."""
+        return min(self.hbm_bytes_per_s / (streaming or self.num_sms), self.sm_bw_max)
 
 
 GPUS = {
@@ -42,18 +51,19 @@ GPUS = {
 }
 
 
-def task_time(task: Task, gpu: GpuSpec, workers: int | None = None) -> float:
-    """Seconds one worker takes for `task` while `workers` workers stream concurrently
-    (default: every SM)."""
-    memory = task.bytes / gpu.sm_bandwidth(workers)
+def task_time(task: Task, gpu: GpuSpec, streaming: int | None = None) -> float:
+    """Seconds one worker takes for `task` while `streaming` workers stream (default: all SMs)."""
+    memory = task.bytes / gpu.sm_bandwidth(streaming)
     compute = task.flops / (gpu.flops_per_s / gpu.num_sms)
     return max(memory, compute) + gpu.task_overhead_s
 
 
-def task_times(graph: TaskGraph, gpu: GpuSpec, workers: int | None = None) -> np.ndarray:
+def task_times(graph: TaskGraph, gpu: GpuSpec, streaming: int | None = None) -> np.ndarray:
+    """task_time of every task, vectorised."""
     nbytes = np.array([t.bytes for t in graph.tasks], dtype=np.float64)
     flops = np.array([t.flops for t in graph.tasks], dtype=np.float64)
-    return np.maximum(nbytes / gpu.sm_bandwidth(workers), flops / (gpu.flops_per_s / gpu.num_sms)) + gpu.task_overhead_s
+    compute = flops / (gpu.flops_per_s / gpu.num_sms)
+    return np.maximum(nbytes / gpu.sm_bandwidth(streaming), compute) + gpu.task_overhead_s
 
 
 @dataclass
@@ -72,47 +82,101 @@ class Timeline:
 
 
 def simulate(schedule: Schedule, gpu: GpuSpec) -> Timeline:
-    """Start and end of every task: a task starts when its worker finished the previous task of
-    its stream and each wait (counter c, value v) is reached, i.e. the v-th signaller of c
-    finished, plus the signal latency.  Raises HangError if the schedule cannot finish."""
-    g = schedule.graph
-    n = len(g.tasks)
-    dur = task_times(g, gpu, schedule.num_workers)
-    order, stuck = execution_order(schedule)
+    """Run the schedule under the cost model.  A worker starts its next task once the previous
+    one ended and every wait (counter, value) is reached; a task that had to wait pays the
+    signal latency on top of its overhead.  Streaming tasks share bandwidth as described in the
+    module doc; since they all get the same rate, progress is tracked in *virtual bytes* (bytes
+    each streaming task has moved since the start), so every event costs O(log n).
+    Raises HangError when the schedule cannot finish."""
+    _, stuck = execution_order(schedule)
     if stuck is not None:
         raise HangError(f"schedule cannot finish: {stuck.describe(schedule)}")
-    start = np.zeros(n)
-    end = np.zeros(n)
-    free = np.zeros(schedule.num_workers)
-    reached: dict[tuple[int, int], float] = {}  # (counter, value) -> time it is reached
-    for t in order:  # every signaller of a waited counter comes earlier in this order
-        ready = free[schedule.worker_of[t]]
+    g = schedule.graph
+    n = len(g.tasks)
+    nbytes = np.array([t.bytes for t in g.tasks], dtype=np.float64).tolist()
+    compute = (np.array([t.flops for t in g.tasks], dtype=np.float64) / (gpu.flops_per_s / gpu.num_sms)).tolist()
+    start, end, began = [0.0] * n, [0.0] * n, [0.0] * n
+    value = [0] * len(schedule.counters)
+    blocked: dict[int, list[tuple[int, int]]] = {}  # counter -> (value needed, worker)
+    nxt = [0] * schedule.num_workers
+    timed: list[tuple[float, int, int]] = []  # (time, kind, task); kind 0: begin streaming, 1: done
+    streams: list[tuple[float, int]] = []  # (virtual bytes at which it finishes, task)
+    now = virtual = 0.0
+    k = 0  # tasks streaming now
+
+    def rate() -> float:
+        return min(gpu.hbm_bytes_per_s / k, gpu.sm_bw_max)
+
+    def try_start(w: int, waited: bool) -> None:
+        stream = schedule.streams[w]
+        if nxt[w] == len(stream):
+            return
+        t = stream[nxt[w]]
         for c, v in schedule.waits[t]:
-            at = reached.get((c, v))
-            if at is None:
-                ends = end[schedule.counters[c].signalled_by]
-                if v > len(ends):
-                    raise HangError(f"task {t} ({g.ops[g.tasks[t].op].name}) waits for counter {c} to reach {v}, "
-                                    f"but only {len(ends)} tasks signal it")
-                at = float(np.partition(ends, v - 1)[v - 1]) + gpu.signal_latency_s if v > 0 else 0.0
-                reached[(c, v)] = at
-            ready = max(ready, at)
-        start[t] = ready
-        end[t] = ready + dur[t]
-        free[schedule.worker_of[t]] = end[t]
-    return Timeline(np.array(schedule.worker_of), start, end, gpu.name)
+            if value[c] < v:
+                blocked.setdefault(c, []).append((v, w))
+                return
+        start[t] = now
+        delay = gpu.task_overhead_s + (gpu.signal_latency_s if waited else 0.0)
+        heapq.heappush(timed, (now + delay, 0, t))
+
+    def finish(t: int) -> None:
+        end[t] = now
+        w = schedule.worker_of[t]
+        nxt[w] += 1
+        for c in schedule.signals[t]:
+            value[c] += 1
+            waiting = blocked.pop(c, [])
+            for v, w2 in waiting:
+                if value[c] >= v:
+                    try_start(w2, True)
+                else:
+                    blocked.setdefault(c, []).append((v, w2))
+        try_start(w, False)
+
+    for w in range(schedule.num_workers):
+        try_start(w, False)
+    while timed or streams:
+        t_stream = now + (streams[0][0] - virtual) / rate() if streams else float("inf")
+        if timed and timed[0][0] < t_stream:
+            at, kind, t = heapq.heappop(timed)
+            if k:
+                virtual += rate() * (at - now)
+            now = at
+            if kind == 1:
+                finish(t)
+            elif nbytes[t] > 0:
+                began[t] = now
+                k += 1
+                heapq.heappush(streams, (virtual + nbytes[t], t))
+            else:
+                heapq.heappush(timed, (now + compute[t], 1, t))
+        else:
+            virtual, t = heapq.heappop(streams)
+            now = t_stream
+            k -= 1
+            done = max(now, began[t] + compute[t])  # a compute-bound tail streams nothing
+            if done > now:
+                heapq.heappush(timed, (done, 1, t))
+            else:
+                finish(t)
+    if any(nxt[w] < len(schedule.streams[w]) for w in range(schedule.num_workers)):
+        raise HangError("schedule cannot finish: some wait never reaches its value")
+    return Timeline(np.array(schedule.worker_of, dtype=np.int64), np.array(start), np.array(end), gpu.name)
 
 
-def critical_path(graph: TaskGraph, gpu: GpuSpec, workers: int | None = None) -> tuple[float, list[int]]:
-    """The longest chain through graph.deps, weighting each task by task_time; (seconds, ids)."""
+def critical_path(graph: TaskGraph, gpu: GpuSpec) -> tuple[float, list[int]]:
+    """The longest chain through graph.deps, each task streaming alone (at the per-SM cap):
+    a lower bound on the step time.  Returns (seconds, task ids along the chain)."""
     n = len(graph.tasks)
     if n == 0:
         return 0.0, []
-    dur = task_times(graph, gpu, workers)
+    if len(graph.deps) != n:
+        derive_dependencies(graph)  # e.g. a graph read back from a schedule file
+    dur = task_times(graph, gpu, streaming=1)
     finish = np.zeros(n)
     via = np.full(n, -1, np.int64)
-    for t in range(n):
-        deps = graph.deps[t] if t < len(graph.deps) else []
+    for t, deps in enumerate(graph.deps):
         if deps:
             k = int(np.argmax(finish[deps]))
             via[t] = deps[k]
@@ -139,18 +203,19 @@ def estimate(schedule: Schedule, gpu: GpuSpec) -> dict:
     tl = simulate(schedule, gpu)
     step = tl.step_time
     fl = floor(g, gpu)
-    busy = np.bincount(tl.worker, weights=tl.end - tl.start, minlength=schedule.num_workers) if len(tl.end) else np.zeros(schedule.num_workers)
+    busy = np.bincount(tl.worker, weights=tl.end - tl.start, minlength=schedule.num_workers)
+    busy = busy / step if step > 0 else busy
     return {
         "gpu": gpu.name,
         "num_tasks": len(g.tasks),
         "num_workers": schedule.num_workers,
         "step_time_s": step,
         "floor_s": fl,
-        "ratio": step / fl if fl > 0 else float("inf"),  # step time over floor; 1.0 is ideal
+        "ratio": step / fl if fl > 0 else float("inf"),  # step time over the floor; 1.0 is ideal
         "floor_fraction": fl / step if step > 0 else 0.0,  # share of peak bandwidth achieved
-        "critical_path_s": critical_path(g, gpu, schedule.num_workers)[0],
+        "critical_path_s": critical_path(g, gpu)[0],
         "bytes": int(sum(t.bytes for t in g.tasks)),
         "flops": int(sum(t.flops for t in g.tasks)),
-        "busy": (busy / step).tolist() if step > 0 else busy.tolist(),
-        "mean_busy": float(busy.mean() / step) if step > 0 else 0.0,
+        "busy": busy.tolist(),  # per worker, fraction of the step spent in tasks (waits excluded)
+        "mean_busy": float(busy.mean()) if len(busy) else 0.0,
     }

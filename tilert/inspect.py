@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tilert.cost import GPUS, GpuSpec, critical_path, estimate, simulate, task_times
+from tilert.cost import GPUS, GpuSpec, critical_path, estimate, simulate
 from tilert.errors import UserError
 from tilert.ir import ACTIVATION, INPUT, OUTPUT, STATE, WEIGHT
 from tilert.schedule import Schedule
@@ -69,10 +69,10 @@ def summarize(art, step: int, gpu_name: str | None = None) -> dict[str, Any]:
     s: Schedule = art.schedules[step]
     g = s.graph
     cfg = art.cfg
-    dur = task_times(g, gpu, s.num_workers)
     tl = simulate(s, gpu)
+    dur = tl.end - tl.start
     est = estimate(s, gpu)
-    cp_s, cp_tasks = critical_path(g, gpu, s.num_workers)
+    cp_s, cp_tasks = critical_path(g, gpu)
 
     ops = []
     for op in g.ops:
@@ -82,7 +82,7 @@ def summarize(art, step: int, gpu_name: str | None = None) -> dict[str, Any]:
         ops.append({
             "name": op.name, "kind": op.kind, "layer": op.layer, "tasks": len(op.tasks),
             "bytes": nbytes, "flops": flops,
-            # Its share of a perfectly balanced step: worker-seconds over workers.
+            # Its share of a perfectly balanced step: simulated worker-seconds over workers.
             "est_time_s": float(dur[ids].sum()) / s.num_workers if len(ids) else 0.0,
             # When it actually runs in the simulated step.
             "start_s": float(tl.start[ids].min()) if len(ids) else 0.0,
@@ -235,8 +235,8 @@ def format_report(sm: dict[str, Any], top_ops: int = 30) -> str:
         ["bytes moved", fmt_bytes(e["bytes"])],
         ["flops", fmt_count(e["flops"])],
         ["tokens/s (this step size)", f"{e['tokens_per_s']:.1f}"],
-        ["critical path", f"{fmt_time(e['critical_path_s'])} over {e['critical_path_tasks']} tasks, "
-                          f"{len(e['critical_path_ops'])} ops"],
+        ["critical path", (f"{fmt_time(e['critical_path_s'])} over {e['critical_path_tasks']} tasks, "
+                           f"{len(e['critical_path_ops'])} ops")],
     ], "lr"))
     path = e["critical_path_ops"]
     shown = path if len(path) <= 12 else path[:6] + [f"... {len(path) - 12} more ..."] + path[-6:]

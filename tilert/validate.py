@@ -2,7 +2,8 @@
 
 It trusts nothing the scheduler computed beyond the schedule itself: conflicts are recomputed
 from the tasks' regions (never from graph.deps), and ordering is derived from the streams and
-counters alone.
+counters alone.  The region sweep is deps.conflict_pairs, run along the schedule's own execution
+order rather than program order; its pairs suffice because happens-before is transitive.
 
 Happens-before.  Within a stream, earlier tasks happen before later ones.  A wait on counter C
 for value v makes the waiter happen after C's signallers only when v == target == the number of
@@ -36,8 +37,7 @@ def validate(schedule: Schedule) -> None:
 
 
 def check_static(schedule: Schedule) -> dict:
-    """A summary of the schedule's synchronisation (after validating it)."""
-    validate(schedule)
+    """A summary of the schedule's synchronisation (it does not validate: call validate)."""
     s = schedule
     sizes = [len(st) for st in s.streams]
     waiters = np.bincount([c for w in s.waits for c, _ in w], minlength=len(s.counters))
@@ -167,7 +167,8 @@ def _check_races(s: Schedule, order: list[int], clocks: np.ndarray) -> None:
     unordered = np.flatnonzero(clocks[dst, worker[src]] <= pos[src])
     if len(unordered):
         pairs = sorted({(int(min(src[i], dst[i])), int(max(src[i], dst[i]))) for i in unordered})
-        _fail(f"race: {len(pairs)} pairs of conflicting tasks are unordered", [_conflict(s, a, b) for a, b in pairs[:_SHOW]])
+        what = f"race: {len(pairs)} pair{'s' if len(pairs) > 1 else ''} of conflicting tasks unordered"
+        _fail(what, [_conflict(s, a, b) for a, b in pairs[:_SHOW]])
 
 
 def _conflict(s: Schedule, a: int, b: int) -> str:

@@ -51,10 +51,11 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     shared = torch.where(amax > 0, exp - 1 - 2, torch.zeros_like(exp))  # the OCP "- emax" step
     biased = (shared + E8M0_BIAS).clamp(0, 254)
     # Dividing by a power of two is exact (barring underflow), so rounding sees the true ratio.
-    y = groups.abs() / _SCALES[biased.long()].unsqueeze(-1)
+    y = groups.abs() / _SCALES.to(w.device)[biased.long()].unsqueeze(-1)
     # Round to the nearest magnitude; on an exact midpoint take the even code (down/up differ there).
-    down = torch.bucketize(y, _MIDPOINTS, right=False)
-    up = torch.bucketize(y, _MIDPOINTS, right=True)
+    mid = _MIDPOINTS.to(w.device)
+    down = torch.bucketize(y, mid, right=False)
+    up = torch.bucketize(y, mid, right=True)
     code = torch.where(down % 2 == 0, down, up)  # beyond the last midpoint (5) is code 7: saturates at 6
     code = torch.where((groups < 0) & (code > 0), code + 8, code).to(torch.uint8)
     code = code.reshape(*lead, k)
@@ -72,8 +73,9 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = t
             f"mxfp4.dequantize: scales {tuple(scales.shape)} do not match codes {tuple(codes.shape)} "
             f"(one scale per {GROUP} elements, two elements per byte)"
         )
-    lo = _DECODE[(codes & 0x0F).long()]
-    hi = _DECODE[(codes >> 4).long()]
+    table = _DECODE.to(codes.device)  # the tables live on the CPU; follow the data's device
+    lo = table[(codes & 0x0F).long()]
+    hi = table[(codes >> 4).long()]
     values = torch.stack([lo, hi], dim=-1).reshape(*codes.shape[:-1], k // GROUP, GROUP)
-    out = values * _SCALES[scales.long()].unsqueeze(-1)
+    out = values * _SCALES.to(codes.device)[scales.long()].unsqueeze(-1)
     return out.reshape(*codes.shape[:-1], k).to(dtype)

@@ -51,7 +51,7 @@ TILERT_DEV const WeightDesc& weight(const Ctx& c, int id) {
 
 // Elements in one 16-byte chunk of a stored row.
 template <int FMT> struct Fmt;
-template <> struct Fmt<FMT_F32> { static constexpr int kElems = 4; };
+template <> struct Fmt<FMT_FP32> { static constexpr int kElems = 4; };
 template <> struct Fmt<FMT_BF16> { static constexpr int kElems = 8; };
 template <> struct Fmt<FMT_FP8> { static constexpr int kElems = 16; };
 template <> struct Fmt<FMT_MXFP4> { static constexpr int kElems = 32; };
@@ -82,7 +82,7 @@ TILERT_DEV float2 fp8x2_to_f32(uint16_t two) {
 template <int FMT>
 TILERT_DEV void decode_chunk(const uint4 raw, float scale, float* w) {
   const uint32_t u[4] = {raw.x, raw.y, raw.z, raw.w};
-  if constexpr (FMT == FMT_F32) {
+  if constexpr (FMT == FMT_FP32) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) w[i] = __uint_as_float(u[i]);
   } else if constexpr (FMT == FMT_BF16) {
@@ -115,7 +115,7 @@ TILERT_DEV void decode_chunk(const uint4 raw, float scale, float* w) {
 TILERT_DEV float weight_elem(const WeightDesc& w, int row, int col) {
   const uint8_t* d = reinterpret_cast<const uint8_t*>(w.data);
   switch (w.fmt) {
-    case FMT_F32: return __ldg(reinterpret_cast<const float*>(d) + (size_t)row * w.cols + col);
+    case FMT_FP32: return __ldg(reinterpret_cast<const float*>(d) + (size_t)row * w.cols + col);
     case FMT_BF16: return bf16_to_f32(__ldg(reinterpret_cast<const uint16_t*>(d) + (size_t)row * w.cols + col));
     case FMT_FP8: {
       uint8_t q = __ldg(d + (size_t)row * w.cols + col);

@@ -1,0 +1,756 @@
+"""Schedule -> one persistent CUDA kernel for Hopper (sm_90a), plus the data it runs on.
+
+`generate(schedule, cfg)` returns a `GeneratedKernel`:
+
+- `source`: a small generated prelude (sizes, ids, parameter structs, the stage dispatch) that
+  includes the static device code in tilert/cuda/*.cuh;
+- `program`: the encoded instruction streams (int32), one per worker (= CTA = SM);
+- the memory plan: where every non-weight buffer lives (one activation arena, one persistent
+  state arena for the KV caches, constant tables), which slot of the weight table each weight
+  takes, and where task-local buffers sit in shared memory.
+
+Program layout (int32 words)::
+
+    header   [MAGIC, VERSION, num_workers, num_tasks, num_counters, targets_at, streams_at, param_words]
+    targets  [num_counters]           per-step target of each counter
+    streams  [num_workers]            word index of each worker's stream
+    stream   [n_tasks, task...]
+    task     [task_id, n_waits, n_signals, n_stages, (counter, value) * n_waits,
+              counter * n_signals, (kind, param word * PARAM_WORDS) * n_stages]
+
+A stage's parameter words are one of the structs in STRUCTS, zero-padded to PARAM_WORDS.  The
+C++ structs are generated from the same tables that pack them here, so they cannot disagree.
+A linear stage with several segments becomes one encoded stage per segment.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.config import MimoConfig
+from tilert.errors import UserError
+from tilert.ir import (
+    ACTIVATION,
+    INPUT,
+    OUTPUT,
+    STATE,
+    WEIGHT,
+    Region,
+    Task,
+)
+from tilert.schedule import Schedule
+
+CUDA_DIR = Path(__file__).resolve().parent / "cuda"
+KERNEL_NAME = "tilert_megakernel"
+MAGIC = 0x544C5254  # "TLRT"
+VERSION = 1
+
+# ---- ids shared with the device code ----------------------------------------------------------
+
+FORMATS = {"fp32": 0, "bf16": 1, "fp8": 2, "mxfp4": 3}
+FORMAT_ALIASES = {"f32": "fp32"}
+SPACES = {"act": 0, "state": 1, "const": 2, "smem": 3, "scratch": 4}
+ERRORS = {"hang": 1, "ring_stall": 2}
+CTRL = {"abort": 0, "issued": 1, "done": 2}  # smem control words (see megakernel.cuh)
+PROG = {"magic": 0, "version": 1, "workers": 2, "tasks": 3, "counters": 4, "targets": 5, "streams": 6,
+        "param_words": 7}
+HEADER_WORDS = 8
+MAX_ERRORS = 64
+ERROR_WORDS = 8 + 8 * MAX_ERRORS
+
+SMEM_LIMIT = 232448  # H100 / H200: 227 KB of dynamic shared memory per block
+# 7 compute warps + 1 loader warp = 256 threads: ptxas allots registers per 4 warps, so a 9th
+# warp would cut the budget from 255 to 168 registers a thread.
+COMPUTE_WARPS = 7
+MIN_SLOT_ROW_BYTES = 4096  # a ring slot holds one 4 KiB row (an fp8 row of 4096) per compute warp
+RING_SLOTS = 4
+
+# ---- struct tables (one source of truth for C++ and for packing) --------------------------------
+
+# Field types: "ref" (Ref: 3 x int32), "i32", "f32"; host structs also "u32", "u64", "ptr".
+_CTYPE = {"i32": "int32_t", "u32": "uint32_t", "f32": "float", "u64": "uint64_t", "i64": "int64_t",
+          "ptr": "void*", "ref": "Ref"}
+_NPTYPE = {"i32": "<i4", "u32": "<u4", "f32": "<f4", "u64": "<u8", "i64": "<i8", "ptr": "<u8"}
+_SIZE = {"i32": 4, "u32": 4, "f32": 4, "u64": 8, "i64": 8, "ptr": 8, "ref": 12}
+
+REF = (("space", "i32"), ("offset", "i32"), ("ld", "i32"))
+
+STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "EmbedParams": (("tokens", "ref"), ("out", "ref"), ("table", "i32"), ("c0", "i32"), ("c1", "i32")),
+    "RmsnormParams": (("in", "ref"), ("out", "ref"), ("weight", "i32"), ("eps", "f32"), ("cols", "i32"),
+                      ("r0", "i32"), ("r1", "i32"), ("c0", "i32"), ("c1", "i32")),
+    "LinearParams": (("in", "ref"), ("out", "ref"), ("weight", "i32"), ("r0", "i32"), ("r1", "i32"),
+                     ("c0", "i32"), ("acc", "i32")),
+    "RopeParams": (("buf", "ref"), ("positions", "ref"), ("inv_freq", "ref"), ("col0", "i32"), ("rdim", "i32")),
+    "KvWriteParams": (("k", "ref"), ("v", "ref"), ("k_cache", "ref"), ("v_cache", "ref"), ("positions", "ref"),
+                      ("kcol0", "i32"), ("vcol0", "i32"), ("hd", "i32"), ("vd", "i32"), ("slots", "i32"),
+                      ("ring", "i32"), ("value_scale", "f32")),
+    "AttentionParams": (("q", "ref"), ("k_cache", "ref"), ("v_cache", "ref"), ("positions", "ref"), ("mx", "ref"),
+                        ("sm", "ref"), ("acc", "ref"), ("h0", "i32"), ("group", "i32"), ("hd", "i32"),
+                        ("vd", "i32"), ("split", "i32"), ("splits", "i32"), ("window", "i32"), ("slots", "i32"),
+                        ("scale", "f32"), ("ms", "i32")),
+    "AttnCombineParams": (("mx", "ref"), ("sm", "ref"), ("acc", "ref"), ("out", "ref"), ("sink", "i32"),
+                          ("h0", "i32"), ("h1", "i32"), ("splits", "i32"), ("ms", "i32"), ("vd", "i32")),
+    "GateUpParams": (("in", "ref"), ("out", "ref"), ("gate", "i32"), ("up", "i32"), ("r0", "i32"), ("r1", "i32")),
+    "TopkParams": (("logits", "ref"), ("idx", "ref"), ("weights", "ref"), ("bias", "i32"), ("experts", "i32"),
+                   ("k", "i32"), ("norm", "i32"), ("scale", "f32")),
+    "ExpertGateUpParams": (("in", "ref"), ("idx", "ref"), ("out", "ref"), ("gate", "i32"), ("up", "i32"),
+                           ("token", "i32"), ("slot", "i32"), ("r0", "i32"), ("r1", "i32"), ("inter", "i32")),
+    "ExpertDownParams": (("act", "ref"), ("idx", "ref"), ("weights", "ref"), ("out", "ref"), ("down", "i32"),
+                         ("r0", "i32"), ("r1", "i32"), ("k", "i32"), ("inter", "i32")),
+    "LmHeadParams": (("in", "ref"), ("logits", "ref"), ("best", "ref"), ("positions", "ref"), ("sampling", "ref"),
+                     ("weight", "i32"), ("r0", "i32"), ("r1", "i32"), ("tile", "i32")),
+    "ArgmaxParams": (("best", "ref"), ("out", "ref"), ("ntiles", "i32")),
+}
+
+# Host-filled structs (natural C alignment; numpy's aligned dtype matches it).
+WEIGHT_DESC = (("data", "ptr"), ("scale", "ptr"), ("expert_bytes", "i64"), ("expert_scale_bytes", "i64"),
+               ("fmt", "i32"), ("rows", "i32"), ("cols", "i32"), ("experts", "i32"), ("row_bytes", "i32"),
+               ("scale_ld", "i32"), ("pad0", "i32"), ("pad1", "i32"))
+KERNEL_ARGS = (("program", "ptr"), ("counters", "ptr"), ("act", "ptr"), ("state", "ptr"), ("consts", "ptr"),
+               ("scratch", "ptr"), ("weights", "ptr"), ("errors", "ptr"), ("profile", "ptr"),
+               ("timeout_ns", "u64"), ("step", "u32"), ("stop_after", "i32"))
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str  # base kind of tilert/kernels.py
+    struct: str
+    function: str  # device function in tilert/cuda/kinds.cuh
+    streams_weights: bool  # reads weight tiles through the ring (has a `tiles_of`)
+
+
+KINDS = [
+    Kind("embed", "EmbedParams", "k_embed", False),
+    Kind("rmsnorm", "RmsnormParams", "k_rmsnorm", False),
+    Kind("linear", "LinearParams", "k_linear", True),
+    Kind("rope", "RopeParams", "k_rope", False),
+    Kind("kv_write", "KvWriteParams", "k_kv_write", False),
+    Kind("attention", "AttentionParams", "k_attention", False),
+    Kind("attn_combine", "AttnCombineParams", "k_attn_combine", False),
+    Kind("gate_up", "GateUpParams", "k_gate_up", True),
+    Kind("router", "LinearParams", "k_linear", True),
+    Kind("topk", "TopkParams", "k_topk", False),
+    Kind("expert_gate_up", "ExpertGateUpParams", "k_expert_gate_up", True),
+    Kind("expert_down", "ExpertDownParams", "k_expert_down", True),
+    Kind("lm_head", "LmHeadParams", "k_lm_head", True),
+    Kind("argmax", "ArgmaxParams", "k_argmax", False),
+]
+KIND_ID = {k.name: i + 1 for i, k in enumerate(KINDS)}  # 0 is never a valid kind
+KIND_BY_ID = {i + 1: k for i, k in enumerate(KINDS)}
+
+
+def struct_words(name: str) -> int:
+    return sum(_SIZE[t] for _, t in STRUCTS[name]) // 4
+
+
+PARAM_WORDS = max(struct_words(s) for s in STRUCTS)
+STAGE_WORDS = 1 + PARAM_WORDS
+
+
+def numpy_dtype(fields) -> np.dtype:
+    """The host-side image of a struct table (same order, C alignment)."""
+    return np.dtype([(n, _NPTYPE[t]) for n, t in fields], align=True)
+
+
+def _c_struct(name: str, fields) -> str:
+    body = "".join(f"  {_CTYPE[t]} {n};\n" for n, t in fields)
+    return f"struct {name} {{\n{body}}};\n"
+
+
+# ---- the memory plan ---------------------------------------------------------------------------
+
+_ELEM = {"f32": 4, "i32": 4, "f64": 8}
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass
+class BufferSlot:
+    """Where a global (non-weight, non-local) buffer lives."""
+    name: str
+    space: str  # "act" or "state"
+    offset: int  # bytes from the arena's start
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _ELEM[self.dtype]
+
+
+@dataclass
+class WeightSlot:
+    index: int
+    name: str
+    fmt: str  # storage format the kernel was generated for
+    shape: tuple[int, ...]
+    row_bytes: int
+
+
+@dataclass
+class GeneratedKernel:
+    source: str
+    program: np.ndarray
+    tokens: int
+    num_workers: int
+    threads: int
+    smem_bytes: int
+    loader: bool
+    slots: int
+    slot_bytes: int
+    act_bytes: int
+    state_bytes: int
+    scratch_stride: int  # bytes of global scratch per worker (locals that do not fit smem)
+    consts: np.ndarray  # float32 constant tables (RoPE inverse frequencies)
+    buffers: dict[str, BufferSlot]
+    weights: list[WeightSlot]
+    counter_targets: list[int]
+    task_names: list[str]  # per task id: "op name (kind)"
+    worker_of: list[int]
+    locals_in_smem: bool
+    kernel_name: str = KERNEL_NAME
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def num_counters(self) -> int:
+        return len(self.counter_targets)
+
+    def describe(self) -> str:
+        return (f"B={self.tokens} workers={self.num_workers} threads={self.threads} tasks={self.num_tasks} "
+                f"program={self.program.size * 4 / 1024:.0f} KiB smem={self.smem_bytes} "
+                f"ring={self.slots}x{self.slot_bytes} act={self.act_bytes} "
+                f"state={self.state_bytes} locals={'smem' if self.locals_in_smem else 'global'}")
+
+
+def _row_bytes(fmt: str, cols: int) -> int:
+    return {"fp32": 4 * cols, "bf16": 2 * cols, "fp8": cols, "mxfp4": cols // 2}[fmt]
+
+
+class _Plan:
+    """Arena offsets, weight slots and constant tables for one schedule."""
+
+    def __init__(self, schedule: Schedule, weight_formats: dict[str, str]):
+        g = schedule.graph
+        self.graph = g
+        self.buffers: dict[str, BufferSlot] = {}
+        act = 0
+        for name, b in g.buffers.items():
+            if b.kind in (INPUT, ACTIVATION, OUTPUT):
+                act = _align(act, 256)
+                self.buffers[name] = BufferSlot(name, "act", act, tuple(b.shape), b.dtype, b.kind)
+                act += self.buffers[name].nbytes
+        state = 0
+        for name in sorted(n for n, b in g.buffers.items() if b.kind == STATE):  # same layout for every B
+            b = g.buffers[name]
+            state = _align(state, 256)
+            self.buffers[name] = BufferSlot(name, "state", state, tuple(b.shape), b.dtype, b.kind)
+            state += self.buffers[name].nbytes
+        self.act_bytes, self.state_bytes = _align(act, 256), _align(state, 256)
+        self.weights: dict[str, WeightSlot] = {}
+        for name, b in g.buffers.items():
+            if b.kind == WEIGHT:
+                fmt = FORMAT_ALIASES.get(weight_formats.get(name, b.dtype), weight_formats.get(name, b.dtype))
+                if fmt not in FORMATS:
+                    raise UserError(f"weight {name}: storage format {fmt!r} has no GPU kernel "
+                                    f"(supported: {', '.join(FORMATS)})")
+                cols = b.shape[-1]
+                self.weights[name] = WeightSlot(len(self.weights), name, fmt, tuple(b.shape), _row_bytes(fmt, cols))
+        self.consts: list[float] = []
+        self._const_at: dict[tuple, int] = {}
+
+    def rope_table(self, theta: float, rdim: int) -> int:
+        """Element offset of the RoPE inverse frequencies, computed exactly as tilert.kernels.rope."""
+        key = (float(theta), int(rdim))
+        if key not in self._const_at:
+            inv = 1.0 / (theta ** (torch.arange(0, rdim, 2, dtype=torch.float32) / rdim))
+            self._const_at[key] = _align(len(self.consts), 4)
+            self.consts += [0.0] * (self._const_at[key] - len(self.consts)) + inv.tolist()
+        return self._const_at[key]
+
+
+@dataclass
+class _LocalView:
+    space: str
+    base: int  # element offset of the box's first element in its space
+    r_lo: int
+    c_lo: int
+    ld: int
+
+
+def _local_boxes(task: Task, local: list[str]) -> dict[str, tuple[int, int, int, int]]:
+    """Per local buffer, the (r_lo, r_hi, c_lo, c_hi) box the task's stages really touch: every
+    stage read and write except the whole-buffer write a recomputed RMSNorm declares (the norm
+    is then computed only for these rows and stored only for these columns)."""
+    boxes = {}
+    for name in local:
+        regs: list[Region] = []
+        for s in task.stages:
+            regs += [r for r in s.reads if r.buffer == name]
+            if s.kind != "rmsnorm":
+                regs += [w for w in s.writes if w.buffer == name]
+        if not regs:
+            raise UserError(f"task {task.id}: local buffer {name} is written but never read")
+        if any(len(r.box) != 2 for r in regs):
+            raise UserError(f"task {task.id}: local buffer {name} is not 2-D; the GPU kernel keeps 2-D locals only")
+        boxes[name] = (min(r.box[0][0] for r in regs), max(r.box[0][1] for r in regs),
+                       min(r.box[1][0] for r in regs), max(r.box[1][1] for r in regs))
+    return boxes
+
+
+class _Encoder:
+    """Turns each stage of a task into parameter dicts, resolving buffer names to views."""
+
+    def __init__(self, plan: _Plan, schedule: Schedule, cfg: MimoConfig):
+        self.plan, self.s, self.cfg = plan, schedule, cfg
+        self.g = schedule.graph
+        self.B = self.g.tokens
+        self.views: dict[str, _LocalView] = {}
+        self.boxes: dict[str, tuple[int, int, int, int]] = {}
+        self.vector_views: list[dict] = []  # views read with float4 loads (16-byte alignment checks)
+
+    # -- refs --
+    def ref(self, name: str, elem: int = 0, ld: int | None = None) -> dict:
+        if name in self.views:
+            v = self.views[name]
+            return {"space": SPACES[v.space], "offset": v.base - v.r_lo * v.ld - v.c_lo + elem, "ld": v.ld}
+        slot = self.plan.buffers.get(name)
+        if slot is None:
+            raise UserError(f"buffer {name!r} is neither global nor local to the task")
+        esize = _ELEM[slot.dtype]
+        row = math.prod(slot.shape[1:]) if len(slot.shape) > 1 else 0
+        return {"space": SPACES[slot.space], "offset": slot.offset // esize + elem, "ld": row if ld is None else ld}
+
+    def w(self, name: str | None) -> int:
+        return -1 if name is None else self.plan.weights[name].index
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.g.buffers[name].shape)
+
+    # -- per kind --
+    def stage(self, st: Task) -> list[tuple[str, dict]]:
+        return getattr(self, "_" + st.kind)(st.params)
+
+    def _embed(self, p):
+        return [("embed", {"tokens": self.ref("tokens"), "out": self.ref("x"),
+                           "table": self.w("model.embed_tokens.weight"), "c0": p["cols"][0], "c1": p["cols"][1]})]
+
+    def _rmsnorm(self, p):
+        rows, cols = self.shape(p["in"])
+        r0, r1, c0, c1 = self.boxes.get(p["out"], (0, rows, 0, cols))
+        return [("rmsnorm", {"in": self.ref(p["in"]), "out": self.ref(p["out"]), "weight": self.w(p["weight"]),
+                             "eps": p.get("eps", 1e-5), "cols": cols, "r0": r0, "r1": r1, "c0": c0, "c1": c1})]
+
+    def _linear(self, p):
+        out = []
+        for seg in p["segments"]:
+            (r0, r1), (c0, c1) = seg["rows"], seg["cols"]
+            if r1 - r0 != c1 - c0:
+                raise UserError(f"linear segment {seg}: rows and output columns differ in count")
+            x = self.ref(p["in"])
+            self.vector_views.append(x)
+            out.append(("linear", {"in": x, "out": self.ref(seg["out"]), "weight": self.w(seg["weight"]),
+                                   "r0": r0, "r1": r1, "c0": c0, "acc": int(bool(p["accumulate"]))}))
+        return out
+
+    def _rope(self, p):
+        return [("rope", {"buf": self.ref(p["buf"]), "positions": self.ref("positions"),
+                          "inv_freq": {"space": SPACES["const"], "offset": self.plan.rope_table(p["theta"], p["rotary_dim"]),
+                                       "ld": 0},
+                          "col0": p["head"] * p["head_dim"], "rdim": p["rotary_dim"]})]
+
+    def _cache_ref(self, name: str, head: int) -> dict:
+        _, kvh, d = self.shape(name)
+        return self.ref(name, elem=head * d, ld=kvh * d)
+
+    def _kv_write(self, p):
+        g = p["head"]
+        hd, vd = self.shape(p["k_cache"])[2], self.shape(p["v_cache"])[2]
+        return [("kv_write", {"k": self.ref("k"), "v": self.ref("v"), "k_cache": self._cache_ref(p["k_cache"], g),
+                              "v_cache": self._cache_ref(p["v_cache"], g), "positions": self.ref("positions"),
+                              "kcol0": g * hd, "vcol0": g * vd, "hd": hd, "vd": vd, "slots": p["slots"],
+                              "ring": int(bool(p.get("ring") or p.get("window"))), "value_scale": p["value_scale"]})]
+
+    def _attention(self, p):
+        g, group = p["kv_head"], p["group"]
+        hd, vd = self.shape(p["k_cache"])[2], self.shape(p["v_cache"])[2]
+        _, _, ms = self.shape("attn_max")
+        q, kc = self.ref("q"), self._cache_ref(p["k_cache"], g)
+        # q heads and cached keys are read as float4: the head starts must be 16-byte aligned too.
+        self.vector_views += [{**q, "offset": q["offset"] + g * group * hd}, kc, {**q, "ld": hd}]
+        return [("attention", {"q": q, "k_cache": kc,
+                               "v_cache": self._cache_ref(p["v_cache"], g), "positions": self.ref("positions"),
+                               "mx": self.ref("attn_max"), "sm": self.ref("attn_sum"), "acc": self.ref("attn_acc"),
+                               "h0": g * group, "group": group, "hd": hd, "vd": vd, "split": p["split"],
+                               "splits": p["splits"], "window": p["window"], "slots": p["slots"], "scale": p["scale"],
+                               "ms": ms})]
+
+    def _attn_combine(self, p):
+        _, _, ms, vd = self.shape("attn_acc")
+        return [("attn_combine", {"mx": self.ref("attn_max"), "sm": self.ref("attn_sum"), "acc": self.ref("attn_acc"),
+                                  "out": self.ref("attn_out"), "sink": self.w(p["sink"]), "h0": p["heads"][0],
+                                  "h1": p["heads"][1], "splits": p["splits"], "ms": ms, "vd": vd})]
+
+    def _gate_up(self, p):
+        x = self.ref(p["in"])
+        self.vector_views.append(x)
+        return [("gate_up", {"in": x, "out": self.ref(p["out"]), "gate": self.w(p["gate"]), "up": self.w(p["up"]),
+                             "r0": p["rows"][0], "r1": p["rows"][1]})]
+
+    def _router(self, p):
+        (e0, e1), x = p["rows"], self.ref(p["in"])
+        self.vector_views.append(x)
+        return [("router", {"in": x, "out": self.ref("router_logits"), "weight": self.w(p["weight"]),
+                            "r0": e0, "r1": e1, "c0": e0, "acc": 0})]
+
+    def _topk(self, p):
+        return [("topk", {"logits": self.ref("router_logits"), "idx": self.ref("topk_idx"),
+                          "weights": self.ref("topk_weight"), "bias": self.w(p["bias"]),
+                          "experts": self.shape("router_logits")[1], "k": p["k"], "norm": int(bool(p["norm"])),
+                          "scale": p["scale"]})]
+
+    def _moe_act_ref(self) -> dict:
+        _, K, inter = self.shape("moe_act")
+        return self.ref("moe_act", ld=K * inter)
+
+    def _expert_gate_up(self, p):
+        x = self.ref(p["in"])
+        self.vector_views.append({**x, "offset": x["offset"] + p["token"] * x["ld"]})
+        return [("expert_gate_up", {"in": x, "idx": self.ref("topk_idx"), "out": self._moe_act_ref(),
+                                    "gate": self.w(p["gate"]), "up": self.w(p["up"]), "token": p["token"],
+                                    "slot": p["slot"], "r0": p["rows"][0], "r1": p["rows"][1],
+                                    "inter": self.shape("moe_act")[2]})]
+
+    def _expert_down(self, p):
+        act = self._moe_act_ref()
+        inter = self.shape("moe_act")[2]
+        self.vector_views.append({**act, "ld": inter})
+        return [("expert_down", {"act": act, "idx": self.ref("topk_idx"), "weights": self.ref("topk_weight"),
+                                 "out": self.ref("x"), "down": self.w(p["down"]), "r0": p["rows"][0],
+                                 "r1": p["rows"][1], "k": p["k"], "inter": inter})]
+
+    def _lm_head(self, p):
+        x = self.ref(p["in"])
+        self.vector_views.append(x)
+        ntiles = self.shape("best_partial")[1]
+        return [("lm_head", {"in": x, "logits": self.ref("logits"), "best": self.ref("best_partial", ld=2 * ntiles),
+                             "positions": self.ref("positions"), "sampling": self.ref("sampling"),
+                             "weight": self.w(p["weight"]), "r0": p["rows"][0], "r1": p["rows"][1],
+                             "tile": p["tile"]})]
+
+    def _argmax(self, p):
+        ntiles = self.shape("best_partial")[1]
+        return [("argmax", {"best": self.ref("best_partial", ld=2 * ntiles), "out": self.ref("next_token"),
+                            "ntiles": ntiles})]
+
+
+# ---- packing -------------------------------------------------------------------------------------
+
+def pack_params(struct_name: str, values: dict) -> list[int]:
+    words: list[int] = []
+    for name, t in STRUCTS[struct_name]:
+        v = values[name]
+        if t == "ref":
+            words += [int(v["space"]), int(v["offset"]), int(v["ld"])]
+        elif t == "f32":
+            words.append(struct.unpack("<i", struct.pack("<f", float(v)))[0])
+        else:
+            words.append(int(v))
+    for w in words:
+        if not -2**31 <= w < 2**31:
+            raise UserError(f"{struct_name}: parameter word {w} does not fit int32")
+    return words + [0] * (PARAM_WORDS - len(words))
+
+
+def unpack_params(struct_name: str, words) -> dict:
+    out, i = {}, 0
+    for name, t in STRUCTS[struct_name]:
+        if t == "ref":
+            out[name] = {"space": int(words[i]), "offset": int(words[i + 1]), "ld": int(words[i + 2])}
+            i += 3
+        elif t == "f32":
+            out[name] = struct.unpack("<f", struct.pack("<i", int(words[i])))[0]
+            i += 1
+        else:
+            out[name] = int(words[i])
+            i += 1
+    return out
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", float(x)))[0]
+
+
+@dataclass
+class DecodedTask:
+    id: int
+    waits: list[tuple[int, int]]
+    signals: list[int]
+    stages: list[tuple[str, dict]]  # (base kind, parameter dict)
+
+
+def decode_program(program: np.ndarray) -> tuple[list[int], list[list[DecodedTask]]]:
+    """(counter targets, per worker its decoded tasks): the inverse of the encoding."""
+    P = [int(x) for x in program]
+    if P[PROG["magic"]] != MAGIC or P[PROG["version"]] != VERSION:
+        raise UserError("not a tilert program (bad magic or version)")
+    if P[PROG["param_words"]] != PARAM_WORDS:
+        raise UserError(f"program has {P[PROG['param_words']]} parameter words per stage, this tilert {PARAM_WORDS}")
+    nw, nc = P[PROG["workers"]], P[PROG["counters"]]
+    targets = P[P[PROG["targets"]]:P[PROG["targets"]] + nc]
+    streams = []
+    for w in range(nw):
+        at = P[P[PROG["streams"]] + w]
+        n, at = P[at], at + 1
+        tasks = []
+        for _ in range(n):
+            tid, n_w, n_s, n_st = P[at:at + 4]
+            at += 4
+            waits = [(P[at + 2 * i], P[at + 2 * i + 1]) for i in range(n_w)]
+            at += 2 * n_w
+            signals = P[at:at + n_s]
+            at += n_s
+            stages = []
+            for _ in range(n_st):
+                kind = KIND_BY_ID[P[at]]
+                stages.append((kind.name, unpack_params(kind.struct, P[at + 1:at + STAGE_WORDS])))
+                at += STAGE_WORDS
+            tasks.append(DecodedTask(tid, waits, signals, stages))
+        streams.append(tasks)
+    return targets, streams
+
+
+# ---- generation ------------------------------------------------------------------------------------
+
+def _stages(task: Task) -> list[Task]:
+    return task.stages if task.stages else [task]
+
+
+def _scratch_floats(kind: str, values: dict, B: int) -> int:
+    """Shared memory a GEMV stage keeps beside its inputs (gate results, expert totals)."""
+    if kind == "gate_up":
+        return B * (values["r1"] - values["r0"])
+    if kind in ("expert_gate_up", "expert_down"):
+        return values["r1"] - values["r0"]
+    return 0
+
+
+def _gemv_weights(kind: str, values: dict) -> list[int]:
+    if kind in ("linear", "router", "lm_head"):
+        return [values["weight"]]
+    if kind in ("gate_up", "expert_gate_up"):
+        return [values["gate"], values["up"]]
+    if kind == "expert_down":
+        return [values["down"]]
+    return []
+
+
+@dataclass
+class _Encoded:
+    """Every task's encoded stages for one placement of the task-local buffers."""
+    stages: dict[int, list[tuple[str, dict]]]
+    scratch_bytes: int  # smem beside the GEMV inputs (gate results, expert totals), max over tasks
+    max_row_bytes: int  # the largest weight row a GEMV streams (a ring slot must hold one)
+    vector_views: list[dict]
+
+
+def _encode_tasks(schedule: Schedule, plan: _Plan, cfg: MimoConfig, boxes_of: dict[int, dict],
+                  space: str) -> _Encoded:
+    """Encode every task with its local buffers laid out one after another in `space`."""
+    enc = _Encoder(plan, schedule, cfg)
+    by_index = list(plan.weights.values())
+    B = schedule.graph.tokens
+    stages_of, scratch, max_row = {}, 0, 0
+    for t in schedule.graph.tasks:
+        enc.views, enc.boxes, at = {}, boxes_of[t.id], 0
+        for name, (r0, r1, c0, c1) in enc.boxes.items():
+            enc.views[name] = _LocalView(space, at // 4, r0, c0, c1 - c0)
+            at += _align((r1 - r0) * (c1 - c0) * 4, 16)
+        stages = []
+        for st in _stages(t):
+            for kind, values in enc.stage(st):
+                stages.append((kind, values))
+                scratch = max(scratch, 4 * _scratch_floats(kind, values, B))
+                max_row = max([max_row] + [by_index[i].row_bytes for i in _gemv_weights(kind, values)])
+        stages_of[t.id] = stages
+    return _Encoded(stages_of, scratch, max_row, enc.vector_views)
+
+
+def _smem_layout(ring_slots: int, slot_bytes: int, red_bytes: int, scratch_bytes: int,
+                 locals_bytes: int) -> dict[str, int]:
+    """Byte offsets of the shared-memory regions, after 16 bytes of control words."""
+    regions = (("bars", 2 * ring_slots * 8, 8),  # ring mbarriers: full[slots], empty[slots]
+               ("red", red_bytes, 16),  # cross-warp reductions
+               ("scratch", scratch_bytes, 16),  # GEMV results kept for an epilogue
+               ("locals", locals_bytes, 16),  # task-local buffers
+               ("ring", ring_slots * slot_bytes, 128))  # weight pieces (bulk-copy destinations)
+    lay, at = {"ctrl": 0}, 16
+    for name, size, align in regions:
+        at = _align(at, align)
+        lay[name] = at
+        at += size
+    lay["total"] = at
+    return lay
+
+
+def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str] | None = None,
+             loader: bool = True, compute_warps: int = COMPUTE_WARPS, ring_slots: int = RING_SLOTS,
+             smem_limit: int = SMEM_LIMIT, locals_space: str = "auto",
+             slot_bytes: int | None = None) -> GeneratedKernel:
+    """The megakernel of one schedule.  `weight_formats` (name -> storage format) says how the
+    weights the kernel will run with are stored (default: the formats the schedule declares);
+    the runtime refuses weights in other formats.  `loader=False` gives the simpler kernel
+    whose compute warps read weights straight from global memory.  Task-local buffers go to
+    shared memory when they fit beside a ring of at least 2 slots (`locals_space` "auto"), else
+    to a per-worker global scratch area ("global" forces that).  `slot_bytes` overrides the ring
+    slot size (tests use small slots to cut tiles into many pieces)."""
+    g = schedule.graph
+    B = g.tokens
+    if not 1 <= B <= 8:
+        raise UserError(f"the GPU kernel handles steps of 1..8 tokens, not {B}")
+    plan = _Plan(schedule, weight_formats or {})
+    boxes_of = {t.id: _local_boxes(t, t.local) if t.local else {} for t in g.tasks}
+    locals_bytes = max(sum(_align((r1 - r0) * (c1 - c0) * 4, 16) for r0, r1, c0, c1 in boxes.values())
+                       for boxes in boxes_of.values())
+    red_bytes = compute_warps * B * 16  # per warp and token: a (double score, int index) pair at most
+
+    chosen = None
+    for space in (["smem"] if locals_space == "auto" else []) + ["scratch"]:
+        enc = _encode_tasks(schedule, plan, cfg, boxes_of, space)
+        slot = slot_bytes or _align(max(compute_warps * MIN_SLOT_ROW_BYTES, enc.max_row_bytes), 128)
+        if slot < enc.max_row_bytes or slot % 128:
+            raise UserError(f"slot_bytes {slot} must be a multiple of 128 and hold the largest weight row "
+                            f"({enc.max_row_bytes} B)")
+        in_smem = locals_bytes if space == "smem" else 0
+        for slots in (range(ring_slots, 1, -1) if loader else [0]):
+            lay = _smem_layout(slots, slot, red_bytes, enc.scratch_bytes, in_smem)
+            if lay["total"] <= smem_limit:
+                chosen = (space, enc, slot, slots, lay)
+                break
+        if chosen:
+            break
+    if chosen is None:
+        raise UserError(f"the megakernel does not fit {smem_limit} B of shared memory even with task-local "
+                        f"buffers in global memory (largest weight row {enc.max_row_bytes} B)")
+    space, enc, slot, slots, lay = chosen
+    _check_alignment(plan, enc.vector_views)
+    scratch_stride = 0 if space == "smem" else _align(locals_bytes, 256)
+    notes = [] if space == "smem" else [f"task-local buffers ({locals_bytes} B) live in global scratch"]
+    formats = {w.fmt for w in plan.weights.values()}
+    return GeneratedKernel(
+        source=_source(schedule, cfg, B, compute_warps, loader, slots, slot, lay, formats, scratch_stride),
+        program=_encode_program(schedule, enc.stages), tokens=B, num_workers=schedule.num_workers,
+        threads=32 * compute_warps + (32 if loader else 0), smem_bytes=lay["total"], loader=loader,
+        slots=slots, slot_bytes=slot, act_bytes=plan.act_bytes, state_bytes=plan.state_bytes,
+        scratch_stride=scratch_stride, consts=np.asarray(plan.consts or [0.0], dtype=np.float32),
+        buffers=plan.buffers, weights=list(plan.weights.values()),
+        counter_targets=[c.target for c in schedule.counters],
+        task_names=[f"{g.ops[t.op].name} ({t.kind})" for t in g.tasks], worker_of=list(schedule.worker_of),
+        locals_in_smem=space == "smem", notes=notes)
+
+
+def _check_alignment(plan: _Plan, vector_views: list[dict]) -> None:
+    """16-byte vector loads: weight rows and GEMV input rows must be 16-byte aligned."""
+    for w in plan.weights.values():
+        if w.row_bytes % 16:
+            raise UserError(f"weight {w.name}: rows of {w.row_bytes} B are not a multiple of 16 B "
+                            f"(the GPU kernel reads 16-byte chunks)")
+    for x in vector_views:
+        if x["offset"] % 4 or x["ld"] % 4:
+            raise UserError(f"a view read with 16-byte loads (offset {x['offset']}, row stride {x['ld']}) "
+                            f"is not 16-byte aligned")
+
+
+def _encode_program(schedule: Schedule, encoded: dict[int, list[tuple[str, dict]]]) -> np.ndarray:
+    words: list[int] = [0] * HEADER_WORDS
+    words[PROG["magic"]], words[PROG["version"]] = MAGIC, VERSION
+    words[PROG["workers"]], words[PROG["tasks"]] = schedule.num_workers, len(schedule.graph.tasks)
+    words[PROG["counters"]], words[PROG["param_words"]] = len(schedule.counters), PARAM_WORDS
+    words[PROG["targets"]] = len(words)
+    words += [c.target for c in schedule.counters]
+    words[PROG["streams"]] = len(words)
+    table = len(words)
+    words += [0] * schedule.num_workers
+    for w, stream in enumerate(schedule.streams):
+        words[table + w] = len(words)
+        words.append(len(stream))
+        for t in stream:
+            stages = encoded[t]
+            words += [t, len(schedule.waits[t]), len(schedule.signals[t]), len(stages)]
+            for c, v in schedule.waits[t]:
+                words += [c, v]
+            words += list(schedule.signals[t])
+            for kind, values in stages:
+                words.append(KIND_ID[kind])
+                words += pack_params(KINDS[KIND_ID[kind] - 1].struct, values)
+    if len(words) >= 2**31:
+        raise UserError("the encoded program exceeds 2^31 words")
+    return np.asarray(words, dtype=np.int64).astype(np.int32)
+
+
+def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool, slots: int, slot_bytes: int,
+            lay: dict, formats: set[str], scratch_stride: int) -> str:
+    kinds_used = sorted({k for t in schedule.graph.tasks for k in (s.kind for s in _stages(t))},
+                        key=lambda k: KIND_ID[k])
+    defines = {
+        "TILERT_B": B, "TILERT_NCW": ncw, "TILERT_THREADS": 32 * ncw + (32 if loader else 0),
+        "TILERT_LOADER": int(loader), "TILERT_SLOTS": max(slots, 1), "TILERT_SLOT_BYTES": slot_bytes,
+        "TILERT_PARAM_WORDS": PARAM_WORDS, "TILERT_MAX_ERRORS": MAX_ERRORS,
+        "TILERT_SMEM_CTRL": lay["ctrl"], "TILERT_SMEM_BARS": lay["bars"], "TILERT_SMEM_RED": lay["red"],
+        "TILERT_SMEM_SCRATCH": lay["scratch"], "TILERT_SMEM_LOCALS": lay["locals"], "TILERT_SMEM_RING": lay["ring"],
+        "TILERT_SMEM_BYTES": lay["total"], "TILERT_SCRATCH_STRIDE": f"{scratch_stride}ull",
+        "TILERT_VD_MAX": max(cfg.v_head_dim, 1), "TILERT_E_MAX": max(cfg.n_routed_experts, 1),
+        "TILERT_K_MAX": max(cfg.num_experts_per_tok, 1),
+        "TILERT_FORMATS": sum(1 << FORMATS[f] for f in formats) or 1,
+    }
+    # Nothing schedule-specific beyond these sizes goes into the source (the program is data),
+    # so schedules of one shape share a cached cubin.
+    lines = ["// Generated by tilert/codegen.py: do not edit.  The static device code is tilert/cuda/*.cuh."]
+    lines += [f"#define {k} {v}" for k, v in defines.items()]
+    lines += ["#ifndef TILERT_PROFILE", "#define TILERT_PROFILE 0", "#endif", "", "#include <cstdint>", "",
+              "namespace tilert {", ""]
+    # FMT_* are macros: gemv.cuh tests them in #if against TILERT_FORMATS.
+    lines += [f"#define FMT_{n.upper()} {i}" for n, i in FORMATS.items()]
+    ids = [("SPACE", SPACES), ("ERR", ERRORS), ("CTRL", CTRL), ("PROG", PROG)]
+    for prefix, table in ids:
+        lines += [f"constexpr int {prefix}_{n.upper()} = {i};" for n, i in table.items()]
+    lines += [f"constexpr int KIND_{k.name.upper()} = {KIND_ID[k.name]};" for k in KINDS]
+    lines.append("")
+    lines.append(_c_struct("Ref", REF))
+    lines.append(_c_struct("WeightDesc", WEIGHT_DESC))
+    lines.append(_c_struct("KernelArgs", KERNEL_ARGS))
+    for name, fields in STRUCTS.items():
+        lines.append(_c_struct(name, fields))
+        lines.append(f'static_assert(sizeof({name}) == {4 * struct_words(name)}, "{name} layout");')
+    lines.append(f'static_assert(sizeof(WeightDesc) == {numpy_dtype(WEIGHT_DESC).itemsize}, "WeightDesc layout");')
+    lines.append(f'static_assert(sizeof(KernelArgs) == {numpy_dtype(KERNEL_ARGS).itemsize}, "KernelArgs layout");')
+    lines += ["", "}  // namespace tilert", "", '#include "kinds.cuh"', "", "namespace tilert {", ""]
+    # The stage dispatch: only the kinds this schedule uses.
+    lines.append("TILERT_DEV void run_stage(Ctx& c, int kind, const int32_t* w) {")
+    lines.append("  switch (kind) {")
+    for k in kinds_used:
+        kd = KINDS[KIND_ID[k] - 1]
+        lines.append(f"    case KIND_{k.upper()}: {kd.function}(c, *reinterpret_cast<const {kd.struct}*>(w)); break;")
+    lines += ["    default: break;", "  }", "}", ""]
+    lines.append("template <class V>")
+    lines.append("TILERT_DEV void stage_tiles(const Ctx& c, int kind, const int32_t* w, V&& v) {")
+    lines.append("  switch (kind) {")
+    for k in kinds_used:
+        kd = KINDS[KIND_ID[k] - 1]
+        if kd.streams_weights:
+            lines.append(f"    case KIND_{k.upper()}: tiles_of(c, *reinterpret_cast<const {kd.struct}*>(w), v); break;")
+    lines += ["    default: break;", "  }", "}", "", "}  // namespace tilert", "", '#include "megakernel.cuh"', ""]
+    return "\n".join(lines)

@@ -1,0 +1,423 @@
+// One device function per base task kind of tilert/kernels.py (the spec), plus, for the kinds
+// that stream weight matrices, `tiles_of`: the tiles they read, in the order they read them.
+// Every function is executed by all compute threads (threadIdx.x < kNCT) together.
+#pragma once
+
+#include "gemv.cuh"
+
+namespace tilert {
+
+TILERT_DEV int ctid() { return threadIdx.x; }
+TILERT_DEV int cwarp() { return threadIdx.x >> 5; }
+TILERT_DEV int lane() { return threadIdx.x & 31; }
+
+TILERT_DEV float silu(float g) { return g / (1.0f + expf(-g)); }
+
+// ---- embed: x[b, c0:c1] = table[token_b, c0:c1] ------------------------------------------------
+TILERT_DEV void k_embed(Ctx& c, const EmbedParams& p) {
+  const int* tok = ref_ptr<int>(c, p.tokens);
+  float* out = ref_ptr<float>(c, p.out);
+  const WeightDesc& w = weight(c, p.table);
+  const int n = p.c1 - p.c0;
+  for (int i = ctid(); i < kB * n; i += kNCT) {
+    const int b = i / n, col = p.c0 + i % n;
+    out[b * p.out.ld + col] = weight_elem(w, tok[b], col);
+  }
+}
+
+// ---- rmsnorm: out = x * rsqrt(mean(x^2) + eps) * w, rows [r0, r1), written cols [c0, c1) ----------
+TILERT_DEV void k_rmsnorm(Ctx& c, const RmsnormParams& p) {
+  const float* in = ref_ptr<float>(c, p.in);
+  float* out = ref_ptr<float>(c, p.out);
+  const WeightDesc& w = weight(c, p.weight);
+  for (int row = p.r0 + cwarp(); row < p.r1; row += kNCW) {
+    const float* x = in + row * p.in.ld;
+    float ss = 0.f;
+    for (int col = lane(); col < p.cols; col += 32) ss += x[col] * x[col];
+    ss = warp_sum(ss);
+    const float r = 1.0f / sqrtf(ss / (float)p.cols + p.eps);  // torch.rsqrt rounds like 1/sqrt
+    for (int col = p.c0 + lane(); col < p.c1; col += 32)
+      out[row * p.out.ld + col] = __fmul_rn(x[col] * r, weight_elem(w, 0, col));
+  }
+}
+
+// ---- linear / router: out[:, c0 + i] (+)= W[r0 + i] . x ---------------------------------------------
+// (The router kind shares LinearParams: it is a linear tile that writes router_logits.)
+template <class V>
+TILERT_DEV void tiles_of(const Ctx&, const LinearParams& p, V&& v) {
+  v(Tile{p.weight, nullptr, 0, p.r0, p.r1}, 0);
+}
+
+TILERT_DEV void k_linear(Ctx& c, const LinearParams& p) {
+  const float* x = ref_ptr<float>(c, p.in);
+  float* out = ref_ptr<float>(c, p.out);
+  tiles_of(c, p, [&](const Tile& t, int) {
+    gemv_tile<kB>(c, t, [&](int b) { return x + b * p.in.ld; }, [&](int i, const float* v) {
+#pragma unroll
+      for (int b = 0; b < kB; ++b) {
+        float* o = out + b * p.out.ld + p.c0 + i;
+        *o = p.acc ? *o + v[b] : v[b];
+      }
+    });
+  });
+}
+
+// ---- rope (NeoX, the first rdim dims of one head) ----------------------------------------------------
+TILERT_DEV void k_rope(Ctx& c, const RopeParams& p) {
+  float* buf = ref_ptr<float>(c, p.buf);
+  const int* pos = ref_ptr<int>(c, p.positions);
+  const float* inv = ref_ptr<float>(c, p.inv_freq);  // host-computed exactly as the VM does
+  const int half = p.rdim / 2;
+  for (int i = ctid(); i < kB * half; i += kNCT) {
+    const int b = i / half, j = i % half;
+    const float ang = __fmul_rn((float)pos[b], inv[j]);
+    const float cs = cosf(ang), sn = sinf(ang);
+    float* x = buf + b * p.buf.ld + p.col0;
+    const float x1 = x[j], x2 = x[j + half];
+    // x * cos + rotate_half(x) * sin, rounded like the VM (no fused multiply-add).
+    x[j] = __fadd_rn(__fmul_rn(x1, cs), __fmul_rn(-x2, sn));
+    x[j + half] = __fadd_rn(__fmul_rn(x2, cs), __fmul_rn(x1, sn));
+  }
+}
+
+// ---- kv_write: cache[slot(position)] = k, v * value_scale ------------------------------------------------
+TILERT_DEV int cache_slot(int position, int ring, int slots) { return ring ? position % slots : position; }
+
+TILERT_DEV void k_kv_write(Ctx& c, const KvWriteParams& p) {
+  const float* k = ref_ptr<float>(c, p.k);
+  const float* v = ref_ptr<float>(c, p.v);
+  float* kc = ref_ptr<float>(c, p.k_cache);
+  float* vc = ref_ptr<float>(c, p.v_cache);
+  const int* pos = ref_ptr<int>(c, p.positions);
+  const int n = p.hd + p.vd;
+  for (int i = ctid(); i < kB * n; i += kNCT) {
+    const int b = i / n, d = i % n;
+    const int s = cache_slot(pos[b], p.ring, p.slots);
+    if (d < p.hd) {
+      kc[s * p.k_cache.ld + d] = k[b * p.k.ld + p.kcol0 + d];
+    } else {
+      const int e = d - p.hd;
+      vc[s * p.v_cache.ld + e] = __fmul_rn(v[b * p.v.ld + p.vcol0 + e], p.value_scale);
+    }
+  }
+}
+
+// ---- attention: split-KV partials (max, sum, acc) per query head of one KV head's group ------------------
+TILERT_DEV int visible_lo(int position, int window) { return window ? max(0, position - window + 1) : 0; }
+
+TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
+  constexpr int VPL = (TILERT_VD_MAX + 31) / 32;  // value dims per lane
+  const float* q = ref_ptr<float>(c, p.q);
+  const float* kc = ref_ptr<float>(c, p.k_cache);
+  const float* vc = ref_ptr<float>(c, p.v_cache);
+  const int* pos = ref_ptr<int>(c, p.positions);
+  float* mx = ref_ptr<float>(c, p.mx);
+  float* sm = ref_ptr<float>(c, p.sm);
+  float* acc = ref_ptr<float>(c, p.acc);
+  // This split's share of the step's whole visible key range (tilert.kernels.split_range).
+  const int all_lo = visible_lo(pos[0], p.window), all_hi = pos[kB - 1] + 1;
+  const int chunk = (all_hi - all_lo + p.splits - 1) / p.splits;
+  const int s_lo = all_lo + p.split * chunk, s_hi = min(all_hi, all_lo + (p.split + 1) * chunk);
+
+  for (int item = cwarp(); item < kB * p.group; item += kNCW) {
+    const int b = item / p.group, h = p.h0 + item % p.group;
+    const int lo = max(visible_lo(pos[b], p.window), s_lo), hi = min(pos[b] + 1, s_hi);
+    float* mx_o = mx + b * p.mx.ld + h * p.ms + p.split;
+    float* sm_o = sm + b * p.sm.ld + h * p.ms + p.split;
+    float* acc_o = acc + b * p.acc.ld + (h * p.ms + p.split) * p.vd;
+    if (hi <= lo) {  // empty split
+      if (lane() == 0) { *mx_o = -INFINITY; *sm_o = 0.f; }
+      for (int d = lane(); d < p.vd; d += 32) acc_o[d] = 0.f;
+      continue;
+    }
+    const float4* qh = reinterpret_cast<const float4*>(q + b * p.q.ld + h * p.hd);
+    float m = -INFINITY, l = 0.f, av[VPL];
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) av[i] = 0.f;
+    // Online softmax over chunks of 32 keys, one key per lane for the scores.
+    for (int j0 = lo; j0 < hi; j0 += 32) {
+      const int j = j0 + lane();
+      float s = -INFINITY;
+      if (j < hi) {
+        const float4* kr = reinterpret_cast<const float4*>(kc + cache_slot(j, p.window, p.slots) * p.k_cache.ld);
+        float dot = 0.f;
+        for (int d = 0; d < p.hd / 4; ++d) {
+          const float4 a = qh[d], k4 = kr[d];
+          dot += a.x * k4.x; dot += a.y * k4.y; dot += a.z * k4.z; dot += a.w * k4.w;
+        }
+        s = __fmul_rn(dot, p.scale);
+      }
+      const float nm = fmaxf(m, warp_max(s));
+      const float corr = expf(m - nm);  // 0 on the first chunk (m = -inf)
+      const float e = j < hi ? expf(s - nm) : 0.f;
+      l = l * corr + warp_sum(e);
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) av[i] *= corr;
+      const int n = min(32, hi - j0);
+      for (int jj = 0; jj < n; ++jj) {
+        const float ej = __shfl_sync(kFull, e, jj);
+        const float* vr = vc + cache_slot(j0 + jj, p.window, p.slots) * p.v_cache.ld;
+#pragma unroll
+        for (int i = 0; i < VPL; ++i) {
+          const int d = lane() + 32 * i;
+          if (d < p.vd) av[i] += ej * vr[d];
+        }
+      }
+      m = nm;
+    }
+    if (lane() == 0) { *mx_o = m; *sm_o = l; }
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+      const int d = lane() + 32 * i;
+      if (d < p.vd) acc_o[d] = av[i];
+    }
+  }
+}
+
+// ---- attn_combine: merge the splits; the sink joins the denominator only -----------------------------
+TILERT_DEV void k_attn_combine(Ctx& c, const AttnCombineParams& p) {
+  const float* mx = ref_ptr<float>(c, p.mx);
+  const float* sm = ref_ptr<float>(c, p.sm);
+  const float* acc = ref_ptr<float>(c, p.acc);
+  float* out = ref_ptr<float>(c, p.out);
+  const int heads = p.h1 - p.h0;
+  for (int item = cwarp(); item < kB * heads; item += kNCW) {
+    const int b = item / heads, h = p.h0 + item % heads;
+    const float* m = mx + b * p.mx.ld + h * p.ms;
+    const float* s = sm + b * p.sm.ld + h * p.ms;
+    float top = -INFINITY;
+    for (int k = 0; k < p.splits; ++k) top = fmaxf(top, m[k]);
+    float sink = 0.f;
+    if (p.sink >= 0) {
+      sink = weight_elem(weight(c, p.sink), 0, h);
+      top = fmaxf(top, sink);
+    }
+    float denom = 0.f;
+    for (int k = 0; k < p.splits; ++k) denom += s[k] * expf(m[k] - top);
+    if (p.sink >= 0) denom += expf(sink - top);
+    for (int d = lane(); d < p.vd; d += 32) {
+      float o = 0.f;
+      for (int k = 0; k < p.splits; ++k) o += acc[b * p.acc.ld + (h * p.ms + k) * p.vd + d] * expf(m[k] - top);
+      out[b * p.out.ld + h * p.vd + d] = o / denom;
+    }
+  }
+}
+
+// ---- gate_up: out[:, r] = silu(W_gate[r] . x) * (W_up[r] . x) ---------------------------------------
+template <class V>
+TILERT_DEV void tiles_of(const Ctx&, const GateUpParams& p, V&& v) {
+  v(Tile{p.gate, nullptr, 0, p.r0, p.r1}, 0);
+  v(Tile{p.up, nullptr, 0, p.r0, p.r1}, 1);
+}
+
+TILERT_DEV void k_gate_up(Ctx& c, const GateUpParams& p) {
+  const float* x = ref_ptr<float>(c, p.in);
+  float* out = ref_ptr<float>(c, p.out);
+  float* g = reinterpret_cast<float*>(c.smem + TILERT_SMEM_SCRATCH);  // [B][rows] gate results
+  const int n = p.r1 - p.r0;
+  tiles_of(c, p, [&](const Tile& t, int which) {
+    gemv_tile<kB>(c, t, [&](int b) { return x + b * p.in.ld; }, [&](int i, const float* v) {
+#pragma unroll
+      for (int b = 0; b < kB; ++b) {
+        if (which == 0) g[b * n + i] = v[b];
+        else out[b * p.out.ld + p.r0 + i] = silu(g[b * n + i]) * v[b];
+      }
+    });
+    compute_sync();  // gate and up rows may land on different threads
+  });
+}
+
+// ---- topk: sigmoid scores, biased choice, top-k (ties: lowest expert first), normalise, scale ---------
+TILERT_DEV void k_topk(Ctx& c, const TopkParams& p) {
+  constexpr int EPL = (TILERT_E_MAX + 31) / 32;
+  const float* logits = ref_ptr<float>(c, p.logits);
+  int* idx = ref_ptr<int>(c, p.idx);
+  float* wts = ref_ptr<float>(c, p.weights);
+  const WeightDesc& bias = weight(c, p.bias);
+  for (int b = cwarp(); b < kB; b += kNCW) {
+    float score[EPL], choice[EPL];
+#pragma unroll
+    for (int j = 0; j < EPL; ++j) {
+      const int e = lane() + 32 * j;
+      score[j] = 0.f;
+      choice[j] = -INFINITY;
+      if (e < p.experts) {
+        score[j] = 1.0f / (1.0f + expf(-logits[b * p.logits.ld + e]));
+        choice[j] = score[j] + weight_elem(bias, 0, e);
+      }
+    }
+    float sel[TILERT_K_MAX];
+    int sel_i[TILERT_K_MAX];
+    float total = 0.f;
+#pragma unroll
+    for (int k = 0; k < TILERT_K_MAX; ++k) {
+      if (k >= p.k) continue;
+      float best = -INFINITY, bs = 0.f;
+      int bi = 0x7fffffff;
+#pragma unroll
+      for (int j = 0; j < EPL; ++j) {
+        const int e = lane() + 32 * j;
+        const bool open = e < p.experts && choice[j] != -INFINITY;  // not taken yet
+        if (open && (choice[j] > best || (choice[j] == best && e < bi))) { best = choice[j]; bi = e; bs = score[j]; }
+      }
+#pragma unroll
+      for (int o = 16; o; o >>= 1) {
+        const float ob = __shfl_xor_sync(kFull, best, o), os = __shfl_xor_sync(kFull, bs, o);
+        const int oi = __shfl_xor_sync(kFull, bi, o);
+        if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; bs = os; }
+      }
+#pragma unroll
+      for (int j = 0; j < EPL; ++j)
+        if (lane() + 32 * j == bi) choice[j] = -INFINITY;  // taken
+      sel[k] = bs;
+      sel_i[k] = bi;
+      total += bs;
+    }
+    if (lane() == 0) {
+      const float denom = total + 1e-20f;
+#pragma unroll
+      for (int k = 0; k < TILERT_K_MAX; ++k) {
+        if (k >= p.k) continue;
+        idx[b * p.idx.ld + k] = sel_i[k];
+        wts[b * p.weights.ld + k] = (p.norm ? sel[k] / denom : sel[k]) * p.scale;
+      }
+    }
+  }
+}
+
+// ---- expert_gate_up: moe_act[t, slot, r] for the expert the router chose ----------------------------
+template <class V>
+TILERT_DEV void tiles_of(const Ctx& c, const ExpertGateUpParams& p, V&& v) {
+  const int* idx = ref_ptr<int>(c, p.idx);
+  const int pos = p.token * p.idx.ld + p.slot;
+  v(Tile{p.gate, idx, pos, p.r0, p.r1}, 0);
+  v(Tile{p.up, idx, pos, p.r0, p.r1}, 1);
+}
+
+TILERT_DEV void k_expert_gate_up(Ctx& c, const ExpertGateUpParams& p) {
+  const float* x = ref_ptr<float>(c, p.in) + p.token * p.in.ld;
+  float* out = ref_ptr<float>(c, p.out) + p.token * p.out.ld + p.slot * p.inter;
+  float* g = reinterpret_cast<float*>(c.smem + TILERT_SMEM_SCRATCH);
+  tiles_of(c, p, [&](const Tile& t, int which) {
+    gemv_tile<1>(c, t, [&](int) { return x; }, [&](int i, const float* v) {
+      if (which == 0) g[i] = v[0];
+      else out[p.r0 + i] = silu(g[i]) * v[0];
+    });
+    compute_sync();
+  });
+}
+
+// ---- expert_down: x[t, r] += sum_slot weight[t, slot] * (W_down[expert] r . act[t, slot]) ----------
+template <class V>
+TILERT_DEV void tiles_of(const Ctx& c, const ExpertDownParams& p, V&& v) {
+  const int* idx = ref_ptr<int>(c, p.idx);
+  for (int t = 0; t < kB; ++t)
+    for (int k = 0; k < p.k; ++k) v(Tile{p.down, idx, t * p.idx.ld + k, p.r0, p.r1}, t * p.k + k);
+}
+
+TILERT_DEV void k_expert_down(Ctx& c, const ExpertDownParams& p) {
+  const float* act = ref_ptr<float>(c, p.act);
+  const float* wts = ref_ptr<float>(c, p.weights);
+  float* x = ref_ptr<float>(c, p.out);
+  float* total = reinterpret_cast<float*>(c.smem + TILERT_SMEM_SCRATCH);  // [rows] of one token
+  const int n = p.r1 - p.r0;
+  tiles_of(c, p, [&](const Tile& tile, int i) {
+    const int t = i / p.k, k = i % p.k;
+    const float wk = wts[t * p.weights.ld + k];
+    gemv_tile<1>(c, tile, [&](int) { return act + t * p.act.ld + k * p.inter; }, [&](int r, const float* v) {
+      const float y = wk * v[0];
+      total[r] = k == 0 ? y : total[r] + y;  // the same thread owns row r in every slot's tile
+    });
+    if (k == p.k - 1) {  // token t done: add its total into the residual
+      compute_sync();
+      for (int r = ctid(); r < n; r += kNCT) x[t * p.out.ld + p.r0 + r] += total[r];
+      compute_sync();
+    }
+  });
+}
+
+// ---- lm_head: logits tile and the tile's best (score, index) under Gumbel-max sampling ---------------
+TILERT_DEV uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// tilert.sampling.gumbel for one vocabulary index, in double like the VM.
+TILERT_DEV double gumbel(uint64_t key, uint64_t index) {
+  const uint64_t bits = splitmix64(key ^ (index * 0x9E3779B97F4A7C15ull));
+  const double u = ((double)(bits >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+  return -log(-log(u));
+}
+
+template <class V>
+TILERT_DEV void tiles_of(const Ctx&, const LmHeadParams& p, V&& v) {
+  v(Tile{p.weight, nullptr, 0, p.r0, p.r1}, 0);
+}
+
+TILERT_DEV void k_lm_head(Ctx& c, const LmHeadParams& p) {
+  const float* x = ref_ptr<float>(c, p.in);
+  float* logits = ref_ptr<float>(c, p.logits);
+  double* best = ref_ptr<double>(c, p.best);
+  const int* pos = ref_ptr<int>(c, p.positions);
+  const double* samp = ref_ptr<double>(c, p.sampling);
+  const double temperature = samp[0];
+  const uint64_t seed = (uint64_t)(long long)samp[1];
+  double bs[kB];
+  int bi[kB];
+#pragma unroll
+  for (int b = 0; b < kB; ++b) {
+    bs[b] = -INFINITY;
+    bi[b] = 0x7fffffff;
+  }
+  tiles_of(c, p, [&](const Tile& t, int) {
+    gemv_tile<kB>(c, t, [&](int b) { return x + b * p.in.ld; }, [&](int i, const float* v) {
+      const int r = p.r0 + i;
+#pragma unroll
+      for (int b = 0; b < kB; ++b) {
+        logits[b * p.logits.ld + r] = v[b];
+        double s = (double)v[b];
+        if (temperature > 0.0) {  // the key is recomputed per row: cheaper than holding kB of them
+          const uint64_t key = splitmix64(seed ^ ((uint64_t)pos[b] * 0x94D049BB133111EBull));
+          s = s / temperature + gumbel(key, (uint64_t)r);
+        }
+        if (better(s, r, bs[b], bi[b])) { bs[b] = s; bi[b] = r; }
+      }
+    });
+  });
+  // Reduce (score, index) over the compute threads: warps, then across warps in smem.
+  double* rs = reinterpret_cast<double*>(c.smem + TILERT_SMEM_RED);
+  int* ri = reinterpret_cast<int*>(rs + kNCW * kB);
+#pragma unroll
+  for (int b = 0; b < kB; ++b) {
+    warp_argmax(bs[b], bi[b]);
+    if (lane() == 0) { rs[cwarp() * kB + b] = bs[b]; ri[cwarp() * kB + b] = bi[b]; }
+  }
+  compute_sync();
+  if (ctid() < kB) {
+    const int b = ctid();
+    double s = rs[b];
+    int i = ri[b];
+    for (int w = 1; w < kNCW; ++w)
+      if (better(rs[w * kB + b], ri[w * kB + b], s, i)) { s = rs[w * kB + b]; i = ri[w * kB + b]; }
+    best[b * p.best.ld + 2 * p.tile] = s;
+    best[b * p.best.ld + 2 * p.tile + 1] = (double)i;
+  }
+}
+
+// ---- argmax over the tiles' bests (the lowest index among equal scores) --------------------------------
+TILERT_DEV void k_argmax(Ctx& c, const ArgmaxParams& p) {
+  const double* best = ref_ptr<double>(c, p.best);
+  int* out = ref_ptr<int>(c, p.out);
+  if (ctid() < kB) {
+    const int b = ctid();
+    const double* row = best + b * p.best.ld;
+    int k = 0;
+    for (int t = 1; t < p.ntiles; ++t)
+      if (row[2 * t] > row[2 * k]) k = t;
+    out[b] = (int)row[2 * k + 1];
+  }
+}
+
+}  // namespace tilert

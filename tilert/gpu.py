@@ -1,0 +1,341 @@
+"""The thin GPU runtime: load generated megakernels, hold their memory, run decode steps.
+
+One `MegakernelRuntime` owns, for each compiled step size B, a loaded cubin and its memory
+(activation arena, counters, program, weight table, error buffer), plus what all sizes share:
+the weights (uploaded once, at their stored size: fp8 stays one byte, mxfp4 codes stay packed)
+and the persistent KV-cache arena.
+
+A step writes the token ids, positions and sampling parameters with asynchronous copies,
+launches one kernel on torch's current stream and synchronises once, to read the chosen
+tokens and the error buffer.  Counters are never reset between steps: the kernel is told
+the step index and waits for step * target + value (see tilert/cuda/megakernel.cuh).  After a
+hang or a partial run (`stop_after`) the counters are zeroed and the step index restarts.
+
+cuda-bindings is imported lazily, so this module imports on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.weights import StoredTensor
+from tilert.codegen import (
+    ERROR_WORDS,
+    ERRORS,
+    FORMATS,
+    KERNEL_ARGS,
+    WEIGHT_DESC,
+    GeneratedKernel,
+    _row_bytes,
+    numpy_dtype,
+)
+from tilert.errors import HangError, UserError
+
+_TORCH = {"f32": torch.float32, "i32": torch.int32, "f64": torch.float64}
+_ERROR_NAMES = {v: k for k, v in ERRORS.items()}
+
+
+def _driver():
+    try:
+        from cuda.bindings import driver
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise UserError("the GPU runtime needs cuda-bindings (`from cuda.bindings import driver`)") from e
+    return driver
+
+
+def _check(result):
+    """cuda-bindings calls return (CUresult, values...): raise on error, return the values."""
+    driver = _driver()
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        _, msg = driver.cuGetErrorString(err)
+        raise RuntimeError(f"CUDA driver error {err}: {msg.decode() if msg else ''}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+@dataclass
+class _Kernel:
+    """One loaded megakernel (one step size) and its private memory."""
+    gen: GeneratedKernel
+    module: Any
+    function: Any
+    act: torch.Tensor
+    counters: torch.Tensor
+    program: torch.Tensor
+    consts: torch.Tensor
+    scratch: torch.Tensor
+    weight_table: torch.Tensor
+    errors: torch.Tensor
+    profile: torch.Tensor
+    args: np.ndarray  # the KernelArgs image, patched per launch
+    arg_ptrs: np.ndarray  # void*[1] -> args
+    staging: dict[str, torch.Tensor]  # pinned host copies of the inputs
+    next_host: torch.Tensor
+    errors_host: torch.Tensor
+    epoch: int = 0  # complete steps since the counters were last zeroed
+
+
+class MegakernelRuntime:
+    def __init__(self, cubin_path, generated, runtime_weights: dict[str, StoredTensor], max_seq_len: int,
+                 device: str = "cuda", timeout_s: float = 2.0, profile: bool = False):
+        """`cubin_path` and `generated` are one cubin and its GeneratedKernel, or dicts of them
+        keyed by step size.  `profile`: the cubins were built with profile=True."""
+        if not isinstance(generated, dict):
+            generated, cubin_path = {generated.tokens: generated}, {generated.tokens: cubin_path}
+        if set(generated) != set(cubin_path):
+            raise UserError("cubin paths and generated kernels name different step sizes")
+        driver = _driver()
+        self.device = torch.device(device)
+        if self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(self.device)
+        torch.empty(1, device=self.device)  # make torch's primary context current on this thread
+        _check(driver.cuInit(0))
+        self.max_seq_len = max_seq_len
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.profile_enabled = profile
+        self.seq_len = 0
+        self._check_device(generated.values())
+        self._weights = self._upload_weights(generated.values(), runtime_weights)
+        self.state = self._state_arena(generated.values())
+        self.kernels: dict[int, _Kernel] = {
+            B: self._load(Path(cubin_path[B]), gen, driver) for B, gen in sorted(generated.items())}
+
+    # ---- setup ------------------------------------------------------------------------------------
+
+    def _check_device(self, gens) -> None:
+        driver = _driver()
+        props = torch.cuda.get_device_properties(self.device)
+        if (props.major, props.minor) != (9, 0):
+            raise UserError(f"the megakernel is built for sm_90a (H100/H200); this GPU is {props.name} "
+                            f"(compute capability {props.major}.{props.minor})")
+        dev = _check(driver.cuDeviceGet(self.device.index))
+        optin = _check(driver.cuDeviceGetAttribute(
+            driver.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev))
+        for g in gens:
+            if g.num_workers > props.multi_processor_count:
+                raise UserError(f"the B={g.tokens} schedule has {g.num_workers} workers but {props.name} has "
+                                f"{props.multi_processor_count} SMs: every worker needs its own SM")
+            if g.smem_bytes > optin:
+                raise UserError(f"the B={g.tokens} kernel needs {g.smem_bytes} B of shared memory; the GPU allows {optin}")
+
+    def _upload_weights(self, gens, weights: dict[str, StoredTensor]) -> dict[str, dict]:
+        """Each weight once, as stored, in 16-byte padded buffers (the kernel reads 16-byte chunks)."""
+        out: dict[str, dict] = {}
+        for g in gens:
+            for slot in g.weights:
+                if slot.name in out:
+                    continue
+                t = weights.get(slot.name)
+                if t is None:
+                    raise UserError(f"runtime weights lack tensor {slot.name!r} that the kernel reads")
+                fmt = {"f32": "fp32"}.get(t.fmt, t.fmt)
+                if fmt != slot.fmt:
+                    raise UserError(f"weight {slot.name} is stored as {t.fmt} but the kernel was generated for "
+                                    f"{slot.fmt}: regenerate with weight_formats from these weights")
+                if tuple(t.shape) != tuple(slot.shape):
+                    raise UserError(f"weight {slot.name} has shape {tuple(t.shape)}, the kernel expects {slot.shape}")
+                out[slot.name] = self._upload_one(t, fmt)
+        return out
+
+    def _device_bytes(self, x: torch.Tensor) -> torch.Tensor:
+        raw = x.detach().contiguous().view(torch.uint8).reshape(-1)
+        buf = torch.zeros(raw.numel() + 16, dtype=torch.uint8, device=self.device)
+        buf[:raw.numel()].copy_(raw)
+        return buf
+
+    def _upload_one(self, t: StoredTensor, fmt: str) -> dict:
+        shape = tuple(t.shape)
+        experts = shape[0] if len(shape) == 3 else 1
+        rows, cols = (shape[-2], shape[-1]) if len(shape) >= 2 else (1, shape[0])
+        data = self._device_bytes(t.data)
+        scale = self._device_bytes(t.scale) if t.scale is not None else None
+        row_bytes = _row_bytes(fmt, cols)
+        scale_bytes = t.scale.numel() * t.scale.element_size() if t.scale is not None else 0
+        desc = {"data": data.data_ptr(), "scale": scale.data_ptr() if scale is not None else 0,
+                "expert_bytes": rows * row_bytes, "expert_scale_bytes": scale_bytes // experts,
+                "fmt": FORMATS[fmt], "rows": rows, "cols": cols, "experts": experts, "row_bytes": row_bytes,
+                "scale_ld": int(t.scale.shape[-1]) if t.scale is not None else 0, "pad0": 0, "pad1": 0}
+        return {"data": data, "scale": scale, "desc": desc}
+
+    def _state_arena(self, gens) -> torch.Tensor:
+        gens = list(gens)
+        layouts = [{n: (s.offset, s.shape) for n, s in g.buffers.items() if s.space == "state"} for g in gens]
+        if any(lay != layouts[0] for lay in layouts[1:]):
+            raise UserError("the kernels of different step sizes lay out the KV caches differently")
+        return torch.zeros(max(g.state_bytes for g in gens) or 16, dtype=torch.uint8, device=self.device)
+
+    def _load(self, cubin: Path, gen: GeneratedKernel, driver) -> _Kernel:
+        image = np.frombuffer(cubin.read_bytes(), dtype=np.uint8).copy()
+        module = _check(driver.cuModuleLoadData(image.ctypes.data))
+        function = _check(driver.cuModuleGetFunction(module, gen.kernel_name.encode()))
+        _check(driver.cuFuncSetAttribute(
+            function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, gen.smem_bytes))
+        blocks = _check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, gen.threads, gen.smem_bytes))
+        if blocks < 1:
+            raise UserError(f"the B={gen.tokens} megakernel cannot be resident ({gen.threads} threads, "
+                            f"{gen.smem_bytes} B shared memory)")
+        dev = self.device
+        table = np.zeros(max(len(gen.weights), 1), dtype=numpy_dtype(WEIGHT_DESC))
+        for slot in gen.weights:
+            for k, v in self._weights[slot.name]["desc"].items():
+                table[slot.index][k] = v
+        k = _Kernel(
+            gen=gen, module=module, function=function,
+            act=torch.zeros(max(gen.act_bytes, 16), dtype=torch.uint8, device=dev),
+            counters=torch.zeros(max(gen.num_counters, 1), dtype=torch.int32, device=dev),
+            program=torch.from_numpy(gen.program.copy()).to(dev),
+            consts=torch.from_numpy(gen.consts.copy()).to(dev),
+            scratch=torch.zeros(max(gen.scratch_stride * gen.num_workers, 16), dtype=torch.uint8, device=dev),
+            weight_table=torch.from_numpy(table.view(np.uint8).copy()).to(dev),
+            errors=torch.zeros(ERROR_WORDS, dtype=torch.int32, device=dev),
+            profile=torch.zeros(max(4 * gen.num_tasks if self.profile_enabled else 1, 1), dtype=torch.int64,
+                                device=dev),
+            args=np.zeros(1, dtype=numpy_dtype(KERNEL_ARGS)), arg_ptrs=np.zeros(1, dtype=np.uint64),
+            staging={"tokens": torch.zeros(gen.tokens, dtype=torch.int32).pin_memory(),
+                     "positions": torch.zeros(gen.tokens, dtype=torch.int32).pin_memory(),
+                     "sampling": torch.zeros(2, dtype=torch.float64).pin_memory()},
+            next_host=torch.zeros(gen.tokens, dtype=torch.int32).pin_memory(),
+            errors_host=torch.zeros(ERROR_WORDS, dtype=torch.int32).pin_memory(),
+        )
+        a = k.args[0]
+        for name, t in (("program", k.program), ("counters", k.counters), ("act", k.act), ("state", self.state),
+                        ("consts", k.consts), ("scratch", k.scratch), ("weights", k.weight_table),
+                        ("errors", k.errors), ("profile", k.profile)):
+            a[name] = t.data_ptr()
+        a["timeout_ns"], a["stop_after"] = self.timeout_ns, -1
+        k.arg_ptrs[0] = k.args.ctypes.data
+        return k
+
+    # ---- buffers ------------------------------------------------------------------------------------
+
+    def buffer(self, name: str, tokens: int | None = None) -> torch.Tensor:
+        """A live view of a global buffer (activation, input, output or KV cache) by name."""
+        k = self._kernel(tokens)
+        slot = k.gen.buffers.get(name)
+        if slot is None:
+            raise UserError(f"{name!r} is not a global buffer of the B={k.gen.tokens} kernel "
+                            f"(task-local buffers live in shared memory only)")
+        arena = self.state if slot.space == "state" else k.act
+        raw = arena[slot.offset: slot.offset + slot.nbytes]
+        return raw.view(_TORCH[slot.dtype]).view(slot.shape)
+
+    def read(self, name: str, tokens: int | None = None) -> torch.Tensor:
+        """A host copy of a buffer (after the work queued so far)."""
+        return self.buffer(name, tokens).cpu()
+
+    def read_all(self, tokens: int | None = None) -> dict[str, torch.Tensor]:
+        return {n: self.read(n, tokens) for n in self._kernel(tokens).gen.buffers}
+
+    def write(self, name: str, value: torch.Tensor, tokens: int | None = None) -> None:
+        view = self.buffer(name, tokens)
+        view.copy_(value.to(view.dtype).reshape(view.shape))
+
+    def _kernel(self, tokens: int | None) -> _Kernel:
+        if tokens is None:
+            tokens = min(self.kernels)
+        if tokens not in self.kernels:
+            raise UserError(f"no kernel for a step of {tokens} tokens (compiled: {sorted(self.kernels)})")
+        return self.kernels[tokens]
+
+    # ---- steps -----------------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self.state.zero_()
+        self.seq_len = 0
+
+    def truncate(self, seq_len: int) -> None:
+        self.seq_len = seq_len
+
+    def step(self, tokens: list[int], temperature: float = 0.0, seed: int = 0, stop_after: int | None = None,
+             poison: bool = False) -> tuple[torch.Tensor, list[int]]:
+        """Run one step over `tokens` at positions seq_len.. ; returns (logits [B, V] on the device,
+        chosen tokens).  `stop_after=N` runs only the tasks with id <= N (a diff prefix): the
+        step then does not advance the sequence.  `poison` fills the activations with NaN (-1
+        for integers) first, so that anything the kernel fails to write shows."""
+        B = len(tokens)
+        k = self._kernel(B)
+        vocab = k.gen.buffers["logits"].shape[1]
+        if any(not 0 <= t < vocab for t in tokens):
+            raise UserError(f"token ids must lie in [0, {vocab})")
+        if self.seq_len + B > self.max_seq_len:
+            raise UserError(f"sequence of {self.seq_len + B} tokens exceeds the max sequence length {self.max_seq_len}")
+        k.staging["tokens"].copy_(torch.tensor(tokens, dtype=torch.int32))
+        k.staging["positions"].copy_(torch.arange(self.seq_len, self.seq_len + B, dtype=torch.int32))
+        k.staging["sampling"].copy_(torch.tensor([float(temperature), float(seed)], dtype=torch.float64))
+        if poison:
+            k.act.fill_(0xFF)
+        for name, host in k.staging.items():
+            self.buffer(name, B).copy_(host, non_blocking=True)
+        partial = stop_after is not None
+        a = k.args[0]
+        a["step"] = k.epoch
+        a["stop_after"] = -1 if stop_after is None else int(stop_after)
+        self._launch(k)
+        k.next_host.copy_(self.buffer("next_token", B), non_blocking=True)
+        k.errors_host.copy_(k.errors, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        if int(k.errors_host[0]):
+            self._reset_counters(k)
+            raise self._error(k)
+        if partial:
+            self._reset_counters(k)
+        else:
+            k.epoch += 1
+            self.seq_len += B
+        return self.buffer("logits", B).clone(), [int(t) for t in k.next_host.tolist()]
+
+    def _launch(self, k: _Kernel) -> None:
+        driver = _driver()
+        stream = driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
+        g = k.gen
+        _check(driver.cuLaunchKernel(k.function, g.num_workers, 1, 1, g.threads, 1, 1, g.smem_bytes, stream,
+                                     k.arg_ptrs.ctypes.data, 0))
+
+    def _reset_counters(self, k: _Kernel) -> None:
+        k.counters.zero_()
+        k.errors.zero_()
+        k.epoch = 0
+
+    def _error(self, k: _Kernel) -> Exception:
+        e = k.errors_host.tolist()
+        count = e[0]
+        g = k.gen
+        lines, hang = [], True
+        for i in range(min(count, (len(e) - 8) // 8)):
+            code, worker, task, counter, seen, needed, step, _extra = e[8 + 8 * i: 16 + 8 * i]
+            name = g.task_names[task] if 0 <= task < g.num_tasks else "?"
+            if _ERROR_NAMES.get(code) == "hang":
+                base = (step & 0xFFFFFFFF) * g.counter_targets[counter] if 0 <= counter < g.num_counters else 0
+                seen_rel = ((seen & 0xFFFFFFFF) - base) & 0xFFFFFFFF
+                need_rel = ((needed & 0xFFFFFFFF) - base) & 0xFFFFFFFF
+                target = g.counter_targets[counter] if 0 <= counter < g.num_counters else "?"
+                lines.append(f"  worker {worker}: task {task} {name} waits on counter {counter} "
+                             f"(at {seen_rel}, needs {need_rel} of target {target} in step {step})")
+            else:
+                hang = False
+                lines.append(f"  worker {worker}: task {task} {name}: internal error {_ERROR_NAMES.get(code, code)} "
+                             f"(piece {seen})")
+        more = f"\n  ... and {count - len(lines)} more" if count > len(lines) else ""
+        head = (f"megakernel (B={g.tokens}) hung: the watchdog ({self.timeout_ns / 1e9:g} s) stopped "
+                f"{count} wait(s)")
+        msg = head + "\n" + "\n".join(lines) + more
+        return HangError(msg) if hang else RuntimeError(msg)
+
+    # ---- profiling ----------------------------------------------------------------------------------------
+
+    def profile(self, tokens: int | None = None) -> list[dict]:
+        """Per task of the last step (profile builds): worker, wait start, start, end (ns, from the
+        step's first wait)."""
+        k = self._kernel(tokens)
+        if not self.profile_enabled:
+            raise UserError("build the cubins with profile=True and pass profile=True to the runtime")
+        p = k.profile.view(-1, 4).cpu().tolist()
+        t0 = min((r[0] for r in p if r[0]), default=0)
+        return [{"task": t, "name": k.gen.task_names[t], "worker": r[3], "wait": r[0] - t0, "start": r[1] - t0,
+                 "end": r[2] - t0} for t, r in enumerate(p) if r[2]]
