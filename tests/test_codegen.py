@@ -22,9 +22,9 @@ import torch
 
 from model.checkpoint import load_checkpoint, write_synthetic
 from model.config import preset
+from model.weights import StoredTensor
 from tilert import sampling
 from tilert.codegen import (
-    FORMATS,
     KINDS,
     SPACES,
     STRUCTS,
@@ -81,6 +81,15 @@ def test_params_pack_and_unpack_every_struct():
         assert unpack_params(name, pack_params(name, values)) == values
 
 
+def _expanded_stages(task):
+    """(kind, params, segment) per encoded stage: a linear stage encodes one stage per segment."""
+    out = []
+    for st in task.stages or [task]:
+        for seg in (st.params["segments"] if st.kind == "linear" else [None]):
+            out.append((st.kind, st.params, seg))
+    return out
+
+
 @pytest.mark.parametrize("B", [1, 8])
 def test_program_decodes_back_to_the_schedule(tiny, B):
     cfg, schedules, weights = tiny
@@ -89,34 +98,36 @@ def test_program_decodes_back_to_the_schedule(tiny, B):
     targets, streams = decode_program(gen.program)
     assert targets == [c.target for c in s.counters]
     assert [[t.id for t in st] for st in streams] == s.streams
+    assert gen.num_tasks == len(s.graph.tasks)
     names = {w.index: w.name for w in gen.weights}
     for stream in streams:
         for dt in stream:
-            task = s.graph.tasks[dt.id]
             assert dt.waits == [tuple(w) for w in s.waits[dt.id]]
             assert dt.signals == list(s.signals[dt.id])
-            expected = []
-            for st in (task.stages or [task]):
-                expected += [st.kind] * (len(st.params["segments"]) if st.kind == "linear" else 1)
-            assert [k if k != "router" else "router" for k, _ in dt.stages] == expected
-            # Spot checks of parameters against the task's own params.
-            segs = iter(seg for st in (task.stages or [task]) if st.kind == "linear" for seg in st.params["segments"])
-            for (kind, p), st in zip(dt.stages, [x for x in (task.stages or [task])
-                                                 for _ in range(len(x.params.get("segments", [0])))]):
+            expected = _expanded_stages(s.graph.tasks[dt.id])
+            assert [k for k, _ in dt.stages] == [k for k, _, _ in expected]
+            for (kind, p), (_, params, seg) in zip(dt.stages, expected):
                 if kind == "linear":
-                    seg = next(segs)
                     assert names[p["weight"]] == seg["weight"]
                     assert [p["r0"], p["r1"]] == list(seg["rows"]) and p["c0"] == seg["cols"][0]
-                    assert p["acc"] == int(st.params["accumulate"])
+                    assert p["acc"] == int(params["accumulate"])
                 elif kind in ("gate_up", "expert_gate_up"):
-                    assert names[p["gate"]] == st.params["gate"] and names[p["up"]] == st.params["up"]
-                    assert [p["r0"], p["r1"]] == list(st.params["rows"])
+                    assert (names[p["gate"]], names[p["up"]]) == (params["gate"], params["up"])
+                    assert [p["r0"], p["r1"]] == list(params["rows"])
                 elif kind == "attention":
-                    assert (p["split"], p["splits"], p["window"]) == (st.params["split"], st.params["splits"],
-                                                                      st.params["window"])
+                    assert (p["split"], p["splits"], p["window"]) == (params["split"], params["splits"],
+                                                                      params["window"])
                 elif kind == "lm_head":
-                    assert p["tile"] == st.params["tile"] and names[p["weight"]] == st.params["weight"]
-    assert gen.num_tasks == len(s.graph.tasks)
+                    assert p["tile"] == params["tile"] and names[p["weight"]] == params["weight"]
+
+
+def test_generated_kernel_saves_and_loads(tiny, tmp_path):
+    cfg, schedules, weights = tiny
+    gen = generate(schedules[8], cfg, formats_of(weights))
+    gen.save(tmp_path)
+    back = type(gen).load(tmp_path)
+    assert back.source == gen.source and np.array_equal(back.program, gen.program)
+    assert back.buffers == gen.buffers and back.weights == gen.weights and back.describe() == gen.describe()
 
 
 def test_generated_structs_come_from_the_tables(tiny):
@@ -432,9 +443,8 @@ def test_encoded_program_reproduces_the_vm_with_locals_in_global_scratch(tiny):
 
 
 def test_mxfp4_experts_reproduce_the_vm(tiny):
+    """The experts re-quantized to MXFP4 (as `tilert compile --quantize-experts mxfp4` does)."""
     cfg, schedules, weights = tiny
-    from model.weights import StoredTensor
-    from tilert.layout import EXPERT_PROJS  # noqa: F401 - documents which tensors change
     w4 = dict(weights)
     for name, t in weights.items():
         if ".mlp.experts." in name:
@@ -501,4 +511,3 @@ def test_mimo_v2_flash_full_schedule_compiles():
         rep = _build(gen, f"mimo-v2-flash B={B} (schedule {t_sched:.0f} s, codegen {t_gen:.1f} s)")
         assert rep["spills"] == 0, rep
     assert math.isfinite(t_sched)
-    assert FORMATS  # fp8 experts and projections, bf16 embeddings, fp32 router

@@ -25,6 +25,8 @@ A linear stage with several segments becomes one encoded stage per segment.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import struct
 from dataclasses import dataclass, field
@@ -229,6 +231,25 @@ class GeneratedKernel:
     def num_counters(self) -> int:
         return len(self.counter_targets)
 
+    def save(self, out_dir: str | Path) -> None:
+        """kernel.json (everything but the arrays), program.npy, consts.npy and kernel.cu."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("source", "program", "consts")}
+        (out / "kernel.json").write_text(json.dumps(meta))
+        np.save(out / "program.npy", self.program)
+        np.save(out / "consts.npy", self.consts)
+        (out / "kernel.cu").write_text(self.source)
+
+    @staticmethod
+    def load(path: str | Path) -> GeneratedKernel:
+        root = Path(path)
+        meta = json.loads((root / "kernel.json").read_text())
+        meta["buffers"] = {n: BufferSlot(**{**b, "shape": tuple(b["shape"])}) for n, b in meta["buffers"].items()}
+        meta["weights"] = [WeightSlot(**{**w, "shape": tuple(w["shape"])}) for w in meta["weights"]]
+        return GeneratedKernel(source=(root / "kernel.cu").read_text(), program=np.load(root / "program.npy"),
+                               consts=np.load(root / "consts.npy"), **meta)
+
     def describe(self) -> str:
         return (f"B={self.tokens} workers={self.num_workers} threads={self.threads} tasks={self.num_tasks} "
                 f"program={self.program.size * 4 / 1024:.0f} KiB smem={self.smem_bytes} "
@@ -263,7 +284,8 @@ class _Plan:
         self.weights: dict[str, WeightSlot] = {}
         for name, b in g.buffers.items():
             if b.kind == WEIGHT:
-                fmt = FORMAT_ALIASES.get(weight_formats.get(name, b.dtype), weight_formats.get(name, b.dtype))
+                fmt = weight_formats.get(name, b.dtype)
+                fmt = FORMAT_ALIASES.get(fmt, fmt)
                 if fmt not in FORMATS:
                     raise UserError(f"weight {name}: storage format {fmt!r} has no GPU kernel "
                                     f"(supported: {', '.join(FORMATS)})")

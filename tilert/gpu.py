@@ -194,8 +194,8 @@ class MegakernelRuntime:
             scratch=torch.zeros(max(gen.scratch_stride * gen.num_workers, 16), dtype=torch.uint8, device=dev),
             weight_table=torch.from_numpy(table.view(np.uint8).copy()).to(dev),
             errors=torch.zeros(ERROR_WORDS, dtype=torch.int32, device=dev),
-            profile=torch.zeros(max(4 * gen.num_tasks if self.profile_enabled else 1, 1), dtype=torch.int64,
-                                device=dev),
+            # Always sized for a profiling build: a cubin built with profile=True writes it.
+            profile=torch.zeros(max(4 * gen.num_tasks, 1), dtype=torch.int64, device=dev),
             args=np.zeros(1, dtype=numpy_dtype(KERNEL_ARGS)), arg_ptrs=np.zeros(1, dtype=np.uint64),
             staging={"tokens": torch.zeros(gen.tokens, dtype=torch.int32).pin_memory(),
                      "positions": torch.zeros(gen.tokens, dtype=torch.int32).pin_memory(),
@@ -289,6 +289,28 @@ class MegakernelRuntime:
             k.epoch += 1
             self.seq_len += B
         return self.buffer("logits", B).clone(), [int(t) for t in k.next_host.tolist()]
+
+    def fill_cache(self, length: int, seed: int = 0) -> None:
+        """Pretend `length` tokens were decoded already: random keys and values in every KV
+        cache (benchmarks at a given context without a prefill)."""
+        if length > self.max_seq_len:
+            raise UserError(f"context {length} exceeds the max sequence length {self.max_seq_len}")
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        k = self._kernel(None)
+        for name, slot in k.gen.buffers.items():
+            if slot.space == "state":
+                view = self.buffer(name)
+                view[:min(length, view.shape[0])].normal_(generator=gen)
+        self.seq_len = length
+
+    def launch(self, tokens: int = 1) -> None:
+        """Queue one more step on the inputs of the last step, without waiting or reading results
+        (timing): the same positions are decoded again, so the sequence does not advance."""
+        k = self._kernel(tokens)
+        a = k.args[0]
+        a["step"], a["stop_after"] = k.epoch, -1
+        self._launch(k)  # the driver copies the arguments at launch: `a` may change afterwards
+        k.epoch += 1
 
     def _launch(self, k: _Kernel) -> None:
         driver = _driver()

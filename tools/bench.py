@@ -19,7 +19,9 @@ before anything is timed.  Prints a table (times, ratios to the floor) and write
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -114,7 +116,7 @@ def bench_baseline(cfg, weights, context: int, reps: int) -> dict:
         with torch.cuda.graph(graph):
             dec.step(token, pos)
         out[f"graph_{experts}"] = time_fn(graph.replay, reps)
-        del dec, graph
+        dec = graph = None  # free the weights before the next variant
         torch.cuda.empty_cache()
     return out
 
@@ -138,7 +140,7 @@ def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path) -> di
     rt.fill_cache(context, seed=1)
     check = check_against_vm(cfg, schedules, weights, rt, context)
     step_s = time_fn(lambda: rt.launch(1), reps)
-    del rt
+    rt = None  # free the device memory before the baseline runs
     torch.cuda.empty_cache()
     return {"megakernel": step_s, "compile_s": compile_s, "ptxas": report, "check": check}
 
@@ -172,13 +174,16 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="megakernel,baseline")
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--workdir", default="/tmp/tilert-bench")
+    ap.add_argument("--log", help="append the table, with date, device, command and commit, to this file")
+    ap.add_argument("--commit", default=os.environ.get("TILERT_COMMIT", "unknown"),
+                    help="the commit measured (the device machine has no git history)")
     args = ap.parse_args(argv)
     backends = set(args.backends.split(","))
     dev = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
     rows = []
     for layers in [int(x) for x in args.layers.split(",")]:
-        cfg = preset("mimo-v2-flash", layers=layers)
+        cfg = dataclasses.replace(preset("mimo-v2-flash", layers=layers), expert_format=args.expert_format)
         weights = device_weights(cfg, seed=0, expert_format=args.expert_format)
         for context in [int(x) for x in args.contexts.split(",")]:
             row = {"layers": layers, "context": context, "expert_format": args.expert_format}
@@ -197,6 +202,12 @@ def main(argv=None) -> int:
               "argv": sys.argv}
     Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     print(table(result))
+    if args.log:
+        with open(args.log, "a") as f:
+            f.write(f"\n## {result['date']}: decode step, batch 1, mimo-v2-flash geometry ({args.expert_format} experts)\n\n"
+                    f"- device: {dev.name}; commit {args.commit}\n"
+                    f"- command: `python tools/bench.py {' '.join(sys.argv[1:])}`\n\n"
+                    + table(result) + "\n")
     return 0
 
 

@@ -161,6 +161,9 @@ TILERT_DEV void run(const KernelArgs* a, uint8_t* smem) {
   __syncthreads();
   if (threadIdx.x < kNCT) {
     compute_loop(c);
+    // Stop the loader too: it never needs to wait once the compute warps are done (it issues
+    // exactly the pieces they consume), so this only unblocks it after an abort or a bug.
+    if (threadIdx.x == 0) ctrl(c)[CTRL_ABORT] = 1;
   }
 #if TILERT_LOADER
   else if (threadIdx.x == kNCT) {
