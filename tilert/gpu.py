@@ -80,6 +80,12 @@ class _Kernel:
     epoch: int = 0  # complete steps since the counters were last zeroed
 
 
+def _view_like(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`raw` (uint8, at least as many bytes) seen with the dtype and shape of `like`."""
+    n = like.numel() * like.element_size()
+    return raw[:n].view(like.dtype).view(like.shape)
+
+
 class MegakernelRuntime:
     def __init__(self, cubin_path, generated, runtime_weights: dict[str, StoredTensor], max_seq_len: int,
                  device: str = "cuda", timeout_s: float = 2.0, profile: bool = False):
@@ -140,7 +146,13 @@ class MegakernelRuntime:
                                     f"{slot.fmt}: regenerate with weight_formats from these weights")
                 if tuple(t.shape) != tuple(slot.shape):
                     raise UserError(f"weight {slot.name} has shape {tuple(t.shape)}, the kernel expects {slot.shape}")
-                out[slot.name] = self._upload_one(t, fmt)
+                out[slot.name] = up = self._upload_one(t, fmt)
+                if t.data.device == self.device:
+                    # Already on this GPU: let the caller's tensor share the padded copy, so
+                    # that the weights are held once (large models fill the card).
+                    t.data = _view_like(up["data"], t.data)
+                    if t.scale is not None:
+                        t.scale = _view_like(up["scale"], t.scale)
         return out
 
     def _device_bytes(self, x: torch.Tensor) -> torch.Tensor:

@@ -189,6 +189,8 @@ def main(argv=None) -> int:
             row = {"layers": layers, "context": context, "expert_format": args.expert_format}
             if "megakernel" in backends:
                 row.update(bench_megakernel(cfg, weights, context, args.reps, Path(args.workdir)))
+                print(f"megakernel {layers} layers, context {context}: {row['megakernel'] * 1e3:.3f} ms, "
+                      f"check {row['check']}", flush=True)
             kv_bytes = 4 if row.get("kv_dtype", "f32") == "f32" else 2
             row["floor_bytes"] = floor_bytes(cfg, context, weights, kv_bytes)
             row["floor"] = row["floor_bytes"]["total"] / bw

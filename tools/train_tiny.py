@@ -607,6 +607,12 @@ def train_drafter(d: DFlashConfig, target: Target, data, held_data, args) -> Dra
     toks, feats, lasts, firsts = data
     M, L = toks.shape
     drafter = Drafter(d, target.embed, target.lm_head, args.seed + 2)
+    if args.fc_init == "last" and target.cfg.num_hidden_layers - 1 in d.target_layers:
+        # Start with the context feature = the target's normed last-layer output (its prediction).
+        with torch.no_grad():
+            H, k = d.hidden_size, d.target_layers.index(target.cfg.num_hidden_layers - 1)
+            drafter.fc[:, k * H:(k + 1) * H] += torch.eye(H) * args.fc_init_scale
+            drafter.hidden_norm.copy_(target.final_norm)
     opt = make_optimizer(list(drafter.named_parameters()), args.draft_lr, args.weight_decay)
     g = torch.Generator().manual_seed(args.seed + 3)
     t0 = time.perf_counter()
@@ -698,6 +704,8 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks-per-seq", type=int, default=24)
     ap.add_argument("--draft-lr", type=float, default=3e-3)
     ap.add_argument("--loss-decay", type=float, default=4.0)
+    ap.add_argument("--fc-init", choices=["random", "last"], default="random")
+    ap.add_argument("--fc-init-scale", type=float, default=1.0)
     ap.add_argument("--soft", type=float, default=0.5, help="weight of KL(target || drafter) against hard CE")
     # evaluation
     ap.add_argument("--eval-prompts", type=int, default=24)
@@ -804,9 +812,10 @@ def main(argv=None) -> int:
     P = args.eval_prompt_len
     starts = torch.randint(0, len(held) - P, (args.eval_prompts,), generator=gp)
     prompts = [held[s:s + P].tolist() for s in starts.tolist()]
-    target = ReferenceDecoder(cfg2, weights, torch.float32, max_seq_len=P + args.eval_new_tokens + 2 * d.block_size)
+    max_len = P + max(args.eval_new_tokens, 64) + 2 * d.block_size
+    target = ReferenceDecoder(cfg2, weights, torch.float32, max_seq_len=max_len)
     inference = DFlashDrafter(dcfg, dweights, weights["model.embed_tokens.weight"], weights["lm_head.weight"],
-                              max_context=P + args.eval_new_tokens + 2 * d.block_size)
+                              max_context=max_len)
     rep = evaluate(target, inference, prompts, args.eval_new_tokens)
     log(f"speculative decoding, {len(prompts)} held-out prompts x {args.eval_new_tokens} new tokens: "
         f"acceptance length {rep.acceptance_length:.2f} (block {d.block_size}; per prompt min "

@@ -33,6 +33,15 @@ def scale_table() -> torch.Tensor:
 
 _DECODE = decode_table()
 _SCALES = scale_table()
+_ON_DEVICE: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """A lookup table on `device`, copied once (so that CUDA-graph capture never copies)."""
+    key = (name, device)
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = {"decode": _DECODE, "scales": _SCALES, "midpoints": _MIDPOINTS}[name].to(device)
+    return _ON_DEVICE[key]
 
 
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,9 +60,9 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     shared = torch.where(amax > 0, exp - 1 - 2, torch.zeros_like(exp))  # the OCP "- emax" step
     biased = (shared + E8M0_BIAS).clamp(0, 254)
     # Dividing by a power of two is exact (barring underflow), so rounding sees the true ratio.
-    y = groups.abs() / _SCALES.to(w.device)[biased.long()].unsqueeze(-1)
+    y = groups.abs() / _table("scales", w.device)[biased.long()].unsqueeze(-1)
     # Round to the nearest magnitude; on an exact midpoint take the even code (down/up differ there).
-    mid = _MIDPOINTS.to(w.device)
+    mid = _table("midpoints", w.device)
     down = torch.bucketize(y, mid, right=False)
     up = torch.bucketize(y, mid, right=True)
     code = torch.where(down % 2 == 0, down, up)  # beyond the last midpoint (5) is code 7: saturates at 6
@@ -73,9 +82,9 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = t
             f"mxfp4.dequantize: scales {tuple(scales.shape)} do not match codes {tuple(codes.shape)} "
             f"(one scale per {GROUP} elements, two elements per byte)"
         )
-    table = _DECODE.to(codes.device)  # the tables live on the CPU; follow the data's device
+    table = _table("decode", codes.device)
     lo = table[(codes & 0x0F).long()]
     hi = table[(codes >> 4).long()]
     values = torch.stack([lo, hi], dim=-1).reshape(*codes.shape[:-1], k // GROUP, GROUP)
-    out = values * _SCALES.to(codes.device)[scales.long()].unsqueeze(-1)
+    out = values * _table("scales", codes.device)[scales.long()].unsqueeze(-1)
     return out.reshape(*codes.shape[:-1], k).to(dtype)

@@ -1,0 +1,85 @@
+"""Where the time of one megakernel step goes, per op kind, from the profiling build.
+
+Run on a GPU machine from the repository root:
+
+    python tools/profile_step.py --layers 6 --context 8192 --out $OUT/profile.json
+
+Builds the profiling variant of the kernel (per-task wait/start/end stamps from %globaltimer),
+runs a few steps on synthetic weights drawn on the device, and prints per op kind: tasks, mean
+task time, the bandwidth one SM achieved inside its tasks, the time spent waiting on counters,
+and the cost model's estimate for the same tasks (to correct the model against).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from model.config import preset  # noqa: E402
+from tilert.build import build_cubin  # noqa: E402
+from tilert.codegen import generate  # noqa: E402
+from tilert.compiler import compile_steps  # noqa: E402
+from tilert.cost import GPUS, task_time  # noqa: E402
+from tilert.device_weights import device_weights  # noqa: E402
+from tilert.gpu import MegakernelRuntime  # noqa: E402
+from tilert.lower import load_recipe  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--expert-format", default="mxfp4")
+    ap.add_argument("--loader", type=int, default=1)
+    ap.add_argument("--out", default="profile.json")
+    args = ap.parse_args(argv)
+    cfg = dataclasses.replace(preset("mimo-v2-flash", layers=args.layers), expert_format=args.expert_format)
+    weights = device_weights(cfg, seed=0, expert_format=args.expert_format)
+    schedule = compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=args.context + 8)[1]
+    gen = generate(schedule, cfg, weight_formats={n: t.fmt for n, t in weights.items()}, loader=bool(args.loader))
+    cubin, report = build_cubin(gen.source, Path("/tmp/tilert-profile"), profile=True)
+    rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=args.context + 8, profile=True)
+    rt.fill_cache(args.context, seed=1)
+    for _ in range(3):
+        rt.step([5])
+        rt.truncate(args.context)
+    rows = rt.profile(1)
+    tasks = schedule.graph.tasks
+    gpu = GPUS["h100"]
+    step_ns = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+    by_kind = collections.defaultdict(lambda: {"tasks": 0, "busy_ns": 0, "wait_ns": 0, "bytes": 0, "model_ns": 0,
+                                               "first_start": 1e18, "last_end": 0})
+    for r in rows:
+        t = tasks[r["task"]]
+        name = schedule.graph.ops[t.op].name
+        kind = name.split(".", 1)[1] if name.startswith("layer") else name
+        k = by_kind[kind]
+        k["tasks"] += 1
+        k["busy_ns"] += r["end"] - r["start"]
+        k["wait_ns"] += r["start"] - r["wait"]
+        k["bytes"] += t.bytes
+        k["model_ns"] += task_time(t, gpu) * 1e9
+        k["first_start"] = min(k["first_start"], r["start"])
+        k["last_end"] = max(k["last_end"], r["end"])
+    print(f"{gen.describe()}\nptxas: {report.get('registers')} regs; step {step_ns / 1e3:.1f} us "
+          f"over {len(rows)} tasks")
+    print(f"{'op':24s} {'tasks':>5s} {'mean us':>8s} {'GB/s/SM':>8s} {'wait us':>8s} {'model us':>8s} {'busy %':>6s}")
+    for kind, k in sorted(by_kind.items(), key=lambda kv: -kv[1]["busy_ns"]):
+        mean = k["busy_ns"] / k["tasks"]
+        print(f"{kind:24s} {k['tasks']:5d} {mean / 1e3:8.2f} {k['bytes'] / max(k['busy_ns'], 1):8.2f} "
+              f"{k['wait_ns'] / k['tasks'] / 1e3:8.2f} {k['model_ns'] / k['tasks'] / 1e3:8.2f} "
+              f"{100 * k['busy_ns'] / (step_ns * schedule.num_workers):6.1f}")
+    Path(args.out).write_text(json.dumps({"step_ns": step_ns, "by_kind": by_kind, "tasks": rows}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
