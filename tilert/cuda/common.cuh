@@ -72,6 +72,23 @@ TILERT_DEV float fp4_value(uint32_t code) {
   return (code & 8u) ? -v : v;
 }
 
+// Branch-free E2M1 decode of nibble j (0..7) of `u`, with the E8M0 scale already folded.
+// The nibble's 3 magnitude bits become fp32 exponent bits 23-24 and mantissa bit 22, so the
+// float read from those bits is exactly (E2M1 value) * 2^-126 (e = 0 gives the subnormal
+// m * 2^-127 = m * 0.5 * 2^-126); `scale126` = scale * 2^126 undoes that.  Both products are
+// exact, so the result equals fp4_value(code) * scale bit for bit (no -ftz: the subnormal
+// matters).  Valid for scale bytes e <= 128 (scale126 finite); callers take fp4_value otherwise.
+template <int J>
+TILERT_DEV float fp4_scaled(uint32_t u, float scale126) {
+  constexpr int sh = 4 * J;
+  const uint32_t mag = (sh <= 22 ? (u << (22 - sh)) : (u >> (sh - 22))) & 0x01c00000u;
+  const uint32_t sgn = (sh <= 28 ? (u << (28 - sh)) : (u >> (sh - 28))) & 0x80000000u;
+  return __uint_as_float(mag | sgn) * scale126;
+}
+
+// scale * 2^126 for an E8M0 byte e <= 128 (2^(e - 1); e = 0 gives 0.5 = 2^-127 * 2^126).
+TILERT_DEV float e8m0_to_f32_x2p126(uint32_t e) { return __uint_as_float((e + 126u) << 23); }
+
 TILERT_DEV float2 fp8x2_to_f32(uint16_t two) {
   __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)two, __NV_E4M3);
   return __half22float2(*reinterpret_cast<__half2*>(&h));

@@ -69,14 +69,69 @@ TILERT_DEV void ring_wait_full(Ctx& c, uint32_t j) {
 
 // ---- GEMV over one tile ---------------------------------------------------------------------
 
-template <int FMT>
-TILERT_DEV float chunk_scale(const WeightDesc& w, const uint8_t* scale, int row, int chunk) {
-  if constexpr (FMT == FMT_FP8) {
-    return __ldg(reinterpret_cast<const float*>(scale) + (size_t)(row >> 7) * w.scale_ld + ((chunk * 16) >> 7));
-  } else if constexpr (FMT == FMT_MXFP4) {
-    return e8m0_to_f32(__ldg(scale + (size_t)row * w.scale_ld + chunk));  // one scale per 32 = one chunk
+// A row is walked in *units*: the bytes of weights that pair with 16 or 32 bytes of x (4 or 8
+// elements).  Lane `lig` of a row group takes units lig, lig + G, ..., so the lanes of a group
+// read consecutive weight bytes and consecutive x bytes (x reads of a warp: 16-byte stride,
+// 32 for MXFP4, instead of one 16-byte chunk's E*4 bytes apart).
+template <int FMT> struct Unit;
+template <> struct Unit<FMT_FP32> { static constexpr int kBytes = 16, kElems = 4; };
+template <> struct Unit<FMT_BF16> { static constexpr int kBytes = 8, kElems = 4; };
+template <> struct Unit<FMT_FP8> { static constexpr int kBytes = 4, kElems = 4; };
+template <> struct Unit<FMT_MXFP4> { static constexpr int kBytes = 4, kElems = 8; };
+
+template <int UB>
+TILERT_DEV uint4 ld_unit(const uint8_t* p) {
+#if TILERT_LOADER
+  const uint32_t a = smem_addr(p);
+  uint4 v = make_uint4(0, 0, 0, 0);
+  if constexpr (UB == 16) {
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a));
+  } else if constexpr (UB == 8) {
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(a));
   } else {
-    return 1.0f;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v.x) : "r"(a));
+  }
+  return v;
+#else
+  if constexpr (UB == 16) {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+  } else if constexpr (UB == 8) {
+    const uint2 t = __ldg(reinterpret_cast<const uint2*>(p));
+    return make_uint4(t.x, t.y, 0, 0);
+  } else {
+    return make_uint4(__ldg(reinterpret_cast<const uint32_t*>(p)), 0, 0, 0);
+  }
+#endif
+}
+
+// Dequantized weights of unit `u` of row `row` (fp32: code value * block scale, like the VM).
+template <int FMT>
+TILERT_DEV void decode_unit(const WeightDesc& w, const uint8_t* gscale, int row, int u, const uint4 raw, float* wv) {
+  if constexpr (FMT == FMT_FP32) {
+    wv[0] = __uint_as_float(raw.x); wv[1] = __uint_as_float(raw.y);
+    wv[2] = __uint_as_float(raw.z); wv[3] = __uint_as_float(raw.w);
+  } else if constexpr (FMT == FMT_BF16) {
+    wv[0] = __uint_as_float(raw.x << 16); wv[1] = __uint_as_float(raw.x & 0xffff0000u);
+    wv[2] = __uint_as_float(raw.y << 16); wv[3] = __uint_as_float(raw.y & 0xffff0000u);
+  } else if constexpr (FMT == FMT_FP8) {
+    // one scale_inv per 128x128 block: unit u holds columns 4u .. 4u+3
+    const float s = __ldg(reinterpret_cast<const float*>(gscale) + (size_t)(row >> 7) * w.scale_ld + (u >> 5));
+    const float2 lo = fp8x2_to_f32((uint16_t)(raw.x & 0xffffu));
+    const float2 hi = fp8x2_to_f32((uint16_t)(raw.x >> 16));
+    wv[0] = lo.x * s; wv[1] = lo.y * s; wv[2] = hi.x * s; wv[3] = hi.y * s;
+  } else {  // MXFP4: element 2k in the low nibble of byte k; one E8M0 scale per 32 = 4 units
+    const uint32_t e = __ldg(gscale + (size_t)row * w.scale_ld + (u >> 2));
+    if (e <= 128u) {
+      const float s = e8m0_to_f32_x2p126(e);
+      wv[0] = fp4_scaled<0>(raw.x, s); wv[1] = fp4_scaled<1>(raw.x, s);
+      wv[2] = fp4_scaled<2>(raw.x, s); wv[3] = fp4_scaled<3>(raw.x, s);
+      wv[4] = fp4_scaled<4>(raw.x, s); wv[5] = fp4_scaled<5>(raw.x, s);
+      wv[6] = fp4_scaled<6>(raw.x, s); wv[7] = fp4_scaled<7>(raw.x, s);
+    } else {  // scales above 2 (never in practice): the plain decode
+      const float s = e8m0_to_f32(e);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) wv[j] = fp4_value((raw.x >> (4 * j)) & 15u) * s;
+    }
   }
 }
 
@@ -84,15 +139,16 @@ TILERT_DEV float chunk_scale(const WeightDesc& w, const uint8_t* scale, int row,
 // XRow(b) gives the fp32 input row b (16-byte aligned).  Every compute thread must call this.
 template <int FMT, int NB, class XRow, class Epi>
 TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi) {
-  constexpr int E = Fmt<FMT>::kElems;
+  constexpr int UB = Unit<FMT>::kBytes, UE = Unit<FMT>::kElems;
   const int tid = threadIdx.x;
   const int rb = w.row_bytes;
-  const int nch = rb >> 4;
+  const int nu = rb / UB;
   const int rpp = rows_per_piece(rb);
   const int expert = tile_expert(tile);
   const uint8_t* gdata = tile_data(w, expert);
   const uint8_t* gscale = tile_scale(w, expert);
   float* red = reinterpret_cast<float*>(c.smem + TILERT_SMEM_RED);
+  (void)gdata;
 
   for (int ra = tile.r0; ra < tile.r1; ra += rpp) {
     const int nr = min(rpp, tile.r1 - ra);
@@ -111,20 +167,15 @@ TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
     if (rl < nr) {
       const uint8_t* row = src + (size_t)rl * rb;
       const int r = ra + rl;
-#pragma unroll 2
-      for (int k = lig; k < nch; k += G) {
-#if TILERT_LOADER
-        const uint4 raw = ld_shared_v4(row + 16 * k);
-#else
-        const uint4 raw = ld_global_nc_v4(row + 16 * k);
-#endif
-        float wv[E];
-        decode_chunk<FMT>(raw, chunk_scale<FMT>(w, gscale, r, k), wv);
+#pragma unroll 4
+      for (int u = lig; u < nu; u += G) {
+        float wv[UE];
+        decode_unit<FMT>(w, gscale, r, u, ld_unit<UB>(row + UB * u), wv);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-          const float4* xp = reinterpret_cast<const float4*>(xrow(b) + k * E);
+          const float4* xp = reinterpret_cast<const float4*>(xrow(b) + u * UE);
 #pragma unroll
-          for (int j = 0; j < E / 4; ++j) {
+          for (int j = 0; j < UE / 4; ++j) {
             const float4 xv = xp[j];
             acc[b] += wv[4 * j] * xv.x;
             acc[b] += wv[4 * j + 1] * xv.y;
