@@ -561,3 +561,133 @@ def test_prefill_chunks_cover_the_prompt_largest_first(n, extra):
     for b in steps:
         smaller = sum(x for x in c if x < b)
         assert smaller < b
+
+
+# ---- the GPU megakernel in the artifact ----------------------------------------------------------
+
+def _has_nvcc() -> bool:
+    from tilert.build import nvcc_path
+
+    return nvcc_path() is not None
+
+
+@pytest.fixture(scope="module")
+def kernel_art(work) -> Path:
+    """mimo-tiny compiled with its megakernels (and profiling cubins); requires nvcc when present."""
+    out = work / "kernel_art"
+    assert cli("compile", "--model", "mimo-tiny", "--out", out, "--profile-kernel") == 0
+    return out
+
+
+def test_compile_builds_the_megakernel_into_the_artifact(kernel_art):
+    md = json.loads((kernel_art / "metadata.json").read_text())
+    if not _has_nvcc():
+        assert md["kernel"] is None and "nvcc" in md["kernel_skipped"]
+        pytest.skip("nvcc not on PATH: the artifact records kernel: null")
+    k = md["kernel"]
+    assert k["arch"] == "sm_90a" and k["profile"] is True and set(k["steps"]) == {"1", "8"}
+    for b, e in k["steps"].items():
+        for rel in (e["cubin"], e["prof_cubin"], e["ptxas_log"]):
+            assert (kernel_art / rel).is_file() and rel in md["hashes"], rel
+        assert (kernel_art / e["cubin"]).read_bytes()[:4] == b"\x7fELF"
+        assert (kernel_art / e["generated"] / "kernel.json").is_file()
+        assert f"{e['generated']}/kernel.json" in md["hashes"]
+        p = e["ptxas"]
+        assert p["registers"] and p["registers"] <= 255 and p["spills"] == 0 and p["stack"] >= 0
+        assert e["summary"].startswith(f"B={b} ")
+    fp = k["footprint"]
+    assert fp["weights_bytes"] > 0 and fp["kv_cache_bytes"] > 0 and fp["smem_per_cta"] > 0
+    assert fp["gpu_memory_bytes"] == 80e9 and fp["fits"]
+    # Hashes verified on read: a modified cubin is refused.
+    a = read_artifact(kernel_art, load_weights=False)
+    assert set(art_mod.load_kernels(a)) == {1, 8} and set(art_mod.load_kernels(a, profile=True)) == {1, 8}
+
+
+def test_tampered_cubin_fails_its_hash(kernel_art, work, capsys):
+    if not _has_nvcc():
+        pytest.skip("needs nvcc")
+    bad = _copy_art(kernel_art, work / "kernel_tampered")
+    cubin = bad / "kernels" / "B1.cubin"
+    data = bytearray(cubin.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cubin.write_bytes(bytes(data))
+    assert_user_error(capsys, ["inspect", bad], "B1.cubin", "sha256")
+
+
+def test_inspect_shows_registers_and_gpu_footprint(kernel_art, capsys):
+    if not _has_nvcc():
+        pytest.skip("needs nvcc")
+    capsys.readouterr()
+    assert cli("inspect", kernel_art) == 0
+    text = capsys.readouterr().out
+    for needle in ("GPU megakernel", "registers", "spills", "smem/CTA", "KV cache state arena",
+                   "weights (as stored on the GPU)", "shared memory per CTA", "one h100", "B=1 workers="):
+        assert needle in text, needle
+    assert cli("inspect", kernel_art, "--json") == 0
+    k = json.loads(capsys.readouterr().out)["kernel"]
+    assert k["built"] and k["steps"]["8"]["ptxas"]["registers"] > 0 and k["footprint"]["total_bytes"] > 0
+
+
+def test_no_kernel_flag_and_missing_nvcc(work, capsys, monkeypatch):
+    out = work / "no_kernel"
+    assert cli("compile", "--model", "mimo-tiny", "--schedule-only", "--layers", 1, "--out", out, "--no-kernel") == 0
+    md = json.loads((out / "metadata.json").read_text())
+    assert md["kernel"] is None and md["kernel_skipped"] == "--no-kernel"
+    assert not (out / "kernels").exists()
+    import tilert.build
+
+    monkeypatch.setattr(tilert.build, "nvcc_path", lambda: None)
+    out2 = work / "no_nvcc"
+    capsys.readouterr()
+    assert cli("compile", "--model", "mimo-tiny", "--schedule-only", "--layers", 1, "--out", out2) == 0
+    err = capsys.readouterr().err
+    assert sum("warning" in line for line in err.splitlines()) == 1 and "nvcc" in err
+    md = json.loads((out2 / "metadata.json").read_text())
+    assert md["kernel"] is None and "nvcc" in md["kernel_skipped"]
+    assert cli("inspect", out2) == 0
+    assert "GPU megakernel" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_megakernel_backend_refuses_without_a_gpu(kernel_art, capsys):
+    assert_user_error(capsys, ["run", kernel_art, "--prompt-ids", "1,2", "--backend", "megakernel"],
+                      "CUDA GPU")
+    assert_user_error(capsys, ["run", kernel_art, "--prompt-ids", "1", "--profile-out", "p.json"], "megakernel")
+
+
+def test_trace_with_a_measured_profile_has_both_timelines(kernel_art, work, capsys):
+    rows = [{"task": 0, "name": "embed", "worker": 0, "wait": 0, "start": 120, "end": 900},
+            {"task": 1, "worker": 1, "wait": 50, "start": 400, "end": 1500},
+            {"task": 2, "worker": 1, "wait": 1500, "start": 1500, "end": 2100}]
+    prof = work / "profile.json"
+    prof.write_text(json.dumps({"step": 1, "unit": "ns", "rows": rows}))
+    trace = work / "measured_trace.json"
+    assert cli("inspect", kernel_art, "--trace", trace, "--measured", prof) == 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    procs = {e["pid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
+    assert sorted(procs.values()) == ["measured", "simulated"]
+    measured = [e for e in events if e["ph"] == "X" and procs[e["pid"]] == "measured" and e["cat"] != "wait"]
+    assert len(measured) == 3 and measured[0]["ts"] == pytest.approx(0.12) and measured[0]["dur"] == pytest.approx(0.78)
+    assert sum(e["ph"] == "X" and e["cat"] == "wait" for e in events) == 2  # tasks 0 and 1 waited
+    simulated = [e for e in events if e["ph"] == "X" and procs[e["pid"]] == "simulated"]
+    assert len(simulated) == len(read_artifact(kernel_art, load_weights=False).schedules[1].graph.tasks)
+    # The measured profile is checked: a list of rows works too; wrong task ids and step sizes are refused.
+    prof.write_text(json.dumps(rows))
+    assert cli("inspect", kernel_art, "--trace", trace, "--measured", prof) == 0
+    prof.write_text(json.dumps([{"task": 10**6, "worker": 0, "start": 0, "end": 1}]))
+    assert_user_error(capsys, ["inspect", kernel_art, "--trace", trace, "--measured", prof], "task ids")
+    prof.write_text(json.dumps({"step": 8, "rows": rows}))
+    assert_user_error(capsys, ["inspect", kernel_art, "--trace", trace, "--measured", prof], "--step 8")
+    assert_user_error(capsys, ["inspect", kernel_art, "--measured", prof], "--trace")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (H100 / H200, sm_90a)")
+def test_megakernel_backend_matches_the_vm_greedy_64_tokens(kernel_art, work, capsys):
+    vm = run_json(capsys, kernel_art, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW)
+    mk = run_json(capsys, kernel_art, "--prompt-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", N_NEW,
+                  "--backend", "megakernel", "--profile-out", work / "mk_profile.json")
+    assert mk["backend"] == "megakernel" and mk["tokens"] == vm["tokens"] and len(mk["tokens"]) == N_NEW
+    rows = json.loads((work / "mk_profile.json").read_text())["rows"]
+    assert rows and all(r["end"] >= r["start"] >= r["wait"] >= 0 for r in rows)
+    trace = work / "mk_trace.json"
+    assert cli("inspect", kernel_art, "--trace", trace, "--measured", work / "mk_profile.json") == 0

@@ -9,6 +9,11 @@
                        `<name>` holds the data, `<name>.scale` the scales of a quantized tensor;
                        shards of about 2 GB
       tokenizer.json   copied from the checkpoint, when it has one
+      kernels/         the GPU megakernel of each step size B (absent with --no-kernel or without
+                       nvcc): B{n}.cubin (sm_90a), B{n}/ (the GeneratedKernel: kernel.json,
+                       program.npy, consts.npy, kernel.cu), B{n}.ptxas.txt (ptxas -v), and with
+                       --profile-kernel B{n}.prof.cubin; metadata.json `kernel` holds the ptxas
+                       report and the GPU memory footprint (or null and the reason)
     A DFlash drafter (`--draft`) adds its tensors to weights/ as `draft.<name>` and its config to
     metadata.json (`draft`).
 
@@ -48,6 +53,7 @@ SCHEDULE_FILE = "schedule.json"
 METADATA_FILE = "metadata.json"
 WEIGHTS_DIR = "weights"
 TOKENIZER_FILE = "tokenizer.json"
+KERNELS_DIR = "kernels"
 SHARD_BYTES = 2 * 1024**3
 SCALE_SUFFIX = ".scale"
 DRAFT_PREFIX = "draft."  # a DFlash drafter's tensors (`--draft`), beside the target's
@@ -209,8 +215,12 @@ def _atomic_dir(out_dir: Path, force: bool, fill: Callable[[Path], None]) -> Non
 def write_artifact(out_dir: str | Path, cfg: MimoConfig, schedules: dict[int, Schedule],
                    runtime_weights: dict[str, StoredTensor] | None, meta: dict[str, Any] | None = None,
                    tokenizer: str | Path | None = None, force: bool = False,
-                   shard_bytes: int = SHARD_BYTES, progress: bool = False) -> Path:
+                   shard_bytes: int = SHARD_BYTES, progress: bool = False,
+                   extra_files: dict[str, str | Path] | None = None) -> Path:
     """Write an artifact directory (see the module docstring); returns its path.
+
+    `extra_files` maps artifact-relative paths (e.g. kernels/B1.cubin) to files to copy in; each
+    is hashed like the rest.  A directory is copied whole, every file in it hashed.
 
     `meta` adds keys to metadata.json (gpu, max_seq_len, recipe, source, ...); the keys this
     function computes (hashes, weights index, versions) always win."""
@@ -254,6 +264,18 @@ def write_artifact(out_dir: str | Path, cfg: MimoConfig, schedules: dict[int, Sc
                     bar.update(sum(runtime_weights[n].nbytes for n in names))
                     del tensors
                     hashes[rel] = sha256_file(tmp / rel)
+
+        for rel, src in sorted((extra_files or {}).items()):
+            src, dst = Path(src), tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst)
+                files = sorted(p for p in dst.rglob("*") if p.is_file())
+            else:
+                shutil.copyfile(src, dst)
+                files = [dst]
+            for f in files:
+                hashes[f.relative_to(tmp).as_posix()] = sha256_file(f)
 
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
@@ -353,6 +375,9 @@ def read_artifact(path: str | Path, load_weights: bool = True, progress: bool = 
         raise UserError(f"{root}: no schedule for steps {sorted(steps)}; compiled: {sorted(map(int, doc['schedules']))}")
     if TOKENIZER_FILE in hashes:
         _check_hash(root, TOKENIZER_FILE, hashes)
+    for rel in hashes:  # the kernels are small: check them on every read
+        if rel.startswith(KERNELS_DIR + "/"):
+            _check_hash(root, rel, hashes)
 
     weights = None
     if load_weights:
@@ -382,3 +407,38 @@ def _read_weights(root: Path, meta: dict, hashes: dict[str, str], progress: bool
             raise UserError(f"{root / e['file']}: cannot read tensor {name} ({err})") from None
         weights[name] = StoredTensor(e["fmt"], tuple(e["shape"]), data, scale)
     return weights
+
+
+# ---- kernels ----------------------------------------------------------------------------------
+
+def kernel_info(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """metadata.json's `kernel` entry when the artifact holds kernels, else None."""
+    k = meta.get("kernel")
+    return k if isinstance(k, dict) and k.get("steps") else None
+
+
+def load_kernels(art: Artifact, profile: bool = False) -> dict[int, tuple[Path, Any]]:
+    """{B: (cubin path, GeneratedKernel)} of every step size, hashes checked (read_artifact checked
+    them already; a file changed since is caught here too).  `profile`: the profiling cubins."""
+    from tilert.codegen import GeneratedKernel
+
+    info = kernel_info(art.meta)
+    if info is None:
+        why = (art.meta.get("kernel_skipped") or "compiled without a kernel")
+        raise UserError(f"{art.path}: holds no GPU megakernel ({why}); recompile with --gpu h100|h200 "
+                        f"on a machine with nvcc")
+    if profile and not info.get("profile"):
+        raise UserError(f"{art.path}: holds no profiling kernel; recompile with --profile-kernel")
+    hashes = art.meta.get("hashes") or {}
+    out: dict[int, tuple[Path, Any]] = {}
+    for b, entry in sorted(info["steps"].items(), key=lambda kv: int(kv[0])):
+        cubin = _check_hash(art.path, entry["prof_cubin" if profile else "cubin"], hashes)
+        gdir = art.path / entry["generated"]
+        for f in sorted(gdir.iterdir()):
+            _check_hash(art.path, f.relative_to(art.path).as_posix(), hashes)
+        try:
+            gen = GeneratedKernel.load(gdir)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{gdir}: unreadable generated kernel ({type(e).__name__}: {e})") from None
+        out[int(b)] = (cubin, gen)
+    return out

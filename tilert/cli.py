@@ -127,8 +127,10 @@ def _load_draft(path: str, cfg):
 def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
                      steps=DEFAULT_STEPS, schedule_only: bool = False, quantize_experts: str | None = None,
                      layers: int | None = None, seed: int = 0, force: bool = False, draft: str | None = None,
-                     log=None) -> Path:
-    """`tilert compile`: a model directory or preset name -> an artifact directory."""
+                     log=None, kernel: bool = True, profile_kernel: bool = False) -> Path:
+    """`tilert compile`: a model directory or preset name -> an artifact directory.  With `kernel`
+    (the default) the GPU megakernel of every step size is generated and built with nvcc into
+    kernels/; without nvcc the artifact records `kernel: null` and why (one warning line)."""
     from model.checkpoint import load_checkpoint, write_synthetic
     from model.config import PRESETS, load_config, preset
     from model.weights import expected_tensors, stored_nbytes
@@ -218,6 +220,26 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
             del weights
             if draft_info is not None:
                 rw.update({f"{DRAFT_PREFIX}{k}": v for k, v in draft_info[1].items()})
+
+        kernel_files, kernel_meta, kernel_skipped = {}, None, "--no-kernel"
+        if kernel:
+            from tilert.megakernel import build_kernels
+
+            # The kernel needs the weights' storage formats only (schedule-only: those the
+            # schedule declares).
+            formats = None if rw is None else {n: t.fmt for n, t in rw.items() if not n.startswith(DRAFT_PREFIX)}
+            t0 = time.perf_counter()
+            n_builds = len(steps) * (2 if profile_kernel else 1)
+            with _bar(total=n_builds, desc="building kernel", unit="cubin") as bar:
+                kernel_files, kernel_meta, kernel_skipped = build_kernels(
+                    schedules, cfg, formats, gpu, profile=profile_kernel, tmp=Path(tmp) / "kernels",
+                    on_step=lambda b, prof: bar.update())
+            if kernel_meta is None:
+                log(f"warning: no GPU megakernel in the artifact: {kernel_skipped}")
+            else:
+                log(f"built the megakernel for steps {', '.join(map(str, steps))}: " + "; ".join(
+                    f"B={b} {e['ptxas']['registers']} registers, {e['ptxas']['spills']} B spills"
+                    for b, e in kernel_meta["steps"].items()) + f" in {time.perf_counter() - t0:.1f} s")
         meta = {
             "gpu": gpu,
             "max_seq_len": max_seq_len,
@@ -227,9 +249,11 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
             "seed": seed if source.startswith("preset:") and rw is not None else None,
             "quantize_experts": quantize_experts,
             "draft": {"path": str(Path(draft).resolve()), "config": draft_info[2]} if draft_info else None,
+            "kernel": kernel_meta,
+            "kernel_skipped": kernel_skipped if kernel_meta is None else None,
         }
         path = write_artifact(out, cfg, schedules, rw, meta, tokenizer=tokenizer, force=force,
-                              progress=_progress())
+                              progress=_progress(), extra_files=kernel_files)
     log(f"wrote {path}" + (" (schedule only)" if rw is None else ""))
     return path
 
@@ -238,7 +262,8 @@ def cmd_compile(args) -> int:
     compile_artifact(args.model, args.out, gpu=args.gpu, max_seq_len=args.max_seq_len,
                      steps=_parse_ints(args.steps, "--steps"), schedule_only=args.schedule_only,
                      quantize_experts=args.quantize_experts, layers=args.layers, seed=args.seed,
-                     force=args.force, draft=args.draft)
+                     force=args.force, draft=args.draft, kernel=not args.no_kernel,
+                     profile_kernel=args.profile_kernel)
     return 0
 
 
@@ -259,8 +284,10 @@ def cmd_inspect(args) -> int:
         print(json.dumps(summary, indent=1))
     else:
         print(tinspect.format_report(summary, top_ops=args.top))
+    if args.measured and not args.trace:
+        raise UserError("--measured goes with --trace FILE (it adds the measured timeline to the trace)")
     if args.trace:
-        tinspect.write_trace(art, step, gpu, args.trace)
+        tinspect.write_trace(art, step, gpu, args.trace, measured=args.measured)
         print(f"wrote trace {args.trace} (open it in https://ui.perfetto.dev or chrome://tracing)",
               file=sys.stderr)
     if args.plot:
@@ -392,6 +419,8 @@ def cmd_run(args) -> int:
         raise UserError("give --prompt or --prompt-ids, not both")
     if args.interleave is not None and args.backend != "vm":
         raise UserError("--interleave only applies to --backend vm")
+    if args.profile_out is not None and args.backend != "megakernel":
+        raise UserError("--profile-out only applies to --backend megakernel")
     path = Path(args.artifact) if args.artifact else default_artifact()
     # Everything that can be refused from metadata.json alone is, before reading weights.
     meta = read_metadata(path)
@@ -424,10 +453,26 @@ def cmd_run(args) -> int:
         raise UserError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} = {total} tokens "
                         f"exceeds the artifact's max sequence length {max_seq_len}; recompile with a larger "
                         f"--max-seq-len")
+    if args.backend == "megakernel":
+        from tilert.artifact import kernel_info
+        from tilert.megakernel import check_device
+
+        # Refused before reading weights or allocating anything on the GPU.
+        check_device(read_artifact(path, load_weights=False, steps=[1]))
+        if args.profile_out is not None and not (kernel_info(meta) or {}).get("profile"):
+            raise UserError(f"{path}: holds no profiling kernel for --profile-out; recompile with --profile-kernel")
     art = read_artifact(path, load_weights=True, progress=_progress())
 
     t0 = time.perf_counter()
-    if args.backend == "vm":
+    if args.backend == "megakernel":
+        from tilert.megakernel import generate_megakernel
+
+        with _bar(total=len(prompt) + args.max_new_tokens, desc="generating", unit="tok") as bar:
+            new = generate_megakernel(art, prompt, args.max_new_tokens, args.temperature, args.seed,
+                                      profile_out=args.profile_out, bar=bar)
+        if args.profile_out:
+            print(f"wrote the last step's profile to {args.profile_out}", file=sys.stderr)
+    elif args.backend == "vm":
         new = generate_vm(art, prompt, args.max_new_tokens, args.temperature, args.seed, args.interleave)
     else:
         new = generate_reference(art, prompt, args.max_new_tokens, args.temperature, args.seed)
@@ -472,12 +517,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layers", type=int, help="keep only the first N layers")
     c.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights of a preset (default 0)")
     c.add_argument("--force", action="store_true", help="replace an existing artifact at --out")
+    c.add_argument("--no-kernel", action="store_true", help="skip generating and building the GPU megakernel")
+    c.add_argument("--profile-kernel", action="store_true",
+                   help="also build profiling cubins (kernels/B{n}.prof.cubin) for run --profile-out")
     c.set_defaults(func=cmd_compile)
 
     i = sub.add_parser("inspect", help="tables and estimates of a compiled artifact")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
     i.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of the simulated step")
+    i.add_argument("--measured", metavar="PROFILE.json",
+                   help="with --trace: add the measured timeline (tilert run --profile-out) beside the simulated one")
     i.add_argument("--plot", metavar="FILE.png", help="draw the per-worker timeline (needs matplotlib)")
     i.add_argument("--step", type=int, help="which step size to inspect (default: the smallest, decode)")
     i.add_argument("--gpu", help="estimate for this GPU instead of the artifact's target")
@@ -489,7 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", help="prompt text (needs the artifact's tokenizer.json)")
     r.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3")
     r.add_argument("--max-new-tokens", type=int, default=32)
-    r.add_argument("--backend", choices=["vm", "reference"], default="vm")
+    r.add_argument("--backend", choices=["vm", "reference", "megakernel"], default="vm",
+                   help="vm (CPU), reference (PyTorch decoder), megakernel (the artifact's cubins on an H100/H200)")
+    r.add_argument("--profile-out", metavar="FILE",
+                   help="megakernel only: write the last step's per-task profile (needs compile --profile-kernel)")
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     r.add_argument("--seed", type=int, default=0, help="sampling seed")
     r.add_argument("--json", action="store_true", help="print {tokens, text, tokens_per_s, ...}")

@@ -169,7 +169,22 @@ def summarize(art, step: int, gpu_name: str | None = None) -> dict[str, Any]:
             "critical_path_ops": path_ops,
         },
         "memory": memory_footprint(art),
+        "kernel": kernel_summary(art),
     }
+
+
+def kernel_summary(art) -> dict[str, Any]:
+    """The GPU megakernel of each step size (compile --gpu): generated-kernel summary, ptxas report
+    (registers, spills, shared memory, stack) and the GPU memory footprint of running them."""
+    k = art.meta.get("kernel")
+    if not isinstance(k, dict) or not k.get("steps"):
+        return {"built": False, "reason": art.meta.get("kernel_skipped") or "compiled without a kernel"}
+    steps = {}
+    for b, e in sorted(k["steps"].items(), key=lambda kv: int(kv[0])):
+        steps[str(b)] = {"summary": e.get("summary"), "ptxas": e.get("ptxas"), "notes": e.get("notes") or [],
+                         "profile_cubin": "prof_cubin" in e, "footprint": (k.get("footprint") or {}).get("steps", {}).get(str(b))}
+    return {"built": True, "arch": k.get("arch"), "nvcc": k.get("nvcc"), "profile": bool(k.get("profile")),
+            "steps": steps, "footprint": k.get("footprint")}
 
 
 # ---- text rendering --------------------------------------------------------------------------
@@ -285,18 +300,94 @@ def format_report(sm: dict[str, Any], top_ops: int = 30) -> str:
         rows.append([f"one {a['gpu']}", fmt_bytes(mem["gpu_memory_bytes"])
                      + ("" if mem["fits"] else "  (does not fit on one card)")])
     out.append(table(["", "bytes"], rows, "lr"))
+    out.append("")
+    out.extend(format_kernel(sm.get("kernel") or {}, a["gpu"]))
     return "\n".join(out)
+
+
+def format_kernel(k: dict[str, Any], gpu: str) -> list[str]:
+    if not k.get("built"):
+        return ["== GPU megakernel ==", f"none: {k.get('reason', 'not built')}"]
+    out = [f"== GPU megakernel ({k.get('arch')}, {k.get('nvcc')}{', profiling cubins too' if k.get('profile') else ''}) =="]
+    rows = []
+    for b, e in k["steps"].items():
+        p = e.get("ptxas") or {}
+        f = e.get("footprint") or {}
+        rows.append([f"B={b}", p.get("registers"), f"{p.get('spills', 0)} B", f"{p.get('stack', 0)} B",
+                     fmt_bytes(f.get("smem_per_cta", 0)), f.get("ctas", ""), fmt_bytes(f.get("activation_bytes", 0)),
+                     fmt_bytes(f.get("program_bytes", 0))])
+    out.append(table(["step", "registers", "spills", "stack", "smem/CTA", "CTAs", "act arena", "program"], rows))
+    for b, e in k["steps"].items():
+        out.append(f"B={b}: {e.get('summary')}" + "".join(f"; {n}" for n in e.get("notes") or []))
+    fp = k.get("footprint") or {}
+    if fp:
+        out.append("")
+        out.append("== GPU memory footprint (megakernel runtime) ==")
+        rows = [["weights (as stored on the GPU)", fmt_bytes(fp["weights_bytes"])],
+                ["KV cache state arena", fmt_bytes(fp["kv_cache_bytes"])],
+                ["activation arenas (all steps)", fmt_bytes(fp["activation_bytes"])],
+                ["programs", fmt_bytes(fp["program_bytes"])],
+                ["counters, tables, scratch, errors", fmt_bytes(fp["other_bytes"])],
+                ["total", fmt_bytes(fp["total_bytes"])],
+                ["shared memory per CTA", fmt_bytes(fp["smem_per_cta"])]]
+        if "gpu_memory_bytes" in fp:
+            rows.append([f"one {fp.get('gpu', gpu)}", fmt_bytes(fp["gpu_memory_bytes"])
+                         + (f"  ({100 * fp['total_bytes'] / fp['gpu_memory_bytes']:.1f}% used)" if fp["fits"]
+                            else "  (does not fit on one card)")])
+        out.append(table(["", "bytes"], rows, "lr"))
+    return out
 
 
 # ---- timelines -------------------------------------------------------------------------------
 
-def write_trace(art, step: int, gpu_name: str | None, path: str) -> None:
+def write_trace(art, step: int, gpu_name: str | None, path: str, measured: str | None = None) -> None:
+    """The simulated step as a Chrome/Perfetto trace; with `measured` (a profile JSON from
+    `tilert run --backend megakernel --profile-out`, or MegakernelRuntime.profile() rows: task,
+    worker, wait, start, end in ns) a second process "measured" beside "simulated"."""
     from tilert.trace import timeline_to_chrome_trace
 
     s = art.schedules[step]
     tl = simulate(s, _gpu(gpu_name or art.gpu))
+    doc = timeline_to_chrome_trace(tl, s)
+    if measured is not None:
+        doc["traceEvents"] = _measured_events(art, step, s, measured, doc["traceEvents"])
     with open(path, "w") as f:
-        json.dump(timeline_to_chrome_trace(tl, s), f)
+        json.dump(doc, f)
+
+
+def _measured_events(art, step: int, s: Schedule, path: str, simulated: list[dict]) -> list[dict]:
+    from tilert.megakernel import read_profile
+
+    rows, prof_step = read_profile(path)
+    if prof_step is not None and prof_step != step:
+        raise UserError(f"--measured {path}: profiles a {prof_step}-token step; pass --step {prof_step}")
+    g = s.graph
+    bad = [r["task"] for r in rows if not 0 <= r["task"] < len(g.tasks)]
+    if bad:
+        raise UserError(f"--measured {path}: task ids {bad[:5]} are not tasks of the {step}-token step "
+                        f"({len(g.tasks)} tasks)")
+    events = []
+    for ev in simulated:
+        if ev.get("ph") == "M" and ev.get("name") == "process_name":
+            ev = {**ev, "args": {"name": "simulated"}}
+        events.append(ev)
+    pid = 1
+    events.append({"ph": "M", "name": "process_name", "pid": pid, "tid": 0,
+                   "args": {"name": "measured"}})
+    events.append({"ph": "M", "name": "process_sort_index", "pid": pid, "tid": 0, "args": {"sort_index": 1}})
+    for w in sorted({r["worker"] for r in rows}):
+        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": w, "args": {"name": f"worker {w}"}})
+        events.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": w, "args": {"sort_index": w}})
+    for r in rows:
+        task = g.tasks[r["task"]]
+        op = g.ops[task.op]
+        if r["start"] > r["wait"]:
+            events.append({"ph": "X", "pid": pid, "tid": r["worker"], "name": "wait", "cat": "wait",
+                           "ts": r["wait"] / 1e3, "dur": (r["start"] - r["wait"]) / 1e3, "args": {"task": r["task"]}})
+        events.append({"ph": "X", "pid": pid, "tid": r["worker"], "name": f"{op.name}:{task.kind}", "cat": op.kind,
+                       "ts": r["start"] / 1e3, "dur": (r["end"] - r["start"]) / 1e3,
+                       "args": {"task": r["task"], "bytes": task.bytes, "planned_worker": int(s.worker_of[r["task"]])}})
+    return events
 
 
 def plot_timeline(art, step: int, gpu_name: str | None, path: str) -> None:
