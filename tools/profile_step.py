@@ -21,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
 
 from model.config import preset  # noqa: E402
 from tilert.build import build_cubin  # noqa: E402
