@@ -128,3 +128,29 @@ def test_random_models_and_schedules_equal_reference(cfg, seed, workers, tiles, 
     got = torch.cat(got)
     assert not torch.isnan(got).any()
     assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("tokens", [2, 8])
+def test_union_experts_read_each_distinct_expert_once(tokens):
+    """A multi-token step with `expert_union` computes the same logits, and its expert tasks
+    read each distinct expert's tiles once, however many tokens chose it."""
+    cfg = preset("mimo-tiny")
+    weights = random_weights(cfg, seed=2)
+    recipe = dict(load_recipe(None, "h100"), expert_union=True)
+    schedules = compile_steps(cfg, recipe, [1, tokens], max_seq_len=64)
+    kinds = {t.kind for t in schedules[tokens].graph.tasks}
+    assert {"expert_union", "rmsnorm+expert_gate_up_union", "expert_down_union"} <= kinds
+    vm = VM(cfg, schedules, runtime_weights(cfg, weights), max_seq_len=64)
+    reads = []
+    original = vm._memory(tokens).expert_rows
+
+    def counting(name, expert, r0, r1):
+        reads.append((name, expert, r0, r1))
+        return original(name, expert, r0, r1)
+
+    vm._memory(tokens).expert_rows = counting
+    ids = torch.randint(0, cfg.vocab_size, (tokens + 5,), generator=torch.Generator().manual_seed(9)).tolist()
+    got = [vm.step(ids[:tokens], interleave=5)[0]] + [vm.step([t])[0] for t in ids[tokens:]]
+    want = ReferenceDecoder(cfg, weights, max_seq_len=64).forward(torch.tensor(ids))
+    assert rel_err(torch.cat(got), want) < 1e-5
+    assert reads and len(reads) == len(set(reads))  # no expert tile read twice in the step

@@ -25,7 +25,7 @@ from tilert.ir import ACTIVATION, LOCAL, Op, Region, Task, TaskGraph
 
 RULES = ("rmsnorm_into_projection", "rope_kv_into_projection")
 # Task kinds that read the whole normed hidden state (or one token of it) and may recompute it.
-_NORM_READERS = {"linear", "gate_up", "router", "lm_head", "expert_gate_up"}
+_NORM_READERS = {"linear", "gate_up", "router", "lm_head", "expert_gate_up", "expert_gate_up_union"}
 _EPILOGUE_KINDS = {"rope", "kv_write"}
 _EPILOGUE_HOSTS = {"linear"}
 

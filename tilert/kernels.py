@@ -229,11 +229,57 @@ def argmax(p, m: Memory):
         m["next_token"][b] = int(best[b, i, 1])
 
 
+def expert_union(p, m: Memory):
+    """The distinct experts of the step in first-seen order (token-major), and for every
+    (token, k) the slot of its expert in that list; unused slots hold -1."""
+    idx = m["topk_idx"].tolist()
+    union, route = [], []
+    for row in idx:
+        route.append([])
+        for e in row:
+            if e not in union:
+                union.append(e)
+            route[-1].append(union.index(e))
+    m["moe_union"].fill_(-1)
+    m["moe_union"][:len(union)] = torch.tensor(union, device=m["moe_union"].device)
+    m["moe_route"].copy_(torch.tensor(route, device=m["moe_route"].device))
+
+
+def expert_gate_up_union(p, m: Memory):
+    u = p["slot"]
+    r0, r1 = p["rows"]
+    out = m["moe_act_union"][u, :, r0:r1]
+    out.zero_()  # tokens not routed to this expert: defined zeros, never read
+    e = int(m["moe_union"][u])
+    if e < 0:
+        return
+    tokens = sorted({t for t, row in enumerate(m["moe_route"].tolist()) if u in row})
+    x = m[p["in"]][tokens]
+    g = x @ m.expert_rows(p["gate"], e, r0, r1).T  # the expert's tile is read once for all its tokens
+    up = x @ m.expert_rows(p["up"], e, r0, r1).T
+    out[tokens] = torch.nn.functional.silu(g) * up
+
+
+def expert_down_union(p, m: Memory):
+    r0, r1 = p["rows"]
+    act, union, w = m["moe_act_union"], m["moe_union"].tolist(), m["topk_weight"]
+    route = m["moe_route"].tolist()
+    # One read of each distinct expert's tile for all its tokens ...
+    y = {u: act[u] @ m.expert_rows(p["down"], e, r0, r1).T for u, e in enumerate(union) if e >= 0}
+    # ... then each token's weighted sum in slot order, as the per-token path adds it.
+    for t, row in enumerate(route):
+        total = torch.zeros(r1 - r0, device=act.device)
+        for k, u in enumerate(row):
+            total += w[t, k] * y[u][t]
+        m["x"][t, r0:r1] += total
+
+
 KERNELS = {
     "embed": embed, "rmsnorm": rmsnorm, "linear": linear, "rope": rope, "kv_write": kv_write,
     "attention": attention, "attn_combine": attn_combine, "gate_up": gate_up, "router": router,
     "topk": topk, "expert_gate_up": expert_gate_up, "expert_down": expert_down,
-    "lm_head": lm_head, "argmax": argmax,
+    "lm_head": lm_head, "argmax": argmax, "expert_union": expert_union,
+    "expert_gate_up_union": expert_gate_up_union, "expert_down_union": expert_down_union,
 }
 
 

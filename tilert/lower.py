@@ -326,6 +326,9 @@ def _lower_moe(b: _Builder, layer, x, h):
            b.act_bytes([region(logits), region(idx), region(wts)]) + bias.nbytes, 4 * B * E)
 
     gw, uw, dw = (b.weight(stacked_expert_name(layer, p)) for p in ("gate_proj", "up_proj", "down_proj"))
+    if recipe.get("expert_union"):
+        _lower_experts_union(b, layer, x, h, idx, wts, gw, uw, dw)
+        return
     op = b.op("expert_gate_up", f"layer{layer}.expert_gate_up", layer)
     for t in range(B):
         for slot in range(K):
@@ -342,4 +345,38 @@ def _lower_moe(b: _Builder, layer, x, h):
         reads = [region(act), region(idx), region(wts), dw.full(), *w]
         b.task(op, "expert_down", {"rows": [r0, r1], "down": dw.name, "k": K},
                reads, w, B * K * (r1 - r0) * b.row_bytes(dw) + b.act_bytes([region(act)] + w),
+               2 * B * K * (r1 - r0) * I)
+
+
+def _lower_experts_union(b: _Builder, layer, x, h, idx, wts, gw, uw, dw):
+    """Experts of a multi-token step, each distinct selected expert read once for all the
+    tokens routed to it.  Which experts are distinct is known only at run time, so the step
+    has one slot per possible distinct expert (min(B*K, E)): an `expert_union` task lists the
+    distinct experts and routes every (token, k) to its slot; the tasks of a slot left empty
+    do nothing."""
+    cfg, recipe, B = b.cfg, b.recipe, b.tokens
+    E, K, I, H = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.hidden_size
+    U = min(B * K, E)
+    union = b.buf("moe_union", (U,), "i32")
+    route = b.buf("moe_route", (B, K), "i32")
+    act = b.buf("moe_act_union", (U, B, I))
+    op = b.op("expert_union", f"layer{layer}.expert_union", layer)
+    b.task(op, "expert_union", {"k": K}, [region(idx)], [region(union), region(route)],
+           b.act_bytes([region(idx), region(union), region(route)]), B * K)
+
+    op = b.op("expert_gate_up_union", f"layer{layer}.expert_gate_up", layer)
+    for u in range(U):
+        for r0, r1 in _tiles(I, recipe["expert_rows"]):
+            w = [region(act, u, None, (r0, r1))]
+            reads = [region(union, u), region(route), region(h), gw.full(), uw.full()]
+            b.task(op, "expert_gate_up_union", {"slot": u, "rows": [r0, r1], "gate": gw.name, "up": uw.name,
+                                                "in": h.name},
+                   reads, w, (r1 - r0) * (b.row_bytes(gw) + b.row_bytes(uw)) + b.act_bytes([region(h)] + w),
+                   4 * B * (r1 - r0) * H)
+    op = b.op("expert_down_union", f"layer{layer}.expert_down", layer)
+    for r0, r1 in _tiles(H, recipe["out_rows"]):
+        w = [region(x, None, (r0, r1))]
+        reads = [region(act), region(union), region(route), region(wts), dw.full(), *w]
+        b.task(op, "expert_down_union", {"rows": [r0, r1], "down": dw.name, "k": K},
+               reads, w, U * (r1 - r0) * b.row_bytes(dw) + b.act_bytes([region(act)] + w),
                2 * B * K * (r1 - r0) * I)
