@@ -25,7 +25,6 @@ one UserError.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
@@ -33,7 +32,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,7 @@ import tilert
 from model.config import MimoConfig
 from model.weights import StoredTensor
 from tilert.errors import UserError
-from tilert.schedule import Schedule, schedule_from_json, schedule_to_json
+from tilert.schedule import Schedule, gc_paused, schedule_from_json, schedule_to_json
 
 SCHEDULE_FILE = "schedule.json"
 METADATA_FILE = "metadata.json"
@@ -100,19 +98,6 @@ class Artifact:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-@contextmanager
-def gc_paused():
-    """Pause the cyclic garbage collector while building or parsing millions of small acyclic
-    objects (a 48-layer schedule): its repeated full passes would otherwise dominate."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()

@@ -9,11 +9,10 @@ tools/diff_step.py; imports no GPU code, so it loads anywhere.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
-from tilert.ir import ACTIVATION, LOCAL, OUTPUT
+from tilert.ir import LOCAL
 from tilert.kernels import run_task
 from tilert.vm import VM
 
@@ -21,15 +20,7 @@ from tilert.vm import VM
 def vm_prefix(vm: VM, tokens: list[int], last_task: int, temperature=0.0, seed=0):
     """The VM's buffers after the tasks with id <= last_task of one step (id order is a valid
     order: every dependency points from a lower id to a higher one)."""
-    B = len(tokens)
-    s = vm.schedules[B]
-    m = vm._memory(B)
-    for name, buf in s.graph.buffers.items():
-        if buf.kind in (ACTIVATION, OUTPUT):
-            m.buffers[name].fill_(math.nan if m.buffers[name].is_floating_point() else -1)
-    m.buffers["tokens"].copy_(torch.tensor(tokens))
-    m.buffers["positions"].copy_(torch.arange(vm.seq_len, vm.seq_len + B))
-    m.buffers["sampling"].copy_(torch.tensor([float(temperature), float(seed)], dtype=torch.float64))
+    s, m = vm.prepare(tokens, temperature, seed)
     local_shapes = {n: b.shape for n, b in s.graph.buffers.items() if b.kind == LOCAL}
     for t in s.graph.tasks[:last_task + 1]:
         run_task(t, m, local_shapes)

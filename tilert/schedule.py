@@ -45,7 +45,9 @@ class Schedule:
 
 
 @contextmanager
-def _gc_paused() -> Iterator[None]:
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while building or parsing millions of small acyclic
+    objects (a 48-layer schedule): its repeated full passes would otherwise dominate."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -56,7 +58,7 @@ def _gc_paused() -> Iterator[None]:
 
 
 def graph_to_json(g: TaskGraph, with_deps: bool = True) -> dict:
-    with _gc_paused():
+    with gc_paused():
         d = {
             "tokens": g.tokens,
             "buffers": [[b.name, list(b.shape), b.dtype, b.kind, b.nbytes] for b in g.buffers.values()],
@@ -70,7 +72,7 @@ def graph_to_json(g: TaskGraph, with_deps: bool = True) -> dict:
 
 def graph_from_json(d: dict) -> TaskGraph:
     """The graph; deps are empty unless they were stored (derive_dependencies refills them)."""
-    with _gc_paused():
+    with gc_paused():
         buffers = {}
         for name, shape, dtype, kind, nbytes in d["buffers"]:
             buffers[name] = Buffer(name, tuple(shape), dtype, kind, nbytes)
@@ -85,7 +87,7 @@ def schedule_to_json(s: Schedule, with_deps: bool = False) -> dict:
     graph's deps are left out unless asked for: the counters carry the ordering the runtime
     needs, deps are derivable (derive_dependencies, about 2 s for 50k tasks), and on a MoE model
     they are most of the bytes (2.2M edges for 48k tasks: 30 MB of JSON instead of 13)."""
-    with _gc_paused():
+    with gc_paused():
         return {
             "format": SCHEDULE_FORMAT_VERSION,
             "num_workers": s.num_workers,
@@ -105,7 +107,7 @@ def schedule_from_json(d: dict) -> Schedule:
             f"schedule format {d.get('format')!r} is not supported (this tilert reads format "
             f"{SCHEDULE_FORMAT_VERSION}); recompile the model"
         )
-    with _gc_paused():
+    with gc_paused():
         return Schedule(
             graph=graph_from_json(d["graph"]),
             num_workers=d["num_workers"],
@@ -125,7 +127,7 @@ def write_schedule(path: str, s: Schedule) -> None:
 
 
 def read_schedule(path: str) -> Schedule:
-    with open(path) as f, _gc_paused():
+    with open(path) as f, gc_paused():
         return schedule_from_json(json.load(f))
 
 

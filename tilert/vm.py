@@ -61,6 +61,20 @@ class VM:
             self._memories[tokens] = Memory(bufs, self.weights, self.device)
         return self._memories[tokens]
 
+    def prepare(self, tokens: list[int], temperature: float = 0.0, seed: int = 0) -> tuple[Schedule, Memory]:
+        """The schedule and memory of a step over `tokens` at positions seq_len.., its inputs
+        written and its activations poisoned (NaN, -1): what no task writes shows."""
+        B = len(tokens)
+        s = self.schedules[B]
+        m = self._memory(B)
+        for name, buf in s.graph.buffers.items():
+            if buf.kind in (ACTIVATION, OUTPUT):
+                m.buffers[name].fill_(math.nan if m.buffers[name].is_floating_point() else -1)
+        m.buffers["tokens"].copy_(torch.tensor(tokens))
+        m.buffers["positions"].copy_(torch.arange(self.seq_len, self.seq_len + B))
+        m.buffers["sampling"].copy_(torch.tensor([float(temperature), float(seed)], dtype=torch.float64))
+        return s, m
+
     def step(self, tokens: list[int], temperature: float = 0.0, seed: int = 0,
              interleave: int | None = None) -> tuple[torch.Tensor, list[int]]:
         """Run one step over `tokens` at positions seq_len.. ; returns (logits [B, V], chosen tokens)."""
@@ -70,14 +84,7 @@ class VM:
         if self.seq_len + B > self.max_seq_len:
             raise UserError(f"sequence of {self.seq_len + B} tokens exceeds the artifact's max sequence "
                             f"length {self.max_seq_len}")
-        s = self.schedules[B]
-        m = self._memory(B)
-        for name, buf in s.graph.buffers.items():
-            if buf.kind in (ACTIVATION, OUTPUT):
-                m.buffers[name].fill_(math.nan if m.buffers[name].is_floating_point() else -1)
-        m.buffers["tokens"].copy_(torch.tensor(tokens))
-        m.buffers["positions"].copy_(torch.arange(self.seq_len, self.seq_len + B))
-        m.buffers["sampling"].copy_(torch.tensor([float(temperature), float(seed)], dtype=torch.float64))
+        s, m = self.prepare(tokens, temperature, seed)
         # Tasks are tiny tensor ops: intra-op threads only add synchronisation (40x slower).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
