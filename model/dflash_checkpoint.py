@@ -65,7 +65,7 @@ def load_drafter(path: str | Path) -> tuple[DFlashConfig, dict[str, StoredTensor
     dcfg = drafter_config_from_dict(d, str(cfg_file))
     try:
         f = safe_open(str(w_file), framework="pt")
-        header = {n: (f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in f.keys()}
+        header = {n: (f.get_slice(n).get_dtype(), tuple(f.get_slice(n).get_shape())) for n in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError) as e:
         raise UserError(f"{w_file}: not a readable safetensors file ({e})") from None
 

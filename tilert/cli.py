@@ -22,9 +22,9 @@ from tilert.errors import UserError
 PRESET_HELP = "mimo-tiny, mimo-v2-flash, mimo-v2.5-pro"
 DEFAULT_STEPS = (1, 8)
 DEFAULT_MAX_SEQ_LEN = 4096
-DEFAULT_PRESET = "mimo-tiny"
 # The embedded default's prompt (token ids: the synthetic model has no tokenizer).
-DEFAULT_PROMPT_IDS = (1, 17, 42, 101, 7, 256, 3, 99)
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "model" / "pretrained" / "mimo-tiny-py"
+DEFAULT_PROMPT = "class Stack:\n    def __init__(self):\n"
 
 
 def _progress() -> bool:
@@ -306,21 +306,23 @@ def default_cache_dir() -> Path:
 
 
 def default_artifact(log=None) -> Path:
-    """The embedded default: mimo-tiny with synthetic weights (seed 0), compiled once and cached."""
+    """The embedded default: the tiny MiMo pair the repository carries (a target trained on the
+    Python standard library's source and its DFlash drafter, made by tools/train_tiny.py),
+    compiled once and cached."""
     from tilert.artifact import read_artifact
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    path = default_cache_dir() / f"{DEFAULT_PRESET}-{tilert.__version__}"
+    path = default_cache_dir() / f"{DEFAULT_MODEL.name}-{tilert.__version__}"
     if path.exists():
         try:
             art = read_artifact(path, load_weights=False)
-            if art.meta.get("source", "").startswith(f"preset:{DEFAULT_PRESET}") and not art.schedule_only:
+            if art.meta.get("source") == str(DEFAULT_MODEL) and not art.schedule_only:
                 return path
         except UserError as e:
             log(f"cached default artifact is unusable ({e}); recompiling")
         shutil.rmtree(path, ignore_errors=True)
-    log(f"compiling the embedded default ({DEFAULT_PRESET}, synthetic weights) into {path}")
-    compile_artifact(DEFAULT_PRESET, path, seed=0, log=log)
+    log(f"compiling the embedded default ({DEFAULT_MODEL.name}) into {path}")
+    compile_artifact(str(DEFAULT_MODEL), path, draft=str(DEFAULT_MODEL / "draft"), log=log)
     return path
 
 
@@ -441,8 +443,8 @@ def cmd_run(args) -> int:
         prompt = tok.encode(args.prompt).ids
         if not prompt:
             raise UserError("--prompt encodes to no tokens")
-    elif not args.artifact:
-        prompt = list(DEFAULT_PROMPT_IDS)
+    elif not args.artifact and tok is not None:
+        prompt = tok.encode(DEFAULT_PROMPT).ids
     else:
         raise UserError("no prompt: pass --prompt TEXT or --prompt-ids 1,2,3")
     bad = [t for t in prompt if not 0 <= t < vocab]

@@ -31,8 +31,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.dflash import DFlashDrafter  # noqa: E402
-from model.reference import ReferenceDecoder, generate  # noqa: E402
+from model.dflash import DFlashDrafter
+from model.reference import ReferenceDecoder, generate
 
 
 @dataclass

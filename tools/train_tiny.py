@@ -35,7 +35,6 @@ on shared machines (--threads).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -47,19 +46,33 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.checkpoint import _hub_tensors, _Item, _write_atomically, _write_config, _write_shards, load_checkpoint  # noqa: E402
-from model.config import DENSE, FULL, SLIDING, SPARSE, MimoConfig  # noqa: E402
-from model.dflash import DFlashConfig, DFlashDrafter, expected_draft_tensors  # noqa: E402
-from model.dflash_checkpoint import load_drafter, save_drafter  # noqa: E402
-from model.reference import ReferenceDecoder, apply_rope, generate, rms_norm, rope_cos_sin, swiglu  # noqa: E402
-from model.weights import BF16, FP8, StoredTensor, expected_tensors, layer_prefix  # noqa: E402
-from tools.speculative_eval import evaluate, speculative_generate  # noqa: E402
+from model.checkpoint import (
+    _hub_tensors,
+    _Item,
+    _write_atomically,
+    _write_config,
+    _write_shards,
+    load_checkpoint,
+)
+from model.config import DENSE, FULL, SLIDING, SPARSE, MimoConfig
+from model.dflash import DFlashConfig, DFlashDrafter
+from model.dflash_checkpoint import load_drafter, save_drafter
+from model.reference import (
+    ReferenceDecoder,
+    apply_rope,
+    generate,
+    rms_norm,
+    rope_cos_sin,
+    swiglu,
+)
+from model.weights import BF16, FP8, StoredTensor, expected_tensors, layer_prefix
+from tools.speculative_eval import evaluate, speculative_generate
 
 EOT = "<|endoftext|>"
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo", "__pycache__", "encodings"}
@@ -402,10 +415,10 @@ def drafter_config(target: MimoConfig, args) -> DFlashConfig:
     return DFlashConfig(
         num_layers=args.draft_layers,
         hidden_size=target.hidden_size,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=32,
-        v_head_dim=32,
+        num_heads=args.draft_heads,
+        num_kv_heads=args.draft_kv_heads,
+        head_dim=args.draft_head_dim,
+        v_head_dim=args.draft_head_dim,
         intermediate_size=args.draft_intermediate,
         target_layers=DFlashConfig.spread_layers(target.num_hidden_layers, args.draft_target_layers),
         vocab_size=target.vocab_size,
@@ -465,7 +478,7 @@ class Drafter(nn.Module):
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """feats [b, L, n_target_layers * H] (target layer outputs, concatenated in target_layers order),
         tokens [b, L], starts [b, N] block starts (the last committed token's position) -> logits
-        [b, N, B, V] of every block position."""
+        [b, N, B-1, V] of block positions 1..B-1 (the drafts)."""
         d = self.d
         b, L = tokens.shape
         N, B = starts.shape[1], d.block_size
@@ -497,8 +510,8 @@ class Drafter(nn.Module):
                                   d.softmax_scale, layer.sink)
             x = x + F.linear(o, layer.wo)
             x = x + swiglu(rms_norm(x, layer.post_norm, d.rms_norm_eps), layer.gate, layer.up, layer.down)
-        logits = F.linear(rms_norm(x, self.final_norm, d.rms_norm_eps), self.lm_head)
-        return logits.view(b, N, B, -1)
+        x = x.view(b, N, B, -1)[:, :, 1:]  # the draft positions (position 0 holds the last token)
+        return F.linear(rms_norm(x, self.final_norm, d.rms_norm_eps), self.lm_head)
 
     def canonical_state(self) -> dict[str, torch.Tensor]:
         s = {"fc.weight": self.fc, "hidden_norm.weight": self.hidden_norm, "mask_embedding": self.mask_embedding,
@@ -579,13 +592,13 @@ def teacher_logits(target: Target, last: torch.Tensor, starts: torch.Tensor, B: 
 
 def draft_loss(logits: torch.Tensor, tokens: torch.Tensor, starts: torch.Tensor, decay: float,
                teacher: torch.Tensor | None = None, soft: float = 0.0):
-    """Position-weighted loss of block positions 1..B-1: (1 - soft) x CE against the sequence's next
+    """Position-weighted loss of the draft logits [b, N, B-1, V] (block positions 1..B-1): (1 - soft) x CE against the sequence's next
     tokens (the target's greedy chain) + soft x KL(target || drafter); also the per-position
     accuracy [B-1] and the prefix-correctness matrix [n_blocks, B-1]."""
-    B = logits.shape[2]
+    B = logits.shape[2] + 1
     pos = starts[..., None] + torch.arange(1, B)  # [b, N, B-1]
     labels = tokens.gather(1, pos.reshape(tokens.shape[0], -1)).view_as(pos)
-    lg = logits[:, :, 1:]
+    lg = logits
     per = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels.reshape(-1), reduction="none").view_as(labels)
     if teacher is not None and soft > 0:
         logq = F.log_softmax(lg, dim=-1)
@@ -633,7 +646,7 @@ def train_drafter(d: DFlashConfig, target: Target, data, held_data, args) -> Dra
                 f"acc@1 {acc[0]:.2f} acc@{d.block_size - 1} {acc[-1]:.2f}  {time.perf_counter() - t0:6.0f}s")
     log(f"drafter trained in {time.perf_counter() - t0:.0f}s")
     with torch.no_grad():
-        htoks, hfeats, hlasts, hfirsts = held_data
+        htoks, hfeats, _, hfirsts = held_data
         gh = torch.Generator().manual_seed(args.seed + 4)
         starts = sample_starts(hfirsts, L, d.block_size, args.blocks_per_seq, gh)
         logits = drafter(hfeats.float(), htoks, starts)
@@ -693,13 +706,16 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=8)
     ap.add_argument("--draft-layers", type=int, default=2)
     ap.add_argument("--draft-intermediate", type=int, default=384)
+    ap.add_argument("--draft-heads", type=int, default=8)
+    ap.add_argument("--draft-kv-heads", type=int, default=8)
+    ap.add_argument("--draft-head-dim", type=int, default=32)
     ap.add_argument("--draft-target-layers", type=int, default=4, help="how many target layers (spread) condition it")
     ap.add_argument("--draft-window", type=int, default=128)
     ap.add_argument("--draft-seq-len", type=int, default=224)
     ap.add_argument("--prompt-lens", default="16,32,64,96")
-    ap.add_argument("--gen-batches", type=int, default=16)
+    ap.add_argument("--gen-batches", type=int, default=48)
     ap.add_argument("--gen-batch", type=int, default=64)
-    ap.add_argument("--draft-steps", type=int, default=1000)
+    ap.add_argument("--draft-steps", type=int, default=1200)
     ap.add_argument("--draft-batch", type=int, default=16)
     ap.add_argument("--blocks-per-seq", type=int, default=24)
     ap.add_argument("--draft-lr", type=float, default=3e-3)
@@ -721,6 +737,7 @@ def main(argv=None) -> int:
             raise SystemExit(f"{args.out} exists; pass --force to replace it")
         shutil.rmtree(args.out)
     t_all = time.perf_counter()
+    phase: dict[str, float] = {}
 
     # 1-2. corpus and tokenizer
     train_files, held_files = read_corpus(args.stdlib)
@@ -749,11 +766,16 @@ def main(argv=None) -> int:
         loss_fp32 = float("nan")
     else:
         cfg = target_config(tok.get_vocab_size(), eot)
+        t0 = time.perf_counter()
         model = train_target(cfg, stream, held, args)
+        phase["target_training"] = time.perf_counter() - t0
         model.eval()
         stored = stored_target(cfg, model.hub_state(), fp8=not args.bf16_linears)
         write_target(cfg, stored, tok, args.out)
         loss_fp32 = eval_loss(model, held, args.seq_len, 64)
+    x = held[1000:1000 + 200]
+    with torch.no_grad():
+        logits_fp32 = model(x[None])[0]  # the trained weights before storage (or the reused target's)
 
     cfg2, weights = load_checkpoint(args.out)
     assert cfg2 == cfg, (cfg2, cfg)
@@ -764,15 +786,15 @@ def main(argv=None) -> int:
     log(f"held-out loss: fp32 weights {loss_fp32:.3f} nats/token (ppl {math.exp(loss_fp32):.2f}); "
         f"as stored ({'/'.join(fmts)}) {loss_stored:.3f} (ppl {math.exp(loss_stored):.2f})")
 
-    x = held[1000:1000 + 200]
     ref = ReferenceDecoder(cfg2, weights, torch.float32, max_seq_len=4096)
     with torch.no_grad():
         ref_logits, ref_hidden = ref.forward(x, capture_layers=list(range(cfg.num_hidden_layers)))
         ours, hidden = model(x[None], capture=True)
     err = rel_err(ours[0], ref_logits)
     herr = max(rel_err(hidden[l][0], ref_hidden[l]) for l in range(cfg.num_hidden_layers))
-    log(f"reload check: ReferenceDecoder(load_checkpoint) vs training forward: logits rel err {err:.2e}, "
-        f"hidden rel err {herr:.2e}")
+    log(f"reload check: ReferenceDecoder(load_checkpoint) vs training forward on the stored weights: logits rel "
+        f"err {err:.2e}, hidden rel err {herr:.2e}; vs the fp32 trained weights (storage rounding): logits rel err "
+        f"{rel_err(ref_logits, logits_fp32):.2e}, same argmax {(ref_logits.argmax(-1) == logits_fp32.argmax(-1)).float().mean():.3f}")
     assert err < 1e-4 and herr < 1e-4, "the training forward does not match the reference decoder"
     for prompt in ("def ", "import os\n", "class "):
         ids = tok.encode(prompt).ids
@@ -784,23 +806,27 @@ def main(argv=None) -> int:
 
     # 4. drafter
     d = drafter_config(cfg, args)
+    t0 = time.perf_counter()
     data = distillation_data(model, stream, d, args, args.seed + 10)
     held_args = argparse.Namespace(**{**vars(args), "gen_batches": len(args.prompt_lens.split(","))})
     held_data = distillation_data(model, held, d, held_args, args.seed + 11)
+    phase["distillation_data"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     drafter = train_drafter(d, model, data, held_data, args)
+    phase["drafter_training"] = time.perf_counter() - t0
     save_drafter(d, {n: p.detach() for n, p in drafter.canonical_state().items()}, args.out / "draft")
     dcfg, dweights = load_drafter(args.out / "draft")
     assert dcfg == d
     drafter.load_canonical({n: t.dequantize(torch.float32) for n, t in dweights.items()})
     inference = DFlashDrafter(dcfg, dweights, weights["model.embed_tokens.weight"], weights["lm_head.weight"])
-    htoks, hfeats, _, hfirsts = held_data
+    htoks, _, _, hfirsts = held_data
     worst = 0.0
     with torch.no_grad():
-        for row in range(0, 4):
+        for row in range(4):
             s = int(hfirsts[row]) + 7 * row
             _, hid = model(htoks[row:row + 1], capture=True)  # fp32 features (the stored ones are fp16)
             feats = torch.cat([hid[l] for l in dcfg.target_layers], dim=-1)
-            ours = drafter(feats, htoks[row:row + 1], torch.tensor([[s]]))[0, 0, 1:]
+            ours = drafter(feats, htoks[row:row + 1], torch.tensor([[s]]))[0, 0]
             inference.reset()
             theirs = inference.draft_logits(int(htoks[row, s]), {l: hid[l][0, :s] for l in dcfg.target_layers}, s)
             worst = max(worst, rel_err(ours, theirs))
@@ -829,8 +855,13 @@ def main(argv=None) -> int:
     sizes = ", ".join(f"{p.relative_to(args.out)} {p.stat().st_size / 1e6:.2f} MB" for p in files)
     log(f"wrote {args.out}: {sizes}; total {sum(p.stat().st_size for p in files) / 1e6:.2f} MB")
     summary = {"heldout_loss_fp32": loss_fp32, "heldout_loss_stored": loss_stored,
-               "acceptance_length": rep.acceptance_length, "mismatches": rep.mismatches,
-               "seconds": time.perf_counter() - t_all}
+               "acceptance_length": rep.acceptance_length, "acceptance_rounds": rep.rounds,
+               "eval_prompts": len(prompts), "eval_new_tokens": args.eval_new_tokens, "mismatches": rep.mismatches,
+               "seconds": {**phase, "total": time.perf_counter() - t_all}}
+    provenance = {"made_by": "tools/train_tiny.py", "args": {k: str(v) if isinstance(v, Path) else v
+                                                            for k, v in vars(args).items()},
+                  "python": sys.version.split()[0], "torch": torch.__version__, "metrics": summary}
+    (args.out / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     log("summary " + json.dumps(summary))
     return 0 if rep.mismatches == 0 else 1
 
