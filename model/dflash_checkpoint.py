@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -109,3 +110,6 @@ def save_drafter(dcfg: DFlashConfig, weights: dict[str, torch.Tensor | StoredTen
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(drafter_config_to_dict(dcfg), indent=2) + "\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    (out / WEIGHTS_FILE).chmod(0o666 & ~umask)  # safetensors writes a private (0600) file
