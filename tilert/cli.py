@@ -7,6 +7,7 @@ exits with status 2, without a traceback; anything else is a bug and keeps its t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import dataclasses
 import json
 import os
@@ -312,7 +313,9 @@ def default_artifact(log=None) -> Path:
     from tilert.artifact import read_artifact
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    path = default_cache_dir() / f"{DEFAULT_MODEL.name}-{tilert.__version__}"
+    # Keyed on the carried checkpoint's provenance too: a retrained pair gets a fresh artifact.
+    stamp = hashlib.sha256((DEFAULT_MODEL / "provenance.json").read_bytes()).hexdigest()[:12]
+    path = default_cache_dir() / f"{DEFAULT_MODEL.name}-{tilert.__version__}-{stamp}"
     if path.exists():
         try:
             art = read_artifact(path, load_weights=False)

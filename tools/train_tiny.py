@@ -29,7 +29,15 @@ Steps (deterministic for a given --seed, machine and Python installation):
    that it commits exactly the plain greedy tokens.
 
 Needs only torch and tokenizers (transformers is not used).  Keep `torch.set_num_threads` small
-on shared machines (--threads).
+on shared machines (--threads; under heavy contention --threads 1 is often faster).
+`--target-from DIR` reuses a trained target and trains only the drafter (the same drafter a full
+run with the same drafter arguments would train).
+
+The carried `model/pretrained/mimo-tiny-py` (3.3 MB; `provenance.json` records how it was made):
+target 4 layers x hidden 128 (~1.7M parameters), 2000 AdamW steps of 8 x 256 tokens in ~7.5 min
+on 2 idle cores, held-out loss 2.53 nats/token (ppl 12.6; FP8 storage costs 0.003 nats); drafter
+2 layers, block 8, 4096 distillation sequences, 2000 steps (~13 min on 2 idle cores), greedy
+speculative decoding from 24 held-out prompts x 128 tokens: acceptance length 3.2 (3.0 over 48).
 """
 
 from __future__ import annotations
@@ -713,16 +721,16 @@ def main(argv=None) -> int:
     ap.add_argument("--draft-window", type=int, default=128)
     ap.add_argument("--draft-seq-len", type=int, default=224)
     ap.add_argument("--prompt-lens", default="16,32,64,96")
-    ap.add_argument("--gen-batches", type=int, default=48)
+    ap.add_argument("--gen-batches", type=int, default=64)
     ap.add_argument("--gen-batch", type=int, default=64)
-    ap.add_argument("--draft-steps", type=int, default=1200)
+    ap.add_argument("--draft-steps", type=int, default=2000)
     ap.add_argument("--draft-batch", type=int, default=16)
     ap.add_argument("--blocks-per-seq", type=int, default=24)
     ap.add_argument("--draft-lr", type=float, default=3e-3)
     ap.add_argument("--loss-decay", type=float, default=4.0)
     ap.add_argument("--fc-init", choices=["random", "last"], default="random")
     ap.add_argument("--fc-init-scale", type=float, default=1.0)
-    ap.add_argument("--soft", type=float, default=0.5, help="weight of KL(target || drafter) against hard CE")
+    ap.add_argument("--soft", type=float, default=0.8, help="weight of KL(target || drafter) against hard CE")
     # evaluation
     ap.add_argument("--eval-prompts", type=int, default=24)
     ap.add_argument("--eval-prompt-len", type=int, default=48)
