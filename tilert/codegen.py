@@ -412,7 +412,8 @@ class _Encoder:
         _, _, ms = self.shape("attn_max")
         q, kc = self.ref("q"), self._cache_ref(p["k_cache"], g)
         # q heads and cached keys are read as float4: the head starts must be 16-byte aligned too.
-        self.vector_views += [{**q, "offset": q["offset"] + g * group * hd}, kc, {**q, "ld": hd}]
+        vcr = self._cache_ref(p["v_cache"], g)
+        self.vector_views += [{**q, "offset": q["offset"] + g * group * hd}, kc, {**q, "ld": hd}, vcr]
         return [("attention", {"q": q, "k_cache": kc,
                                "v_cache": self._cache_ref(p["v_cache"], g), "positions": self.ref("positions"),
                                "mx": self.ref("attn_max"), "sm": self.ref("attn_sum"), "acc": self.ref("attn_acc"),
@@ -422,6 +423,7 @@ class _Encoder:
 
     def _attn_combine(self, p):
         _, _, ms, vd = self.shape("attn_acc")
+        self.vector_views.append(self.ref("attn_acc"))  # read as float4
         return [("attn_combine", {"mx": self.ref("attn_max"), "sm": self.ref("attn_sum"), "acc": self.ref("attn_acc"),
                                   "out": self.ref("attn_out"), "sink": self.w(p["sink"]), "h0": p["heads"][0],
                                   "h1": p["heads"][1], "splits": p["splits"], "ms": ms, "vd": vd})]
@@ -570,6 +572,17 @@ def _scratch_floats(kind: str, values: dict, B: int) -> int:
     return 0
 
 
+ATTN_HEADS_PER_PASS = 8  # kAttnHeads in cuda/kinds.cuh
+
+
+def _attention_scratch_bytes(compute_warps: int, head_dim: int, v_head_dim: int) -> int:
+    """k_attention's shared memory: the pass's queries [heads][head_dim], then per warp
+    [32 keys][heads] softmax weights, reused after a barrier for the merge (per warp maxima,
+    sums and the values of the pass's heads)."""
+    hp = ATTN_HEADS_PER_PASS
+    return 4 * (hp * head_dim + max(compute_warps * 32 * hp, (compute_warps + 1) * hp + hp * v_head_dim))
+
+
 def _gemv_weights(kind: str, values: dict) -> list[int]:
     if kind in ("linear", "router", "lm_head"):
         return [values["weight"]]
@@ -657,6 +670,9 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
             raise UserError(f"slot_bytes {slot} must be a multiple of 128 and hold the largest weight row "
                             f"({enc.max_row_bytes} B)")
         in_smem = locals_bytes if space == "smem" else 0
+        if any(k == "attention" for stages in enc.stages.values() for k, _ in stages):
+            enc.scratch_bytes = max(enc.scratch_bytes, _attention_scratch_bytes(compute_warps, cfg.head_dim,
+                                                                             cfg.v_head_dim))
         for slots in (range(ring_slots, 1, -1) if loader else [0]):
             lay = _smem_layout(slots, slot, red_bytes, enc.scratch_bytes, in_smem)
             if lay["total"] <= smem_limit:
@@ -734,7 +750,7 @@ def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool,
         "TILERT_SMEM_CTRL": lay["ctrl"], "TILERT_SMEM_BARS": lay["bars"], "TILERT_SMEM_RED": lay["red"],
         "TILERT_SMEM_SCRATCH": lay["scratch"], "TILERT_SMEM_LOCALS": lay["locals"], "TILERT_SMEM_RING": lay["ring"],
         "TILERT_SMEM_BYTES": lay["total"], "TILERT_SCRATCH_STRIDE": f"{scratch_stride}ull",
-        "TILERT_VD_MAX": max(cfg.v_head_dim, 1), "TILERT_E_MAX": max(cfg.n_routed_experts, 1),
+        "TILERT_VD_MAX": max(cfg.v_head_dim, 1), "TILERT_HD_MAX": max(cfg.head_dim, 4), "TILERT_E_MAX": max(cfg.n_routed_experts, 1),
         "TILERT_K_MAX": max(cfg.num_experts_per_tok, 1),
         "TILERT_FORMATS": sum(1 << FORMATS[f] for f in formats) or 1,
     }

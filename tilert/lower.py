@@ -216,18 +216,32 @@ def _lower_attention(b: _Builder, layer, x, h, q, k, v, pos, am, asum, aacc, ao,
     P = lambda what: weight_buffer_name(layer, what)  # noqa: E731
     _lower_rmsnorm(b, f"layer{layer}.input_norm", layer, x, h, P("input_layernorm.weight"))
 
-    # Q projection, whole heads per task so that RoPE can fuse into it.
-    op = b.op("linear", f"layer{layer}.q_proj", layer)
-    for h0, h1 in _tiles(nq, recipe["q_heads_per_task"]):
-        _linear(b, op, [{"weight": P("self_attn.q_proj.weight"), "rows": [h0 * hd, h1 * hd],
-                         "out": q.name, "cols": [h0 * hd, h1 * hd]}], h, False)
-    # K and V projections of the same KV heads in one task (RoPE and the cache write fuse in).
-    op = b.op("linear", f"layer{layer}.kv_proj", layer)
-    for g0, g1 in _tiles(kvh, recipe["kv_heads_per_task"]):
-        _linear(b, op, [
-            {"weight": P("self_attn.k_proj.weight"), "rows": [g0 * hd, g1 * hd], "out": k.name, "cols": [g0 * hd, g1 * hd]},
-            {"weight": P("self_attn.v_proj.weight"), "rows": [g0 * vd, g1 * vd], "out": v.name, "cols": [g0 * vd, g1 * vd]},
-        ], h, False)
+    qkv_rows = recipe.get("qkv_rows")
+    if qkv_rows:
+        # Row tiles of every projection, spread over all workers; RoPE and the cache write then
+        # run as tasks of their own (whole-head tiles of a model with few KV heads leave most
+        # workers idle while a handful stream a whole head each).
+        for name, what, buf, n in (("q_proj", "q_proj", q, nq * hd), ("kv_proj", "k_proj", k, kvh * hd),
+                                   ("kv_proj", "v_proj", v, kvh * vd)):
+            op = b.op("linear", f"layer{layer}.{name}", layer) if what != "v_proj" else op
+            for r0, r1 in _tiles(n, qkv_rows):
+                _linear(b, op, [{"weight": P(f"self_attn.{what}.weight"), "rows": [r0, r1], "out": buf.name,
+                                 "cols": [r0, r1]}], h, False)
+    else:
+        # Q projection, whole heads per task so that RoPE can fuse into it.
+        op = b.op("linear", f"layer{layer}.q_proj", layer)
+        for h0, h1 in _tiles(nq, recipe["q_heads_per_task"]):
+            _linear(b, op, [{"weight": P("self_attn.q_proj.weight"), "rows": [h0 * hd, h1 * hd],
+                             "out": q.name, "cols": [h0 * hd, h1 * hd]}], h, False)
+        # K and V projections of the same KV heads in one task (RoPE and the cache write fuse in).
+        op = b.op("linear", f"layer{layer}.kv_proj", layer)
+        for g0, g1 in _tiles(kvh, recipe["kv_heads_per_task"]):
+            _linear(b, op, [
+                {"weight": P("self_attn.k_proj.weight"), "rows": [g0 * hd, g1 * hd], "out": k.name,
+                 "cols": [g0 * hd, g1 * hd]},
+                {"weight": P("self_attn.v_proj.weight"), "rows": [g0 * vd, g1 * vd], "out": v.name,
+                 "cols": [g0 * vd, g1 * vd]},
+            ], h, False)
 
     theta, rdim = cfg.rope_theta(layer), cfg.rotary_dim
     op = b.op("rope", f"layer{layer}.rope", layer)

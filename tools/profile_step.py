@@ -38,12 +38,14 @@ def main(argv=None) -> int:
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--expert-format", default="mxfp4")
     ap.add_argument("--loader", type=int, default=1)
+    ap.add_argument("--compute-warps", type=int, default=None, help="default: the codegen's")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(preset("mimo-v2-flash", layers=args.layers), expert_format=args.expert_format)
     weights = device_weights(cfg, seed=0, expert_format=args.expert_format)
     schedule = compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=args.context + 8)[1]
-    gen = generate(schedule, cfg, weight_formats={n: t.fmt for n, t in weights.items()}, loader=bool(args.loader))
+    gen = generate(schedule, cfg, weight_formats={n: t.fmt for n, t in weights.items()}, loader=bool(args.loader),
+                   **({"compute_warps": args.compute_warps} if args.compute_warps else {}))
     cubin, report = build_cubin(gen.source, Path("/tmp/tilert-profile"), profile=True)
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=args.context + 8, profile=True)
     rt.fill_cache(args.context, seed=1)
@@ -68,14 +70,25 @@ def main(argv=None) -> int:
         k["model_ns"] += task_time(t, gpu) * 1e9
         k["first_start"] = min(k["first_start"], r["start"])
         k["last_end"] = max(k["last_end"], r["end"])
+    # span: from an op's first task start to its last task end, averaged over the op's layers
+    op_lo, op_hi, ops_of = {}, {}, collections.defaultdict(set)
+    for r in rows:
+        op = tasks[r["task"]].op
+        op_lo[op] = min(op_lo.get(op, 1e30), r["start"])
+        op_hi[op] = max(op_hi.get(op, 0), r["end"])
+        name = schedule.graph.ops[op].name
+        ops_of[name.split(".", 1)[1] if name.startswith("layer") else name].add(op)
+    span = {kind: sum(op_hi[o] - op_lo[o] for o in ops) for kind, ops in ops_of.items()}
     print(f"{gen.describe()}\nptxas: {report.get('registers')} regs; step {step_ns / 1e3:.1f} us "
           f"over {len(rows)} tasks")
-    print(f"{'op':24s} {'tasks':>5s} {'mean us':>8s} {'GB/s/SM':>8s} {'wait us':>8s} {'model us':>8s} {'busy %':>6s}")
+    print(f"{'op':24s} {'tasks':>5s} {'mean us':>8s} {'GB/s/SM':>8s} {'wait us':>8s} {'model us':>8s} {'busy %':>6s} "
+          f"{'span us':>8s}")
     for kind, k in sorted(by_kind.items(), key=lambda kv: -kv[1]["busy_ns"]):
         mean = k["busy_ns"] / k["tasks"]
         print(f"{kind:24s} {k['tasks']:5d} {mean / 1e3:8.2f} {k['bytes'] / max(k['busy_ns'], 1):8.2f} "
               f"{k['wait_ns'] / k['tasks'] / 1e3:8.2f} {k['model_ns'] / k['tasks'] / 1e3:8.2f} "
-              f"{100 * k['busy_ns'] / (step_ns * schedule.num_workers):6.1f}")
+              f"{100 * k['busy_ns'] / (step_ns * schedule.num_workers):6.1f} "
+              f"{span[kind] / len(ops_of[kind]) / 1e3:8.1f}")
     Path(args.out).write_text(json.dumps({"step_ns": step_ns, "by_kind": by_kind, "tasks": rows}, default=float))
     return 0
 

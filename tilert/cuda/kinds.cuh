@@ -17,7 +17,7 @@ TILERT_DEV float silu(float g) { return g / (1.0f + expf(-g)); }
 TILERT_DEV void k_embed(Ctx& c, const EmbedParams& p) {
   const int* tok = ref_ptr<int>(c, p.tokens);
   float* out = ref_ptr<float>(c, p.out);
-  const WeightDesc& w = weight(c, p.table);
+  const WeightDesc w = weight(c, p.table);
   const int n = p.c1 - p.c0;
   for (int i = ctid(); i < kB * n; i += kNCT) {
     const int b = i / n, col = p.c0 + i % n;
@@ -26,18 +26,32 @@ TILERT_DEV void k_embed(Ctx& c, const EmbedParams& p) {
 }
 
 // ---- rmsnorm: out = x * rsqrt(mean(x^2) + eps) * w, rows [r0, r1), written cols [c0, c1) ----------
+// The whole CTA works on every row (a decode step has 1..8 rows): independent loads spread over
+// all compute threads, then one cross-warp sum, instead of one warp walking a 4096-wide row.
 TILERT_DEV void k_rmsnorm(Ctx& c, const RmsnormParams& p) {
   const float* in = ref_ptr<float>(c, p.in);
   float* out = ref_ptr<float>(c, p.out);
-  const WeightDesc& w = weight(c, p.weight);
-  for (int row = p.r0 + cwarp(); row < p.r1; row += kNCW) {
+  const WeightDesc w = weight(c, p.weight);
+  float* red = reinterpret_cast<float*>(c.smem + TILERT_SMEM_RED);  // [NCW][rows]
+  const int rows = p.r1 - p.r0;
+  for (int r = 0; r < rows; ++r) {
+    const float* x = in + (p.r0 + r) * p.in.ld;
+    float ss = 0.f;
+#pragma unroll 4
+    for (int col = ctid(); col < p.cols; col += kNCT) ss += x[col] * x[col];
+    ss = warp_sum(ss);
+    if (lane() == 0) red[cwarp() * kB + r] = ss;
+  }
+  compute_sync();
+  for (int r = 0; r < rows; ++r) {
+    const int row = p.r0 + r;
     const float* x = in + row * p.in.ld;
     float ss = 0.f;
-    for (int col = lane(); col < p.cols; col += 32) ss += x[col] * x[col];
-    ss = warp_sum(ss);
-    const float r = 1.0f / sqrtf(ss / (float)p.cols + p.eps);  // torch.rsqrt rounds like 1/sqrt
-    for (int col = p.c0 + lane(); col < p.c1; col += 32)
-      out[row * p.out.ld + col] = __fmul_rn(x[col] * r, weight_elem(w, 0, col));
+    for (int q = 0; q < kNCW; ++q) ss += red[q * kB + r];
+    const float rs = 1.0f / sqrtf(ss / (float)p.cols + p.eps);  // torch.rsqrt rounds like 1/sqrt
+#pragma unroll 4
+    for (int col = p.c0 + ctid(); col < p.c1; col += kNCT)
+      out[row * p.out.ld + col] = __fmul_rn(x[col] * rs, weight_elem(w, 0, col));
   }
 }
 
@@ -105,8 +119,16 @@ TILERT_DEV void k_kv_write(Ctx& c, const KvWriteParams& p) {
 // ---- attention: split-KV partials (max, sum, acc) per query head of one KV head's group ------------------
 TILERT_DEV int visible_lo(int position, int window) { return window ? max(0, position - window + 1) : 0; }
 
+// A task owns one KV head's split of the keys for the query heads of its group.  The keys are
+// read once per pass of kAttnHeads query heads (not once per head): warp w takes the chunks of
+// 32 keys lo + 32 w, lo + 32 (w + NCW), ... with one key per lane for the scores and one value
+// row per step for the weighted sum (lanes over value dims), keeping an online softmax per head.
+// Then the warps' (max, sum, values) merge through shared memory in warp order (deterministic).
+constexpr int kAttnHeads = 8;
+
 TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
-  constexpr int VPL = (TILERT_VD_MAX + 31) / 32;  // value dims per lane
+  constexpr int HP = kAttnHeads;
+  constexpr int VF4 = (TILERT_VD_MAX + 127) / 128;  // float4s of a value row per lane
   const float* q = ref_ptr<float>(c, p.q);
   const float* kc = ref_ptr<float>(c, p.k_cache);
   const float* vc = ref_ptr<float>(c, p.v_cache);
@@ -114,68 +136,158 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
   float* mx = ref_ptr<float>(c, p.mx);
   float* sm = ref_ptr<float>(c, p.sm);
   float* acc = ref_ptr<float>(c, p.acc);
+  float* qs = reinterpret_cast<float*>(c.smem + TILERT_SMEM_SCRATCH);  // [HP][hd]: the pass's queries
+  float* scratch = qs + HP * TILERT_HD_MAX;
+  float* ebuf = scratch + cwarp() * 32 * HP;  // [32 keys][HP]: this warp's softmax weights
   // This split's share of the step's whole visible key range (tilert.kernels.split_range).
   const int all_lo = visible_lo(pos[0], p.window), all_hi = pos[kB - 1] + 1;
   const int chunk = (all_hi - all_lo + p.splits - 1) / p.splits;
   const int s_lo = all_lo + p.split * chunk, s_hi = min(all_hi, all_lo + (p.split + 1) * chunk);
+  const int hd4 = p.hd / 4;
 
-  for (int item = cwarp(); item < kB * p.group; item += kNCW) {
-    const int b = item / p.group, h = p.h0 + item % p.group;
+  for (int b = 0; b < kB; ++b) {
     const int lo = max(visible_lo(pos[b], p.window), s_lo), hi = min(pos[b] + 1, s_hi);
-    float* mx_o = mx + b * p.mx.ld + h * p.ms + p.split;
-    float* sm_o = sm + b * p.sm.ld + h * p.ms + p.split;
-    float* acc_o = acc + b * p.acc.ld + (h * p.ms + p.split) * p.vd;
-    if (hi <= lo) {  // empty split
-      if (lane() == 0) { *mx_o = -INFINITY; *sm_o = 0.f; }
-      for (int d = lane(); d < p.vd; d += 32) acc_o[d] = 0.f;
+    if (hi <= lo) {  // empty split: every head of the group gets the neutral partial
+      for (int i = ctid(); i < p.group * p.vd; i += kNCT) {
+        const int h = p.h0 + i / p.vd, d = i % p.vd;
+        acc[b * p.acc.ld + (h * p.ms + p.split) * p.vd + d] = 0.f;
+        if (d == 0) { mx[b * p.mx.ld + h * p.ms + p.split] = -INFINITY; sm[b * p.sm.ld + h * p.ms + p.split] = 0.f; }
+      }
       continue;
     }
-    const float4* qh = reinterpret_cast<const float4*>(q + b * p.q.ld + h * p.hd);
-    float m = -INFINITY, l = 0.f, av[VPL];
+    const int active = min(kNCW, (hi - lo + 31) / 32);  // warps that get keys
+    for (int hp = 0; hp < p.group; hp += HP) {
+      const int nh = min(HP, p.group - hp), hb = p.h0 + hp;
+      for (int i = ctid(); i < nh * p.hd; i += kNCT) qs[i] = q[b * p.q.ld + hb * p.hd + i];
+      compute_sync();
+      const float4* qb = reinterpret_cast<const float4*>(qs);
+      float m[HP], l[HP];
+      float4 av[HP][VF4];
 #pragma unroll
-    for (int i = 0; i < VPL; ++i) av[i] = 0.f;
-    // Online softmax over chunks of 32 keys, one key per lane for the scores.
-    for (int j0 = lo; j0 < hi; j0 += 32) {
-      const int j = j0 + lane();
-      float s = -INFINITY;
-      if (j < hi) {
-        const float4* kr = reinterpret_cast<const float4*>(kc + cache_slot(j, p.window, p.slots) * p.k_cache.ld);
-        float dot = 0.f;
-        for (int d = 0; d < p.hd / 4; ++d) {
-          const float4 a = qh[d], k4 = kr[d];
-          dot += a.x * k4.x; dot += a.y * k4.y; dot += a.z * k4.z; dot += a.w * k4.w;
-        }
-        s = __fmul_rn(dot, p.scale);
+      for (int h = 0; h < HP; ++h) {
+        m[h] = -INFINITY;
+        l[h] = 0.f;
+#pragma unroll
+        for (int i = 0; i < VF4; ++i) av[h][i] = make_float4(0.f, 0.f, 0.f, 0.f);
       }
-      const float nm = fmaxf(m, warp_max(s));
-      const float corr = expf(m - nm);  // 0 on the first chunk (m = -inf)
-      const float e = j < hi ? expf(s - nm) : 0.f;
-      l = l * corr + warp_sum(e);
+      for (int j0 = lo + 32 * cwarp(); j0 < hi; j0 += 32 * kNCW) {
+        const int j = j0 + lane();
+        float s[HP];
 #pragma unroll
-      for (int i = 0; i < VPL; ++i) av[i] *= corr;
-      const int n = min(32, hi - j0);
-      for (int jj = 0; jj < n; ++jj) {
-        const float ej = __shfl_sync(kFull, e, jj);
-        const float* vr = vc + cache_slot(j0 + jj, p.window, p.slots) * p.v_cache.ld;
+        for (int h = 0; h < HP; ++h) s[h] = 0.f;
+        if (j < hi) {
+          const float4* kr = reinterpret_cast<const float4*>(kc + cache_slot(j, p.window, p.slots) * p.k_cache.ld);
+#pragma unroll 4
+          for (int d = 0; d < hd4; ++d) {
+            const float4 k4 = kr[d];
 #pragma unroll
-        for (int i = 0; i < VPL; ++i) {
-          const int d = lane() + 32 * i;
-          if (d < p.vd) av[i] += ej * vr[d];
+            for (int h = 0; h < HP; ++h) {
+              if (h < nh) {
+                const float4 a = qb[h * hd4 + d];
+                s[h] += a.x * k4.x; s[h] += a.y * k4.y; s[h] += a.z * k4.z; s[h] += a.w * k4.w;
+              }
+            }
+          }
+        }
+#pragma unroll
+        for (int h = 0; h < HP; ++h) {
+          if (h >= nh) continue;
+          const float sv = j < hi ? __fmul_rn(s[h], p.scale) : -INFINITY;
+          const float nm = fmaxf(m[h], warp_max(sv));  // finite: the chunk has a visible key
+          const float corr = expf(m[h] - nm);  // 0 on this warp's first chunk (m = -inf)
+          const float e = j < hi ? expf(sv - nm) : 0.f;
+          l[h] = l[h] * corr + warp_sum(e);
+#pragma unroll
+          for (int i = 0; i < VF4; ++i) {
+            av[h][i].x *= corr; av[h][i].y *= corr; av[h][i].z *= corr; av[h][i].w *= corr;
+          }
+          m[h] = nm;
+          ebuf[lane() * HP + h] = e;
+        }
+        __syncwarp();
+        const int n = min(32, hi - j0);
+#pragma unroll 4
+        for (int jj = 0; jj < n; ++jj) {
+          const float* vr = vc + cache_slot(j0 + jj, p.window, p.slots) * p.v_cache.ld;
+          float4 v4[VF4];
+#pragma unroll
+          for (int i = 0; i < VF4; ++i) {
+            const int d = 4 * lane() + 128 * i;
+            v4[i] = d < p.vd ? *reinterpret_cast<const float4*>(vr + d) : make_float4(0.f, 0.f, 0.f, 0.f);
+          }
+          const float4 e0 = *reinterpret_cast<const float4*>(ebuf + jj * HP);
+          const float4 e1 = *reinterpret_cast<const float4*>(ebuf + jj * HP + 4);
+          const float ev[HP] = {e0.x, e0.y, e0.z, e0.w, e1.x, e1.y, e1.z, e1.w};
+#pragma unroll
+          for (int h = 0; h < HP; ++h) {
+#pragma unroll
+            for (int i = 0; i < VF4; ++i) {
+              av[h][i].x += ev[h] * v4[i].x; av[h][i].y += ev[h] * v4[i].y;
+              av[h][i].z += ev[h] * v4[i].z; av[h][i].w += ev[h] * v4[i].w;
+            }
+          }
+        }
+        __syncwarp();  // before the next chunk overwrites ebuf
+      }
+      // Merge the warps (the merge area aliases the ebufs: wait until every warp is done).
+      float* mw = scratch;                 // [NCW][HP] each warp's maxima
+      float* lsum = scratch + kNCW * HP;   // [HP]
+      float* asum = lsum + HP;             // [HP][VD_MAX]
+      compute_sync();
+      if (lane() == 0) {
+#pragma unroll
+        for (int h = 0; h < HP; ++h) mw[cwarp() * HP + h] = m[h];
+      }
+      compute_sync();
+      float top[HP];
+#pragma unroll
+      for (int h = 0; h < HP; ++h) {
+        top[h] = -INFINITY;
+        for (int w = 0; w < active; ++w) top[h] = fmaxf(top[h], mw[w * HP + h]);
+      }
+      for (int w = 0; w < active; ++w) {
+        if (cwarp() == w) {
+#pragma unroll
+          for (int h = 0; h < HP; ++h) {
+            if (h >= nh) continue;
+            const float sc = expf(m[h] - top[h]);  // this warp has keys: m[h] is finite
+            if (lane() == 0) lsum[h] = w == 0 ? l[h] * sc : lsum[h] + l[h] * sc;
+#pragma unroll
+            for (int i = 0; i < VF4; ++i) {
+              const int d = 4 * lane() + 128 * i;
+              if (d >= p.vd) continue;
+              float4* o = reinterpret_cast<float4*>(asum + h * TILERT_VD_MAX + d);
+              const float4 a = av[h][i];
+              if (w == 0) {
+                *o = make_float4(a.x * sc, a.y * sc, a.z * sc, a.w * sc);
+              } else {
+                float4 t = *o;
+                t.x += a.x * sc; t.y += a.y * sc; t.z += a.z * sc; t.w += a.w * sc;
+                *o = t;
+              }
+            }
+          }
+        }
+        compute_sync();
+      }
+      for (int i = ctid(); i < nh * p.vd; i += kNCT) {
+        const int h = i / p.vd, d = i % p.vd;
+        acc[b * p.acc.ld + ((hb + h) * p.ms + p.split) * p.vd + d] = asum[h * TILERT_VD_MAX + d];
+        if (d == 0) {
+          float t = -INFINITY;  // (recomputed: indexing top[] with h would put it in local memory)
+          for (int w = 0; w < active; ++w) t = fmaxf(t, mw[w * HP + h]);
+          mx[b * p.mx.ld + (hb + h) * p.ms + p.split] = t;
+          sm[b * p.sm.ld + (hb + h) * p.ms + p.split] = lsum[h];
         }
       }
-      m = nm;
-    }
-    if (lane() == 0) { *mx_o = m; *sm_o = l; }
-#pragma unroll
-    for (int i = 0; i < VPL; ++i) {
-      const int d = lane() + 32 * i;
-      if (d < p.vd) acc_o[d] = av[i];
+      compute_sync();  // the next pass writes the ebufs again
     }
   }
 }
 
 // ---- attn_combine: merge the splits; the sink joins the denominator only -----------------------------
 TILERT_DEV void k_attn_combine(Ctx& c, const AttnCombineParams& p) {
+  constexpr int VF4 = (TILERT_VD_MAX + 127) / 128;
   const float* mx = ref_ptr<float>(c, p.mx);
   const float* sm = ref_ptr<float>(c, p.sm);
   const float* acc = ref_ptr<float>(c, p.acc);
@@ -185,20 +297,46 @@ TILERT_DEV void k_attn_combine(Ctx& c, const AttnCombineParams& p) {
     const int b = item / heads, h = p.h0 + item % heads;
     const float* m = mx + b * p.mx.ld + h * p.ms;
     const float* s = sm + b * p.sm.ld + h * p.ms;
+    const float* a = acc + b * p.acc.ld + h * p.ms * p.vd;
+    // One split per lane for the weights exp(m_k - top); lanes over value dims for the sum.
     float top = -INFINITY;
-    for (int k = 0; k < p.splits; ++k) top = fmaxf(top, m[k]);
+    for (int k = lane(); k < p.splits; k += 32) top = fmaxf(top, m[k]);
+    top = warp_max(top);
     float sink = 0.f;
     if (p.sink >= 0) {
       sink = weight_elem(weight(c, p.sink), 0, h);
       top = fmaxf(top, sink);
     }
     float denom = 0.f;
-    for (int k = 0; k < p.splits; ++k) denom += s[k] * expf(m[k] - top);
+    float4 o[VF4];
+#pragma unroll
+    for (int i = 0; i < VF4; ++i) o[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k0 = 0; k0 < p.splits; k0 += 32) {
+      const int k = k0 + lane();
+      const float wk = k < p.splits ? expf(m[k] - top) : 0.f;  // exp(-inf) = 0: empty splits
+      denom += k < p.splits ? s[k] * wk : 0.f;
+      const int n = min(32, p.splits - k0);
+      for (int kk = 0; kk < n; ++kk) {
+        const float w = __shfl_sync(kFull, wk, kk);
+#pragma unroll
+        for (int i = 0; i < VF4; ++i) {
+          const int d = 4 * lane() + 128 * i;
+          if (d < p.vd) {
+            const float4 v = *reinterpret_cast<const float4*>(a + (k0 + kk) * p.vd + d);
+            o[i].x += v.x * w; o[i].y += v.y * w; o[i].z += v.z * w; o[i].w += v.w * w;
+          }
+        }
+      }
+    }
+    denom = warp_sum(denom);
     if (p.sink >= 0) denom += expf(sink - top);
-    for (int d = lane(); d < p.vd; d += 32) {
-      float o = 0.f;
-      for (int k = 0; k < p.splits; ++k) o += acc[b * p.acc.ld + (h * p.ms + k) * p.vd + d] * expf(m[k] - top);
-      out[b * p.out.ld + h * p.vd + d] = o / denom;
+#pragma unroll
+    for (int i = 0; i < VF4; ++i) {
+      const int d = 4 * lane() + 128 * i;
+      if (d < p.vd) {
+        float* dst = out + b * p.out.ld + h * p.vd + d;
+        dst[0] = o[i].x / denom; dst[1] = o[i].y / denom; dst[2] = o[i].z / denom; dst[3] = o[i].w / denom;
+      }
     }
   }
 }
@@ -233,7 +371,7 @@ TILERT_DEV void k_topk(Ctx& c, const TopkParams& p) {
   const float* logits = ref_ptr<float>(c, p.logits);
   int* idx = ref_ptr<int>(c, p.idx);
   float* wts = ref_ptr<float>(c, p.weights);
-  const WeightDesc& bias = weight(c, p.bias);
+  const WeightDesc bias = weight(c, p.bias);
   for (int b = cwarp(); b < kB; b += kNCW) {
     float score[EPL], choice[EPL];
 #pragma unroll
@@ -410,13 +548,15 @@ TILERT_DEV void k_lm_head(Ctx& c, const LmHeadParams& p) {
 TILERT_DEV void k_argmax(Ctx& c, const ArgmaxParams& p) {
   const double* best = ref_ptr<double>(c, p.best);
   int* out = ref_ptr<int>(c, p.out);
-  if (ctid() < kB) {
-    const int b = ctid();
+  // One warp per token, lanes over the tiles: the loads go out together, not one by one.
+  for (int b = cwarp(); b < kB; b += kNCW) {
     const double* row = best + b * p.best.ld;
-    int k = 0;
-    for (int t = 1; t < p.ntiles; ++t)
-      if (row[2 * t] > row[2 * k]) k = t;
-    out[b] = (int)row[2 * k + 1];
+    double s = -INFINITY;
+    int k = 0x7fffffff;
+    for (int t = lane(); t < p.ntiles; t += 32)
+      if (row[2 * t] > s) { s = row[2 * t]; k = t; }  // lowest tile among equal scores
+    warp_argmax(s, k);
+    if (lane() == 0) out[b] = (int)row[2 * (k == 0x7fffffff ? 0 : k) + 1];  // (all -inf: tile 0)
   }
 }
 
