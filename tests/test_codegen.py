@@ -473,7 +473,13 @@ def _build(gen, label):
 def test_tiny_kernel_compiles_for_sm90a(tiny, B, loader):
     cfg, schedules, weights = tiny
     rep = _build(generate(schedules[B], cfg, formats_of(weights), loader=loader), f"mimo-tiny B={B} loader={loader}")
-    assert rep["spills"] == 0
+    # At 512 threads (128 registers) ptxas spills a few hundred bytes; the 15-warp kernel still
+    # measured faster than the spill-free 7-warp one (BENCHMARKS.md).  A jump past this bound
+    # means something new went to local memory.
+    assert rep["spills"] <= 1024
+    rep7 = _build(generate(schedules[B], cfg, formats_of(weights), loader=loader, compute_warps=7),
+                  f"mimo-tiny B={B} loader={loader} 7 warps")
+    assert rep7["spills"] == 0
 
 
 def test_build_reports_missing_nvcc(monkeypatch):
@@ -509,5 +515,5 @@ def test_mimo_v2_flash_full_schedule_compiles():
         _, streams = decode_program(gen.program)
         assert [[t.id for t in st] for st in streams] == s.streams
         rep = _build(gen, f"mimo-v2-flash B={B} (schedule {t_sched:.0f} s, codegen {t_gen:.1f} s)")
-        assert rep["spills"] == 0, rep
+        assert rep["spills"] <= 1024, rep  # see test_tiny_kernel_compiles_for_sm90a
     assert math.isfinite(t_sched)

@@ -69,7 +69,7 @@ ERROR_WORDS = 8 + 8 * MAX_ERRORS
 SMEM_LIMIT = 232448  # H100 / H200: 227 KB of dynamic shared memory per block
 # 7 compute warps + 1 loader warp = 256 threads: ptxas allots registers per 4 warps, so a 9th
 # warp would cut the budget from 255 to 168 registers a thread.
-COMPUTE_WARPS = 7
+COMPUTE_WARPS = 15  # + 1 loader warp: 512 threads, 128 registers (measured: 15 beat 7 and 11)
 MIN_SLOT_ROW_BYTES = 4096  # a ring slot holds one 4 KiB row (an fp8 row of 4096) per compute warp
 RING_SLOTS = 4
 
@@ -583,6 +583,12 @@ def _attention_scratch_bytes(compute_warps: int, head_dim: int, v_head_dim: int)
     return 4 * (hp * head_dim + max(compute_warps * 32 * hp, (compute_warps + 1) * hp + hp * v_head_dim))
 
 
+def _slot_row_bytes(w: WeightSlot) -> int:
+    """Bytes of one weight row in a ring slot: MXFP4 rows bring their E8M0 scales along
+    (gemv.cuh, `piece_row_bytes`)."""
+    return w.row_bytes + (w.shape[-1] // 32 if w.fmt == "mxfp4" else 0)
+
+
 def _gemv_weights(kind: str, values: dict) -> list[int]:
     if kind in ("linear", "router", "lm_head"):
         return [values["weight"]]
@@ -619,7 +625,7 @@ def _encode_tasks(schedule: Schedule, plan: _Plan, cfg: MimoConfig, boxes_of: di
             for kind, values in enc.stage(st):
                 stages.append((kind, values))
                 scratch = max(scratch, 4 * _scratch_floats(kind, values, B))
-                max_row = max([max_row] + [by_index[i].row_bytes for i in _gemv_weights(kind, values)])
+                max_row = max([max_row] + [_slot_row_bytes(by_index[i]) for i in _gemv_weights(kind, values)])
         stages_of[t.id] = stages
     return _Encoded(stages_of, scratch, max_row, enc.vector_views)
 
@@ -656,6 +662,9 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     B = g.tokens
     if not 1 <= B <= 8:
         raise UserError(f"the GPU kernel handles steps of 1..8 tokens, not {B}")
+    if cfg.num_experts_per_tok > 32:
+        raise UserError(f"the GPU kernel's top-k keeps one choice per lane: at most 32 experts per token, "
+                        f"not {cfg.num_experts_per_tok}")
     plan = _Plan(schedule, weight_formats or {})
     boxes_of = {t.id: _local_boxes(t, t.local) if t.local else {} for t in g.tasks}
     locals_bytes = max(sum(_align((r1 - r0) * (c1 - c0) * 4, 16) for r0, r1, c0, c1 in boxes.values())

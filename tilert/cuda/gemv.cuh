@@ -24,7 +24,17 @@ struct Tile {
 
 TILERT_DEV int tile_expert(const Tile& t) { return t.idx ? t.idx[t.idx_pos] : 0; }
 
-TILERT_DEV int rows_per_piece(int row_bytes) { return min(kNCT, TILERT_SLOT_BYTES / row_bytes); }
+// With the loader, an MXFP4 piece carries its rows' E8M0 scales right after the codes (one bulk
+// copy each), so the compute warps never wait on a global scale load inside the dot product.
+// (Scale rows must keep 16-byte alignment for the bulk copy; otherwise they are read from global.)
+TILERT_DEV bool scales_in_ring(const WeightDesc& w) {
+  return TILERT_LOADER && w.fmt == FMT_MXFP4 && w.scale_ld % 16 == 0 && w.expert_scale_bytes % 16 == 0;
+}
+
+// Bytes one row occupies in a ring slot.
+TILERT_DEV int piece_row_bytes(const WeightDesc& w) { return w.row_bytes + (scales_in_ring(w) ? w.scale_ld : 0); }
+
+TILERT_DEV int rows_per_piece(const WeightDesc& w) { return min(kNCT, TILERT_SLOT_BYTES / piece_row_bytes(w)); }
 
 // Threads that share one row of a piece: whole warps when there are fewer rows than warps
 // (reduced across warps in smem), else a power of two <= 32 (reduced with shuffles).
@@ -105,8 +115,10 @@ TILERT_DEV uint4 ld_unit(const uint8_t* p) {
 }
 
 // Dequantized weights of unit `u` of row `row` (fp32: code value * block scale, like the VM).
+// `srow`: the row's MXFP4 scales (in the ring slot or in global memory); FP8 reads `gscale`.
 template <int FMT>
-TILERT_DEV void decode_unit(const WeightDesc& w, const uint8_t* gscale, int row, int u, const uint4 raw, float* wv) {
+TILERT_DEV void decode_unit(const WeightDesc& w, const uint8_t* gscale, const uint8_t* srow, int row, int u,
+                            const uint4 raw, float* wv) {
   if constexpr (FMT == FMT_FP32) {
     wv[0] = __uint_as_float(raw.x); wv[1] = __uint_as_float(raw.y);
     wv[2] = __uint_as_float(raw.z); wv[3] = __uint_as_float(raw.w);
@@ -120,7 +132,7 @@ TILERT_DEV void decode_unit(const WeightDesc& w, const uint8_t* gscale, int row,
     const float2 hi = fp8x2_to_f32((uint16_t)(raw.x >> 16));
     wv[0] = lo.x * s; wv[1] = lo.y * s; wv[2] = hi.x * s; wv[3] = hi.y * s;
   } else {  // MXFP4: element 2k in the low nibble of byte k; one E8M0 scale per 32 = 4 units
-    const uint32_t e = __ldg(gscale + (size_t)row * w.scale_ld + (u >> 2));
+    const uint32_t e = srow[u >> 2];
     if (e <= 128u) {
       const float s = e8m0_to_f32_x2p126(e);
       wv[0] = fp4_scaled<0>(raw.x, s); wv[1] = fp4_scaled<1>(raw.x, s);
@@ -143,7 +155,8 @@ TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
   const int tid = threadIdx.x;
   const int rb = w.row_bytes;
   const int nu = rb / UB;
-  const int rpp = rows_per_piece(rb);
+  const int rpp = rows_per_piece(w);
+  const bool ring_scales = scales_in_ring(w);
   const int expert = tile_expert(tile);
   const uint8_t* gdata = tile_data(w, expert);
   const uint8_t* gscale = tile_scale(w, expert);
@@ -158,19 +171,23 @@ TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
     const int slot = c.piece % TILERT_SLOTS;
     ring_wait_full(c, c.piece);
     const uint8_t* src = ring_slot(c.smem, slot);
+    const uint8_t* ssrc = ring_scales ? src + (size_t)nr * rb : gscale + (size_t)ra * w.scale_ld;
 #else
     const uint8_t* src = gdata + (size_t)ra * rb;
+    const uint8_t* ssrc = gscale + (size_t)ra * w.scale_ld;
+    (void)ring_scales;
 #endif
     float acc[NB];
 #pragma unroll
     for (int b = 0; b < NB; ++b) acc[b] = 0.f;
     if (rl < nr) {
       const uint8_t* row = src + (size_t)rl * rb;
+      const uint8_t* srow = ssrc + (size_t)rl * w.scale_ld;
       const int r = ra + rl;
 #pragma unroll 4
       for (int u = lig; u < nu; u += G) {
         float wv[UE];
-        decode_unit<FMT>(w, gscale, r, u, ld_unit<UB>(row + UB * u), wv);
+        decode_unit<FMT>(w, gscale, srow, r, u, ld_unit<UB>(row + UB * u), wv);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
           const float4* xp = reinterpret_cast<const float4*>(xrow(b) + u * UE);
@@ -247,8 +264,10 @@ TILERT_DEV void gemv_tile(Ctx& c, const Tile& tile, XRow xrow, Epi epi) {
 TILERT_DEV bool load_tile(Ctx& c, const Tile& tile, uint32_t& issued, const volatile int* abort) {
   const WeightDesc& w = weight(c, tile.w);
   const int rb = w.row_bytes;
-  const int rpp = rows_per_piece(rb);
+  const int rpp = rows_per_piece(w);
+  const bool ring_scales = scales_in_ring(w);
   const uint8_t* gdata = tile_data(w, tile_expert(tile));
+  const uint8_t* gscale = tile_scale(w, tile_expert(tile));
   for (int ra = tile.r0; ra < tile.r1; ra += rpp) {
     const int nr = min(rpp, tile.r1 - ra);
     const int slot = issued % TILERT_SLOTS;
@@ -260,8 +279,11 @@ TILERT_DEV bool load_tile(Ctx& c, const Tile& tile, uint32_t& issued, const vola
       }
     }
     const uint32_t bytes = (uint32_t)(nr * rb);
-    mbar_arrive_expect_tx(ring_full(c.smem, slot), bytes);
+    const uint32_t sbytes = ring_scales ? (uint32_t)(nr * w.scale_ld) : 0u;
+    mbar_arrive_expect_tx(ring_full(c.smem, slot), bytes + sbytes);
     bulk_copy_g2s(ring_slot(c.smem, slot), gdata + (size_t)ra * rb, bytes, ring_full(c.smem, slot));
+    if (sbytes)
+      bulk_copy_g2s(ring_slot(c.smem, slot) + bytes, gscale + (size_t)ra * w.scale_ld, sbytes, ring_full(c.smem, slot));
     ++issued;
   }
   return true;

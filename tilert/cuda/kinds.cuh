@@ -144,6 +144,17 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
   const int chunk = (all_hi - all_lo + p.splits - 1) / p.splits;
   const int s_lo = all_lo + p.split * chunk, s_hi = min(all_hi, all_lo + (p.split + 1) * chunk);
   const int hd4 = p.hd / 4;
+  // Pull this split's keys and values into L2 at once: the warps' loops below then wait on L2,
+  // not on HBM, for each of their dependent loads.
+  {
+    const int klines = (p.hd * 4 + 127) / 128, vlines = (p.vd * 4 + 127) / 128, per = klines + vlines;
+    for (int i = ctid(); i < (s_hi - s_lo) * per; i += kNCT) {
+      const int j = s_lo + i / per, l = i % per;
+      const int slot = cache_slot(j, p.window, p.slots);
+      const float* a = l < klines ? kc + slot * p.k_cache.ld + 32 * l : vc + slot * p.v_cache.ld + 32 * (l - klines);
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
+    }
+  }
 
   for (int b = 0; b < kB; ++b) {
     const int lo = max(visible_lo(pos[b], p.window), s_lo), hi = min(pos[b] + 1, s_hi);
@@ -177,7 +188,7 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
         for (int h = 0; h < HP; ++h) s[h] = 0.f;
         if (j < hi) {
           const float4* kr = reinterpret_cast<const float4*>(kc + cache_slot(j, p.window, p.slots) * p.k_cache.ld);
-#pragma unroll 4
+#pragma unroll 8
           for (int d = 0; d < hd4; ++d) {
             const float4 k4 = kr[d];
 #pragma unroll
@@ -206,7 +217,7 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
         }
         __syncwarp();
         const int n = min(32, hi - j0);
-#pragma unroll 4
+#pragma unroll 8
         for (int jj = 0; jj < n; ++jj) {
           const float* vr = vc + cache_slot(j0 + jj, p.window, p.slots) * p.v_cache.ld;
           float4 v4[VF4];
@@ -384,12 +395,13 @@ TILERT_DEV void k_topk(Ctx& c, const TopkParams& p) {
         choice[j] = score[j] + weight_elem(bias, 0, e);
       }
     }
-    float sel[TILERT_K_MAX];
-    int sel_i[TILERT_K_MAX];
+    // Lane k keeps the k-th choice; the selection loop stays rolled (small code: a one-off task
+    // pays for every instruction-cache miss of its body).
+    float mine_s = 0.f;
+    int mine_i = 0;
     float total = 0.f;
-#pragma unroll
-    for (int k = 0; k < TILERT_K_MAX; ++k) {
-      if (k >= p.k) continue;
+#pragma unroll 1
+    for (int k = 0; k < p.k; ++k) {
       float best = -INFINITY, bs = 0.f;
       int bi = 0x7fffffff;
 #pragma unroll
@@ -398,7 +410,7 @@ TILERT_DEV void k_topk(Ctx& c, const TopkParams& p) {
         const bool open = e < p.experts && choice[j] != -INFINITY;  // not taken yet
         if (open && (choice[j] > best || (choice[j] == best && e < bi))) { best = choice[j]; bi = e; bs = score[j]; }
       }
-#pragma unroll
+#pragma unroll 1
       for (int o = 16; o; o >>= 1) {
         const float ob = __shfl_xor_sync(kFull, best, o), os = __shfl_xor_sync(kFull, bs, o);
         const int oi = __shfl_xor_sync(kFull, bi, o);
@@ -407,18 +419,13 @@ TILERT_DEV void k_topk(Ctx& c, const TopkParams& p) {
 #pragma unroll
       for (int j = 0; j < EPL; ++j)
         if (lane() + 32 * j == bi) choice[j] = -INFINITY;  // taken
-      sel[k] = bs;
-      sel_i[k] = bi;
-      total += bs;
+      if (lane() == k) { mine_s = bs; mine_i = bi; }
+      total += bs;  // the same on every lane, in selection order
     }
-    if (lane() == 0) {
+    if (lane() < p.k) {
       const float denom = total + 1e-20f;
-#pragma unroll
-      for (int k = 0; k < TILERT_K_MAX; ++k) {
-        if (k >= p.k) continue;
-        idx[b * p.idx.ld + k] = sel_i[k];
-        wts[b * p.weights.ld + k] = (p.norm ? sel[k] / denom : sel[k]) * p.scale;
-      }
+      idx[b * p.idx.ld + lane()] = mine_i;
+      wts[b * p.weights.ld + lane()] = (p.norm ? mine_s / denom : mine_s) * p.scale;
     }
   }
 }
