@@ -2,6 +2,7 @@
 
     ARTIFACT/
       schedule.json    {"format_version", "tool_version", "schedules": {"1": ..., "8": ...}}
+                       and, with a drafter, "draft": the draft step's schedule
       metadata.json    model config, target GPU, max_seq_len, step sizes, recipe, source,
                        sha256 of schedule.json and of every weights file, the weights index
                        (storage format and logical shape of each tensor), tool version, time
@@ -14,8 +15,10 @@
                        program.npy, consts.npy, kernel.cu), B{n}.ptxas.txt (ptxas -v), and with
                        --profile-kernel B{n}.prof.cubin; metadata.json `kernel` holds the ptxas
                        report and the GPU memory footprint (or null and the reason)
-    A DFlash drafter (`--draft`) adds its tensors to weights/ as `draft.<name>` and its config to
-    metadata.json (`draft`).
+    A DFlash drafter (`--draft`) adds its tensors to weights/ as `draft.<name>`, its config to
+    metadata.json (`draft`), the draft step's schedule to schedule.json (`draft`, tilert/draft.py)
+    and a `hidden` output to every target step.  An artifact without `draft` in schedule.json
+    (compiled before) still reads and runs; only speculative decoding refuses it.
 
 Writing is all or nothing: the artifact is built in a hidden sibling directory and renamed
 into place at the end, so a failure leaves nothing at the output path.  Reading checks every
@@ -64,6 +67,7 @@ class Artifact:
     schedules: dict[int, Schedule]
     weights: dict[str, StoredTensor] | None
     meta: dict[str, Any]
+    draft_schedule: Schedule | None = None  # the DFlash draft step (compiled with --draft)
 
     @property
     def tokenizer_path(self) -> Path | None:
@@ -201,7 +205,7 @@ def write_artifact(out_dir: str | Path, cfg: MimoConfig, schedules: dict[int, Sc
                    runtime_weights: dict[str, StoredTensor] | None, meta: dict[str, Any] | None = None,
                    tokenizer: str | Path | None = None, force: bool = False,
                    shard_bytes: int = SHARD_BYTES, progress: bool = False,
-                   extra_files: dict[str, str | Path] | None = None) -> Path:
+                   extra_files: dict[str, str | Path] | None = None, draft_schedule: Schedule | None = None) -> Path:
     """Write an artifact directory (see the module docstring); returns its path.
 
     `extra_files` maps artifact-relative paths (e.g. kernels/B1.cubin) to files to copy in; each
@@ -223,6 +227,8 @@ def write_artifact(out_dir: str | Path, cfg: MimoConfig, schedules: dict[int, Sc
                 "tool_version": tilert.__version__,
                 "schedules": {str(b): schedule_to_json(schedules[b]) for b in steps},
             }
+            if draft_schedule is not None:
+                doc["draft"] = schedule_to_json(draft_schedule)
         with gc_paused():  # json.dumps (C encoder) of a big dict; json.dump to a file is ~4x slower
             data = json.dumps(doc, separators=(",", ":")).encode()
         del doc
@@ -349,6 +355,7 @@ def read_artifact(path: str | Path, load_weights: bool = True, progress: bool = 
         with gc_paused():
             schedules = {int(b): schedule_from_json(s) for b, s in doc["schedules"].items()
                          if steps is None or int(b) in steps}
+            draft_schedule = schedule_from_json(doc["draft"]) if doc.get("draft") is not None else None
         int(meta["max_seq_len"])
     except UserError:
         raise
@@ -367,7 +374,7 @@ def read_artifact(path: str | Path, load_weights: bool = True, progress: bool = 
     weights = None
     if load_weights:
         weights = _read_weights(root, meta, hashes, progress)
-    return Artifact(root, cfg, schedules, weights, meta)
+    return Artifact(root, cfg, schedules, weights, meta, draft_schedule)
 
 
 def _read_weights(root: Path, meta: dict, hashes: dict[str, str], progress: bool) -> dict[str, StoredTensor]:

@@ -204,16 +204,31 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
 
         recipe = load_recipe(name, gpu)
         schedules = {}
+        # With a drafter, every target step also outputs the hidden states it is conditioned on.
+        capture = draft_info[0].target_layers if draft_info else ()
         t0 = time.perf_counter()
         with _bar(total=len(steps), desc="compiling", unit="step") as bar, gc_paused():
             for b in steps:
                 schedules[b] = compile_step(
                     cfg, recipe, tokens=b, max_seq_len=max_seq_len, max_tokens=max(steps), gpu=gpu,
-                    on_phase=lambda phase, b=b: bar.set_postfix_str(f"{b}-token step: {phase}"))
+                    on_phase=lambda phase, b=b: bar.set_postfix_str(f"{b}-token step: {phase}"),
+                    capture_layers=capture)
                 bar.update()
         log(f"compiled {cfg.num_hidden_layers}-layer {name or cfg.model_type} for {gpu}: steps "
             + ", ".join(f"{b} ({len(schedules[b].graph.tasks)} tasks)" for b in steps)
             + f" in {time.perf_counter() - t0:.1f} s")
+        draft_schedule = None
+        if draft_info is not None:
+            from tilert.draft import compile_draft_step
+
+            formats = {n: t.fmt for n, t in weights.items()} if weights is not None else None
+            # One draft step appends at most one target step's hidden states (a prompt chunk, or a
+            # verify step's committed rows) to the drafter's context.
+            with gc_paused():
+                draft_schedule = compile_draft_step(draft_info[0], recipe, max_seq_len, context_rows=max(steps),
+                                                    gpu=gpu, weight_formats=formats)
+            log(f"compiled the DFlash draft step (block {draft_info[0].block_size}, "
+                f"{draft_info[0].num_layers} layers): {len(draft_schedule.graph.tasks)} tasks")
 
         rw = None
         if weights is not None:
@@ -223,6 +238,16 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
                 rw.update({f"{DRAFT_PREFIX}{k}": v for k, v in draft_info[1].items()})
 
         kernel_files, kernel_meta, kernel_skipped = {}, None, "--no-kernel"
+        if kernel and draft_info is not None:
+            from tilert.build import nvcc_path
+            from tilert.draft import kinds_without_gpu_kernel
+
+            missing = kinds_without_gpu_kernel(schedules) if nvcc_path() else []
+            if missing:
+                kernel = False
+                kernel_skipped = (f"the GPU megakernel has no kernel yet for task kind(s) {', '.join(missing)} "
+                                  f"that a drafter's target steps use; compile without --draft for a megakernel")
+                log(f"warning: no GPU megakernel in the artifact: {kernel_skipped}")
         if kernel:
             from tilert.megakernel import build_kernels
 
@@ -249,12 +274,13 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
             "model_name": name,
             "seed": seed if source.startswith("preset:") and rw is not None else None,
             "quantize_experts": quantize_experts,
-            "draft": {"path": str(Path(draft).resolve()), "config": draft_info[2]} if draft_info else None,
+            "draft": {"path": str(Path(draft).resolve()), "config": draft_info[2],
+                      "context_rows": max(steps)} if draft_info else None,
             "kernel": kernel_meta,
             "kernel_skipped": kernel_skipped if kernel_meta is None else None,
         }
         path = write_artifact(out, cfg, schedules, rw, meta, tokenizer=tokenizer, force=force,
-                              progress=_progress(), extra_files=kernel_files)
+                              progress=_progress(), extra_files=kernel_files, draft_schedule=draft_schedule)
     log(f"wrote {path}" + (" (schedule only)" if rw is None else ""))
     return path
 
@@ -319,7 +345,8 @@ def default_artifact(log=None) -> Path:
     if path.exists():
         try:
             art = read_artifact(path, load_weights=False)
-            if art.meta.get("source") == str(DEFAULT_MODEL) and not art.schedule_only:
+            # (An artifact cached before the draft schedule existed is recompiled.)
+            if art.meta.get("source") == str(DEFAULT_MODEL) and not art.schedule_only and art.draft_schedule:
                 return path
         except UserError as e:
             log(f"cached default artifact is unusable ({e}); recompiling")

@@ -15,12 +15,13 @@ from tilert.validate import validate
 
 def compile_step(cfg: MimoConfig, recipe: dict, tokens: int, max_seq_len: int, max_tokens: int,
                  num_workers: int | None = None, policy: str = "list", gpu: str = "h100",
-                 on_phase: Callable[[str], None] | None = None) -> Schedule:
+                 on_phase: Callable[[str], None] | None = None, capture_layers: tuple[int, ...] = ()) -> Schedule:
     """One validated schedule for a step of `tokens` tokens.  `on_phase(name)` is called as
-    each phase starts (progress reporting)."""
+    each phase starts (progress reporting).  `capture_layers`: see lower_step."""
     phase = on_phase or (lambda name: None)
     phase("lowering")
-    graph = lower_step(cfg, recipe, tokens=tokens, max_seq_len=max_seq_len, max_tokens=max_tokens)
+    graph = lower_step(cfg, recipe, tokens=tokens, max_seq_len=max_seq_len, max_tokens=max_tokens,
+                       capture_layers=capture_layers)
     phase("fusing")
     graph = apply_fusions(graph, recipe.get("fuse", []))
     phase("dependencies")
@@ -34,9 +35,11 @@ def compile_step(cfg: MimoConfig, recipe: dict, tokens: int, max_seq_len: int, m
 
 
 def compile_steps(cfg: MimoConfig, recipe: dict, token_counts: list[int], max_seq_len: int,
-                  num_workers: int | None = None, policy: str = "list", gpu: str = "h100") -> dict[int, Schedule]:
+                  num_workers: int | None = None, policy: str = "list", gpu: str = "h100",
+                  capture_layers: tuple[int, ...] = ()) -> dict[int, Schedule]:
     """Schedules for every step size in `token_counts` (1 = decode; larger = prefill chunks and
     speculative verification), sharing one KV-cache layout sized for the largest."""
     max_tokens = max(token_counts)
-    return {b: compile_step(cfg, recipe, b, max_seq_len, max_tokens, num_workers, policy, gpu)
+    return {b: compile_step(cfg, recipe, b, max_seq_len, max_tokens, num_workers, policy, gpu,
+                            capture_layers=capture_layers)
             for b in sorted(set(token_counts))}

@@ -80,7 +80,9 @@ def linear(p, m: Memory):
 def rope(p, m: Memory):
     buf, hd, rdim = m[p["buf"]], p["head_dim"], p["rotary_dim"]
     c0 = p["head"] * hd
-    pos = m["positions"].to(buf.device, torch.float32)
+    # "positions" names another position buffer where one graph rotates rows at two sets of
+    # positions (the DFlash draft step: new context rows and the block; tilert/draft.py).
+    pos = m[p.get("positions", "positions")].to(buf.device, torch.float32)
     inv_freq = 1.0 / (p["theta"] ** (torch.arange(0, rdim, 2, dtype=torch.float32, device=buf.device) / rdim))
     ang = pos[:, None] * inv_freq[None, :]
     cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
@@ -96,11 +98,15 @@ def _slot(position: int, p) -> int:
 
 
 def kv_write(p, m: Memory):
+    """Rows at a negative position are padding (a draft step's unused context rows): not written.
+    "k", "v" and "positions" may name other buffers (the draft step's context path)."""
     g = p["head"]
     kc, vc = m[p["k_cache"]], m[p["v_cache"]]
     hd, vd = kc.shape[-1], vc.shape[-1]
-    k, v = m["k"], m["v"]
-    for b, position in enumerate(m["positions"].tolist()):
+    k, v = m[p.get("k", "k")], m[p.get("v", "v")]
+    for b, position in enumerate(m[p.get("positions", "positions")].tolist()):
+        if position < 0:
+            continue
         s = _slot(position, p)
         kc[s, g] = k[b, g * hd:(g + 1) * hd]
         vc[s, g] = v[b, g * vd:(g + 1) * vd] * p["value_scale"]
@@ -120,6 +126,9 @@ def split_range(positions: list[int], window: int, split: int, splits: int) -> t
 
 
 def attention(p, m: Memory):
+    """Causal by default.  `"causal": false` (a DFlash draft block, model/dflash.py) lets every
+    query of the step see every key of the step too: the visible range of a query then ends at
+    the step's last position instead of its own."""
     g, group, s = p["kv_head"], p["group"], p["split"]
     kc, vc = m[p["k_cache"]], m[p["v_cache"]]
     hd = kc.shape[-1]
@@ -127,8 +136,11 @@ def attention(p, m: Memory):
     positions = m["positions"].tolist()
     s_lo, s_hi = split_range(positions, p["window"], s, p["splits"])
     h0 = g * group
+    causal = p.get("causal", True)
     for b, position in enumerate(positions):
         lo, hi = visible_keys(position, p["window"])
+        if not causal:
+            hi = positions[-1]
         lo, hi = max(lo, s_lo), min(hi + 1, s_hi)
         heads = slice(h0, h0 + group)
         if hi <= lo:
@@ -274,12 +286,35 @@ def expert_down_union(p, m: Memory):
         m["x"][t, r0:r1] += total
 
 
+def capture(p, m: Memory):
+    """Columns [c0, c1) of the residual stream after a target layer, copied into slot `slot` of
+    the `hidden` output [B, len(target_layers) * H]: the hidden states a DFlash drafter is
+    conditioned on (ReferenceDecoder.forward(capture_layers=...), concatenated in the order of
+    DFlashConfig.target_layers as DFlashDrafter.append_context does)."""
+    c0, c1 = p["cols"]
+    x = m["x"]
+    off = p["slot"] * x.shape[1]
+    m["hidden"][:, off + c0:off + c1] = x[:, c0:c1]
+
+
+def draft_embed(p, m: Memory):
+    """Columns [c0, c1) of a DFlash draft block's input: the last committed token's embedding
+    (the target's embed_tokens) in row 0, the drafter's mask embedding in rows 1..B-1
+    (DFlashDrafter.draft_logits)."""
+    c0, c1 = p["cols"]
+    tok = int(m["tokens"][0])
+    m["x"][0, c0:c1] = m.rows(p["embed"], tok, tok + 1)[0, c0:c1]
+    m["x"][1:, c0:c1] = m.vector(p["mask"])[c0:c1]
+
+
 KERNELS = {
     "embed": embed, "rmsnorm": rmsnorm, "linear": linear, "rope": rope, "kv_write": kv_write,
     "attention": attention, "attn_combine": attn_combine, "gate_up": gate_up, "router": router,
     "topk": topk, "expert_gate_up": expert_gate_up, "expert_down": expert_down,
     "lm_head": lm_head, "argmax": argmax, "expert_union": expert_union,
     "expert_gate_up_union": expert_gate_up_union, "expert_down_union": expert_down_union,
+    # Speculative decoding (DFlash): tilert/draft.py.
+    "capture": capture, "draft_embed": draft_embed,
 }
 
 

@@ -42,7 +42,12 @@ def load_recipe(model_name: str | None, gpu: str) -> dict:
 def ring_slots(cfg: MimoConfig, layer: int, max_seq_len: int, max_tokens: int) -> int:
     """KV-cache slots of a layer: global layers keep every position; sliding-window layers keep
     a ring of the window plus the extra tokens of a multi-token step, so that writing the
-    step's last token never evicts a key its first token still needs."""
+    step's last token never evicts a key its first token still needs.
+
+    That is also enough to roll a speculative verify step back (tilert/speculative.py): the step
+    at `start` evicts positions <= start - window only, and the sequence is then truncated to
+    no less than start + 1, whose first query sees positions > start + 1 - window; the rejected
+    positions' entries are overwritten before any later query can see them."""
     if cfg.is_swa(layer):
         return min(max_seq_len, cfg.sliding_window + max_tokens - 1)
     return max_seq_len
@@ -125,8 +130,10 @@ def _declare_weights(b: _Builder) -> None:
 
 
 def lower_step(cfg: MimoConfig, recipe: dict, tokens: int = 1, max_seq_len: int = 4096,
-               max_tokens: int | None = None) -> TaskGraph:
-    """The unfused task graph of one step of `tokens` tokens."""
+               max_tokens: int | None = None, capture_layers: tuple[int, ...] = ()) -> TaskGraph:
+    """The unfused task graph of one step of `tokens` tokens.  `capture_layers` (a DFlash
+    drafter's target_layers) adds the `hidden` output: every token's residual stream after each
+    of those layers, concatenated in that order (read by the speculative runtime)."""
     b = _Builder(cfg, recipe, tokens, max_seq_len)
     max_tokens = max(tokens, max_tokens or tokens)
     B, H, V = tokens, cfg.hidden_size, cfg.vocab_size
@@ -166,6 +173,8 @@ def lower_step(cfg: MimoConfig, recipe: dict, tokens: int = 1, max_seq_len: int 
             _lower_moe(b, layer, x, h)
         else:
             _lower_dense_ffn(b, layer, x, h)
+        if layer in capture_layers:
+            _lower_capture(b, layer, x, capture_layers)
 
     _lower_rmsnorm(b, "final_norm", None, x, h, "model.norm.weight")
     lm = b.weight("lm_head.weight")
@@ -179,6 +188,18 @@ def lower_step(cfg: MimoConfig, recipe: dict, tokens: int = 1, max_seq_len: int 
     b.task(op, "argmax", {}, [region(best)], [region(nxt)], b.act_bytes([region(best), region(nxt)]), 0)
 
     return TaskGraph(tokens, b.buffers, b.ops, b.tasks)
+
+
+def _lower_capture(b: _Builder, layer: int, x: Buffer, capture_layers: tuple[int, ...]) -> None:
+    """Copy the residual stream after `layer` into its slot(s) of the `hidden` output; it only
+    reads x, so the logits are unchanged."""
+    H = b.cfg.hidden_size
+    hidden = b.buf("hidden", (b.tokens, len(capture_layers) * H), kind=OUTPUT)
+    op = b.op("capture", f"layer{layer}.capture", layer)
+    for slot in (j for j, l in enumerate(capture_layers) if l == layer):
+        for c0, c1 in _tiles(H, b.recipe["embed_cols"]):
+            r, w = region(x, None, (c0, c1)), region(hidden, None, (slot * H + c0, slot * H + c1))
+            b.task(op, "capture", {"slot": slot, "cols": [c0, c1]}, [r], [w], b.act_bytes([r, w]), 0)
 
 
 def _lower_rmsnorm(b: _Builder, name: str, layer, src: Buffer, dst: Buffer, weight: str) -> None:

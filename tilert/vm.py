@@ -49,7 +49,16 @@ class VM:
 
     def truncate(self, seq_len: int) -> None:
         """Forget positions >= seq_len (their cache slots are simply overwritten later)."""
+        if not 0 <= seq_len <= self.seq_len:
+            raise ValueError(f"truncate({seq_len}): the cache holds {self.seq_len} positions")
         self.seq_len = seq_len
+
+    def read(self, name: str, tokens: int) -> torch.Tensor:
+        """A copy of a buffer as the last step of `tokens` tokens left it (e.g. the `hidden`
+        output of an artifact compiled with a drafter)."""
+        if tokens not in self.schedules or name not in self.schedules[tokens].graph.buffers:
+            raise UserError(f"no buffer {name!r} in the {tokens}-token step")
+        return self._memory(tokens)[name].clone()
 
     def _memory(self, tokens: int) -> Memory:
         if tokens not in self._memories:
