@@ -300,7 +300,10 @@ def cmd_inspect(args) -> int:
     from tilert import inspect as tinspect
     from tilert.artifact import read_artifact, read_metadata
 
-    compiled = sorted(int(b) for b in read_metadata(args.artifact).get("steps") or [])
+    meta = read_metadata(args.artifact)
+    compiled = sorted(int(b) for b in meta.get("steps") or [])
+    if args.speculative:
+        return _inspect_speculative(args, meta, compiled)
     step = args.step if args.step is not None else (compiled[0] if compiled else 1)
     if step not in compiled:
         raise UserError(f"--step {step}: the artifact has schedules for steps {compiled}")
@@ -320,6 +323,38 @@ def cmd_inspect(args) -> int:
     if args.plot:
         tinspect.plot_timeline(art, step, gpu, args.plot)
         print(f"wrote plot {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _inspect_speculative(args, meta: dict, compiled: list[int]) -> int:
+    """`inspect --speculative`: the draft step's and the verify step's reports."""
+    from tilert import inspect as tinspect
+    from tilert.artifact import read_artifact
+
+    if args.step is not None or args.trace or args.plot or args.measured:
+        raise UserError("--speculative shows the draft and verify steps; it does not combine with --step, "
+                        "--trace, --plot or --measured")
+    draft = meta.get("draft")
+    if not draft:
+        raise UserError(f"{args.artifact}: compiled without a DFlash drafter; recompile with --draft DIR")
+    try:
+        B = int(draft["config"]["block_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{args.artifact}: corrupt artifact metadata ({type(e).__name__}: {e})") from None
+    art = read_artifact(args.artifact, load_weights=False, steps=[B])
+    if art.draft_schedule is None or B not in art.schedules:
+        raise UserError(f"{args.artifact}: holds no draft schedule (compiled by an older tilert); recompile "
+                        f"with --draft DIR")
+    gpu = args.gpu or art.gpu
+    summaries = {
+        "draft": tinspect.summarize(art, B, gpu, schedule=art.draft_schedule,
+                                    label=f"DFlash draft step (block of {B}: {B - 1} drafts)"),
+        "verify": tinspect.summarize(art, B, gpu, label=f"verify step ({B} tokens: the last one and {B - 1} drafts)"),
+    }
+    if args.json:
+        print(json.dumps(summaries, indent=1))
+    else:
+        print("\n\n".join(tinspect.format_report(sm, top_ops=args.top) for sm in summaries.values()))
     return 0
 
 
@@ -431,6 +466,30 @@ def generate_reference(art, prompt: list[int], max_new_tokens: int, temperature:
         torch.set_num_threads(threads)
 
 
+def generate_speculative(art, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                         backend: str = "vm", interleave: int | None = None, log=None):
+    """`run --speculative`: DFlash draft + verify rounds (tilert/speculative.py) on the VM or the
+    reference; the same tokens as plain decoding.  Returns the SpecResult."""
+    import torch
+
+    from tilert.spec_backends import ReferenceBackend, VMBackend
+    from tilert.speculative import speculative_generate
+
+    if backend == "vm":
+        be = VMBackend.from_artifact(art, interleave)
+    else:
+        be = ReferenceBackend.from_artifact(art, min(art.max_seq_len, len(prompt) + max_new_tokens + 16))
+    threads = torch.get_num_threads()
+    if art.cfg.hidden_size < 1024:  # as generate_reference: tiny ops run faster on one thread
+        torch.set_num_threads(1)
+    try:
+        with _bar(total=max_new_tokens, desc="generating", unit="tok") as bar:
+            return speculative_generate(be, prompt, max_new_tokens, temperature, seed,
+                                        on_round=lambda n: bar.update(n))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _tokenizer(path: Path):
     if not path.is_file():
         return None
@@ -453,12 +512,18 @@ def cmd_run(args) -> int:
         raise UserError("--interleave only applies to --backend vm")
     if args.profile_out is not None and args.backend != "megakernel":
         raise UserError("--profile-out only applies to --backend megakernel")
+    if args.speculative and args.backend == "megakernel":
+        raise UserError("--speculative runs on --backend vm or reference; the megakernel runtime has no "
+                        "draft step yet")
     path = Path(args.artifact) if args.artifact else default_artifact()
     # Everything that can be refused from metadata.json alone is, before reading weights.
     meta = read_metadata(path)
     if meta.get("schedule_only"):
         raise UserError(f"{path}: compiled with --schedule-only, it holds no weights to run; recompile "
                         f"without --schedule-only")
+    if args.speculative and not meta.get("draft"):
+        raise UserError(f"{path}: compiled without a DFlash drafter; --speculative needs one: recompile with "
+                        f"--draft DIR")
     try:
         max_seq_len, vocab = int(meta["max_seq_len"]), int(meta["config"]["vocab_size"])
     except (KeyError, TypeError, ValueError) as e:
@@ -504,6 +569,10 @@ def cmd_run(args) -> int:
                                       profile_out=args.profile_out, bar=bar)
         if args.profile_out:
             print(f"wrote the last step's profile to {args.profile_out}", file=sys.stderr)
+    elif args.speculative:
+        spec = generate_speculative(art, prompt, args.max_new_tokens, args.temperature, args.seed, args.backend,
+                                    args.interleave)
+        new = spec.tokens
     elif args.backend == "vm":
         new = generate_vm(art, prompt, args.max_new_tokens, args.temperature, args.seed, args.interleave)
     else:
@@ -512,12 +581,24 @@ def cmd_run(args) -> int:
     text = tok.decode(new) if tok is not None else " ".join(str(t) for t in new)
     rate = len(new) / elapsed if elapsed > 0 else 0.0
     if args.json:
-        print(json.dumps({"tokens": new, "text": text, "tokens_per_s": rate, "backend": args.backend,
-                          "prompt_tokens": len(prompt), "seconds": elapsed, "artifact": str(path)}))
+        out = {"tokens": new, "text": text, "tokens_per_s": rate, "backend": args.backend,
+               "prompt_tokens": len(prompt), "seconds": elapsed, "artifact": str(path)}
+        if args.speculative:
+            # accepted_per_round: tokens each round committed (accepted drafts + the target's own);
+            # acceptance_length is their mean.
+            out.update({"accepted_per_round": spec.commits, "acceptance_length": spec.acceptance_length,
+                        "rounds": spec.rounds})
+        print(json.dumps(out))
     else:
         print(text)
-        print(f"[{args.backend}] {len(prompt)} prompt tokens, {len(new)} new tokens in {elapsed:.2f} s "
-              f"({rate:.1f} tokens/s)", file=sys.stderr)
+        if args.speculative:
+            B = int(meta["draft"]["config"]["block_size"])
+            print(f"[{args.backend}, speculative] accepted per round: {' '.join(map(str, spec.commits))}",
+                  file=sys.stderr)
+            print(f"[{args.backend}, speculative] acceptance length {spec.acceptance_length:.2f} tokens per round "
+                  f"over {spec.rounds} rounds (block {B})", file=sys.stderr)
+        print(f"[{args.backend}{', speculative' if args.speculative else ''}] {len(prompt)} prompt tokens, "
+              f"{len(new)} new tokens in {elapsed:.2f} s ({rate:.1f} tokens/s)", file=sys.stderr)
     return 0
 
 
@@ -564,6 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--step", type=int, help="which step size to inspect (default: the smallest, decode)")
     i.add_argument("--gpu", help="estimate for this GPU instead of the artifact's target")
     i.add_argument("--top", type=int, default=30, help="ops listed in the table, costliest first (0: all)")
+    i.add_argument("--speculative", action="store_true",
+                   help="the DFlash draft step's and the verify step's reports (compile --draft)")
     i.set_defaults(func=cmd_inspect)
 
     r = sub.add_parser("run", help="generate tokens with a compiled artifact")
@@ -580,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print {tokens, text, tokens_per_s, ...}")
     r.add_argument("--interleave", type=int, metavar="SEED",
                    help="VM only: run the workers in an adversarial order drawn from SEED")
+    r.add_argument("--speculative", action="store_true",
+                   help="DFlash speculative decoding (needs compile --draft): the same tokens, fewer target "
+                        "steps; prints the tokens accepted per round and the acceptance length")
     r.set_defaults(func=cmd_run)
     return p
 

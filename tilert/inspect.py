@@ -35,11 +35,13 @@ def _stats(values) -> dict[str, float]:
 
 
 def memory_footprint(art) -> dict[str, Any]:
-    """Device memory: weights as stored, KV cache (state), and the largest step's activations."""
+    """Device memory: weights as stored, KV cache (state), and the largest step's activations
+    (the DFlash draft step's weights and context caches included)."""
     weights: dict[str, int] = {}
     state: dict[str, int] = {}
     act = 0
-    for s in art.schedules.values():
+    draft = [art.draft_schedule] if getattr(art, "draft_schedule", None) is not None else []
+    for s in list(art.schedules.values()) + draft:
         step_act = 0
         for name, b in s.graph.buffers.items():
             if b.kind == WEIGHT:
@@ -63,10 +65,12 @@ def memory_footprint(art) -> dict[str, Any]:
     return out
 
 
-def summarize(art, step: int, gpu_name: str | None = None) -> dict[str, Any]:
-    """Everything `tilert inspect` shows, for the schedule of `step` tokens."""
+def summarize(art, step: int, gpu_name: str | None = None, schedule: Schedule | None = None,
+              label: str | None = None) -> dict[str, Any]:
+    """Everything `tilert inspect` shows, for the schedule of `step` tokens (or `schedule`, e.g.
+    the DFlash draft step, named `label` in the report)."""
     gpu = _gpu(gpu_name or art.gpu)
-    s: Schedule = art.schedules[step]
+    s: Schedule = schedule or art.schedules[step]
     g = s.graph
     cfg = art.cfg
     tl = simulate(s, gpu)
@@ -144,6 +148,8 @@ def summarize(art, step: int, gpu_name: str | None = None) -> dict[str, Any]:
             "recipe": (art.meta.get("recipe") or {}).get("source"),
         },
         "step": step,
+        "label": label or f"step of {step} token(s)",
+        "drafter": drafter_summary(art),
         "gpu": gpu.name,
         "schedule": {
             "ops": len(g.ops), "tasks": len(g.tasks), "workers": s.num_workers,
@@ -171,6 +177,17 @@ def summarize(art, step: int, gpu_name: str | None = None) -> dict[str, Any]:
         "memory": memory_footprint(art),
         "kernel": kernel_summary(art),
     }
+
+
+def drafter_summary(art) -> dict[str, Any] | None:
+    """The DFlash drafter compiled into the artifact (--draft), or None."""
+    cfg = art.draft_config
+    if cfg is None:
+        return None
+    d = art.draft_schedule
+    return {"layers": cfg["num_layers"], "block_size": cfg["block_size"], "target_layers": cfg["target_layers"],
+            "draft_step_tasks": len(d.graph.tasks) if d is not None else None,
+            "context_rows": (art.meta.get("draft") or {}).get("context_rows")}
 
 
 def kernel_summary(art) -> dict[str, Any]:
@@ -236,8 +253,14 @@ def format_report(sm: dict[str, Any], top_ops: int = 30) -> str:
     out.append(f"compiled  for {a['gpu']}, max_seq_len {a['max_seq_len']}, steps {a['steps']}, recipe {a['recipe']}, "
                f"tilert {a['tool_version']} (format {a['format_version']})"
                + (", schedule only (no weights)" if a["schedule_only"] else ""))
-    out.append(f"schedule  step of {sm['step']} token(s): {sc['ops']} ops, {sc['tasks']} tasks on {sc['workers']} "
-               f"workers, {sc['counters']} counters, {sc['waits']} waits")
+    dr = sm.get("drafter")
+    if dr:
+        tasks = (f"draft step {dr['draft_step_tasks']} tasks" if dr["draft_step_tasks"] is not None
+                 else "no draft schedule (compiled by an older tilert)")
+        out.append(f"drafter   DFlash, {dr['layers']} layers, block {dr['block_size']}, conditioned on target layers "
+                   f"{dr['target_layers']}: {tasks}; inspect --speculative shows the draft and verify steps")
+    out.append(f"schedule  {sm.get('label') or 'step of %d token(s)' % sm['step']}: {sc['ops']} ops, {sc['tasks']} "
+               f"tasks on {sc['workers']} workers, {sc['counters']} counters, {sc['waits']} waits")
     out.append("")
 
     out.append(f"== estimated step time on {sm['gpu']} ==")
