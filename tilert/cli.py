@@ -478,7 +478,9 @@ def generate_speculative(art, prompt: list[int], max_new_tokens: int, temperatur
     if backend == "vm":
         be = VMBackend.from_artifact(art, interleave)
     else:
-        be = ReferenceBackend.from_artifact(art, min(art.max_seq_len, len(prompt) + max_new_tokens + 16))
+        # Caches sized for this run (as generate_reference), with room for the last verify block.
+        B = int((art.draft_config or {}).get("block_size", 1))
+        be = ReferenceBackend.from_artifact(art, min(art.max_seq_len, len(prompt) + max_new_tokens + B))
     threads = torch.get_num_threads()
     if art.cfg.hidden_size < 1024:  # as generate_reference: tiny ops run faster on one thread
         torch.set_num_threads(1)

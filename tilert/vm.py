@@ -56,8 +56,9 @@ class VM:
     def read(self, name: str, tokens: int) -> torch.Tensor:
         """A copy of a buffer as the last step of `tokens` tokens left it (e.g. the `hidden`
         output of an artifact compiled with a drafter)."""
-        if tokens not in self.schedules or name not in self.schedules[tokens].graph.buffers:
-            raise UserError(f"no buffer {name!r} in the {tokens}-token step")
+        buf = self.schedules[tokens].graph.buffers.get(name) if tokens in self.schedules else None
+        if buf is None or buf.kind in (WEIGHT, LOCAL):
+            raise UserError(f"no global buffer {name!r} in the {tokens}-token step")
         return self._memory(tokens)[name].clone()
 
     def _memory(self, tokens: int) -> Memory:
