@@ -200,7 +200,7 @@ def test_random_drafters_and_schedules_equal_dflash_drafter(dcfg, seed, workers,
     base = load_recipe(None, "h100")
     recipe = dict(base, workers=workers, out_rows=tiles, ffn_rows=tiles, vocab_rows=4 * tiles, embed_cols=tiles,
                   q_heads_per_task=1 + tiles % 2, global_splits=splits, swa_splits=splits,
-                  fuse=base["fuse"] if fuse else [])
+                  qkv_rows=tiles if tiles < 8 else None, fuse=base["fuse"] if fuse else [])
     tw, dw = random_weights(cfg, seed), random_draft_weights(dcfg, seed + 1)
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg.vocab_size, (sum(appends) + 1,), generator=gen).tolist()

@@ -119,14 +119,8 @@ def lower_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, context
     _rmsnorm(b, "draft.hidden_norm", None, ctx_feat, ctx_h, W("hidden_norm.weight"), dcfg.rms_norm_eps)
     for i, (kc, vc) in enumerate(caches):
         P = lambda what, i=i: W(f"layers.{i}.{what}").name  # noqa: E731
-        op = b.op("linear", f"draft.layer{i}.ctx_kv_proj", i)
-        for g0, g1 in _tiles(nkv, recipe["kv_heads_per_task"]):
-            _linear(b, op, [
-                {"weight": P("self_attn.k_proj.weight"), "rows": [g0 * hd, g1 * hd], "out": ctx_k.name,
-                 "cols": [g0 * hd, g1 * hd]},
-                {"weight": P("self_attn.v_proj.weight"), "rows": [g0 * vd, g1 * vd], "out": ctx_v.name,
-                 "cols": [g0 * vd, g1 * vd]},
-            ], ctx_h, False)
+        _projection(b, f"draft.layer{i}.ctx_kv_proj", i, ctx_h, recipe["kv_heads_per_task"], nkv,
+                    [(P("self_attn.k_proj.weight"), ctx_k, hd), (P("self_attn.v_proj.weight"), ctx_v, vd)])
         _rope(b, f"draft.layer{i}.ctx_rope", i, [(ctx_k, nkv)], dcfg, ctx_pos)
         _kv_write(b, f"draft.layer{i}.ctx_kv_write", i, ctx_k, ctx_v, ctx_pos, kc, vc, dcfg, slots)
 
@@ -142,18 +136,10 @@ def lower_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, context
     for i, (kc, vc) in enumerate(caches):
         P = lambda what, i=i: W(f"layers.{i}.{what}").name  # noqa: E731
         _rmsnorm(b, f"draft.layer{i}.input_norm", i, x, h, b.weight(P("input_layernorm.weight")), dcfg.rms_norm_eps)
-        op = b.op("linear", f"draft.layer{i}.q_proj", i)
-        for h0, h1 in _tiles(nq, recipe["q_heads_per_task"]):
-            _linear(b, op, [{"weight": P("self_attn.q_proj.weight"), "rows": [h0 * hd, h1 * hd], "out": q.name,
-                             "cols": [h0 * hd, h1 * hd]}], h, False)
-        op = b.op("linear", f"draft.layer{i}.kv_proj", i)
-        for g0, g1 in _tiles(nkv, recipe["kv_heads_per_task"]):
-            _linear(b, op, [
-                {"weight": P("self_attn.k_proj.weight"), "rows": [g0 * hd, g1 * hd], "out": k.name,
-                 "cols": [g0 * hd, g1 * hd]},
-                {"weight": P("self_attn.v_proj.weight"), "rows": [g0 * vd, g1 * vd], "out": v.name,
-                 "cols": [g0 * vd, g1 * vd]},
-            ], h, False)
+        _projection(b, f"draft.layer{i}.q_proj", i, h, recipe["q_heads_per_task"], nq,
+                    [(P("self_attn.q_proj.weight"), q, hd)])
+        _projection(b, f"draft.layer{i}.kv_proj", i, h, recipe["kv_heads_per_task"], nkv,
+                    [(P("self_attn.k_proj.weight"), k, hd), (P("self_attn.v_proj.weight"), v, vd)])
         _rope(b, f"draft.layer{i}.rope", i, [(q, nq), (k, nkv)], dcfg, pos)
         _kv_write(b, f"draft.layer{i}.kv_write", i, k, v, pos, kc, vc, dcfg, slots)
 
@@ -207,6 +193,23 @@ def lower_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, context
     op = b.op("argmax", "draft.argmax", None)
     b.task(op, "argmax", {}, [region(best)], [region(nxt)], b.act_bytes([region(best), region(nxt)]), 0)
     return TaskGraph(B, b.buffers, b.ops, b.tasks)
+
+
+def _projection(b: _Builder, name: str, layer: int, src: Buffer, heads_per_task: int, heads: int,
+                parts: list[tuple[str, Buffer, int]]) -> None:
+    """Projections of `src` into each (weight, out buffer, head dim) of `parts`: whole heads per
+    task, the parts' same heads together (RoPE and the cache write fuse in), or, when the recipe
+    sets qkv_rows, row tiles of each part over every worker (as lower._lower_attention)."""
+    op = b.op("linear", name, layer)
+    rows = b.recipe.get("qkv_rows")
+    if rows:
+        for weight, out, d in parts:
+            for r0, r1 in _tiles(heads * d, rows):
+                _linear(b, op, [{"weight": weight, "rows": [r0, r1], "out": out.name, "cols": [r0, r1]}], src, False)
+        return
+    for h0, h1 in _tiles(heads, heads_per_task):
+        _linear(b, op, [{"weight": weight, "rows": [h0 * d, h1 * d], "out": out.name, "cols": [h0 * d, h1 * d]}
+                        for weight, out, d in parts], src, False)
 
 
 def _rmsnorm(b: _Builder, name: str, layer, src: Buffer, dst: Buffer, w: Buffer, eps: float) -> None:
