@@ -98,7 +98,7 @@ def synthetic():
 def test_trained_pair_greedy_equals_plain_greedy_past_both_rings(trained):
     art, tok = trained
     prompt = tok.encode(PROMPT).ids
-    n = 160
+    n = 128
     be = VMBackend.from_artifact(art)
     # Positions past the target's ring (window 65 + 7) and the drafter's (window 128 + 14).
     assert len(prompt) + n > be.drafter.slots > ring_slots(art.cfg, 1, art.max_seq_len, be.block_size)
@@ -339,12 +339,11 @@ def test_markov_chain_speculative_sampling_has_the_exact_distribution():
 
 
 def test_trained_pair_speculative_sampling_matches_plain_sampling(trained):
-    """The first two tokens after a prompt at temperature 1: 600 seeded speculative runs on the
+    """The first two tokens after a prompt at temperature 1: 400 seeded speculative runs on the
     reference backend (the second token comes out of a draft-and-verify round) against the exact
     joint distribution plain sampling draws from; a biased acceptance rule fails the test."""
     art, tok = trained
     prompt = tok.encode("if __name__ == '__main").ids
-    torch.set_num_threads(1)
     be = ReferenceBackend.from_artifact(art, max_seq_len=64)
     # Exact p(t1) p(t2 | t1) for every t1 of non-negligible probability (the rest is pooled).
     dec = be.target
@@ -357,7 +356,7 @@ def test_trained_pair_speculative_sampling_matches_plain_sampling(trained):
         joint.update({(t1, t2): float(p1[t1] * q) for t2, q in enumerate(p2.tolist())})
     cells = sorted(joint, key=joint.get, reverse=True)
     probs = [joint[c] for c in cells] + [1.0 - sum(joint.values())]  # the last cell: everything else
-    N = 600
+    N = 400
 
     def counts(accept):
         c = dict.fromkeys(cells, 0)
@@ -370,5 +369,10 @@ def test_trained_pair_speculative_sampling_matches_plain_sampling(trained):
                 rest += 1
         return [c[k] for k in cells] + [rest]
 
-    assert chi_square_p(counts(accept_matching), probs) > 1e-4
-    assert chi_square_p(counts(biased_accept(random.Random(0))), probs) < 1e-4
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a toy model: one thread is faster
+    try:
+        assert chi_square_p(counts(accept_matching), probs) > 1e-4
+        assert chi_square_p(counts(biased_accept(random.Random(0))), probs) < 1e-4
+    finally:
+        torch.set_num_threads(threads)
