@@ -303,7 +303,7 @@ def cmd_inspect(args) -> int:
     meta = read_metadata(args.artifact)
     compiled = sorted(int(b) for b in meta.get("steps") or [])
     if args.speculative:
-        return _inspect_speculative(args, meta, compiled)
+        return _inspect_speculative(args, meta)
     step = args.step if args.step is not None else (compiled[0] if compiled else 1)
     if step not in compiled:
         raise UserError(f"--step {step}: the artifact has schedules for steps {compiled}")
@@ -326,7 +326,7 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _inspect_speculative(args, meta: dict, compiled: list[int]) -> int:
+def _inspect_speculative(args, meta: dict) -> int:
     """`inspect --speculative`: the draft step's and the verify step's reports."""
     from tilert import inspect as tinspect
     from tilert.artifact import read_artifact
@@ -467,7 +467,7 @@ def generate_reference(art, prompt: list[int], max_new_tokens: int, temperature:
 
 
 def generate_speculative(art, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-                         backend: str = "vm", interleave: int | None = None, log=None):
+                         backend: str = "vm", interleave: int | None = None):
     """`run --speculative`: DFlash draft + verify rounds (tilert/speculative.py) on the VM or the
     reference; the same tokens as plain decoding.  Returns the SpecResult."""
     import torch
