@@ -214,3 +214,25 @@ def test_flash_geometry_matches_the_vm(flash2):
         dt = (time.perf_counter() - t0) / n
         print(f"flash-2-layer B={B}: {1e3 * dt:.3f} ms per step incl. host sync, {nbytes / 1e6:.0f} MB moved "
               f"(cost model) -> {nbytes / dt / 1e9:.0f} GB/s")
+
+
+def test_captured_hidden_states_match_the_vm(tiny):
+    """Target steps of a --draft artifact also copy the drafter's conditioning layers' outputs
+    into `hidden` (capture tasks): the megakernel's copy equals the VM's, and the logits stay
+    as they were, for a B=8 prefill and decode steps."""
+    cfg, _, weights = tiny
+    layers = (0, cfg.num_hidden_layers - 1)
+    schedules = compile_steps(cfg, load_recipe("mimo-tiny", "h100"), [1, 8], max_seq_len=MAX_SEQ,
+                              capture_layers=layers)
+    vm = VM(cfg, schedules, weights, MAX_SEQ)
+    runtime = make_runtime(cfg, schedules, weights)
+    tokens = [3, 14, 15, 92, 65, 35, 89, 79]
+    for step in range(6):
+        ref_logits, ref_next = vm.step(tokens)
+        logits, nxt = runtime.step(tokens)
+        assert nxt == ref_next and rel_err(logits, ref_logits) < 1e-3, f"step {step}"
+        hidden = runtime.read("hidden", len(tokens))
+        ref_hidden = vm.read("hidden", len(tokens))
+        assert hidden.shape == ref_hidden.shape and torch.isfinite(hidden).all()
+        assert rel_err(hidden, ref_hidden) < 1e-4, f"step {step}: hidden rel err {rel_err(hidden, ref_hidden):.3g}"
+        tokens = nxt[-1:]

@@ -97,6 +97,7 @@ STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
                         ("sm", "ref"), ("acc", "ref"), ("h0", "i32"), ("group", "i32"), ("hd", "i32"),
                         ("vd", "i32"), ("split", "i32"), ("splits", "i32"), ("window", "i32"), ("slots", "i32"),
                         ("scale", "f32"), ("ms", "i32")),
+    "CaptureParams": (("in", "ref"), ("out", "ref"), ("c0", "i32"), ("c1", "i32")),
     "AttnCombineParams": (("mx", "ref"), ("sm", "ref"), ("acc", "ref"), ("out", "ref"), ("sink", "i32"),
                           ("h0", "i32"), ("h1", "i32"), ("splits", "i32"), ("ms", "i32"), ("vd", "i32")),
     "GateUpParams": (("in", "ref"), ("out", "ref"), ("gate", "i32"), ("up", "i32"), ("r0", "i32"), ("r1", "i32")),
@@ -143,6 +144,7 @@ KINDS = [
     Kind("expert_down", "ExpertDownParams", "k_expert_down", True),
     Kind("lm_head", "LmHeadParams", "k_lm_head", True),
     Kind("argmax", "ArgmaxParams", "k_argmax", False),
+    Kind("capture", "CaptureParams", "k_capture", False),
 ]
 KIND_ID = {k.name: i + 1 for i, k in enumerate(KINDS)}  # 0 is never a valid kind
 KIND_BY_ID = {i + 1: k for i, k in enumerate(KINDS)}
@@ -369,6 +371,12 @@ class _Encoder:
     def _embed(self, p):
         return [("embed", {"tokens": self.ref("tokens"), "out": self.ref("x"),
                            "table": self.w("model.embed_tokens.weight"), "c0": p["cols"][0], "c1": p["cols"][1]})]
+
+    def _capture(self, p):
+        # the hidden output holds one residual-width slot per captured layer
+        width = self.shape("x")[1]
+        return [("capture", {"in": self.ref("x"), "out": self.ref("hidden", elem=p["slot"] * width),
+                             "c0": p["cols"][0], "c1": p["cols"][1]})]
 
     def _rmsnorm(self, p):
         rows, cols = self.shape(p["in"])

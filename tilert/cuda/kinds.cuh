@@ -567,4 +567,15 @@ TILERT_DEV void k_argmax(Ctx& c, const ArgmaxParams& p) {
   }
 }
 
+// ---- capture: hidden[:, slot * H + c0 : slot * H + c1] = x[:, c0:c1] (a DFlash drafter's conditioning) ----
+TILERT_DEV void k_capture(Ctx& c, const CaptureParams& p) {
+  const float* in = ref_ptr<float>(c, p.in);
+  float* out = ref_ptr<float>(c, p.out);
+  const int n = p.c1 - p.c0;
+  for (int i = ctid(); i < kB * n; i += kNCT) {
+    const int b = i / n, col = p.c0 + i % n;
+    out[b * p.out.ld + col] = in[b * p.in.ld + col];
+  }
+}
+
 }  // namespace tilert
