@@ -23,6 +23,7 @@ ACTIVATION = "activation"  # scratch within a step
 STATE = "state"  # persists across steps (KV caches)
 OUTPUT = "output"  # read by the host after a step (logits, chosen tokens)
 LOCAL = "local"  # private to the fused tasks that produce and consume it: never in global memory
+PEER = "peer"  # multi-GPU: another rank's buffer, read by communication tasks over NVLink
 
 
 @dataclass(frozen=True)

@@ -200,10 +200,28 @@ def topk(p, m: Memory):
     m["topk_weight"].copy_(w * p["scale"])
 
 
+def _local_expert(p, e: int) -> int | None:
+    """Where expert e sits in this GPU's expert stacks, or None when another GPU owns it.
+    Multi-GPU tasks carry `experts` = [e0, e1), the block this rank holds (tilert/partition.py);
+    on one GPU the stacks hold every expert."""
+    if "experts" not in p:
+        return e
+    e0, e1 = p["experts"]
+    return e - e0 if e0 <= e < e1 else None
+
+
+def _residual_out(p, m: Memory) -> tuple[torch.Tensor, bool]:
+    """Where a residual update goes: added into x, or (multi-GPU) written as this rank's
+    partial sum for the all-reduce to add up (params `out`, `accumulate`)."""
+    return m[p.get("out", "x")], p.get("accumulate", True)
+
+
 def expert_gate_up(p, m: Memory):
     t, slot = p["token"], p["slot"]
     r0, r1 = p["rows"]
-    e = int(m["topk_idx"][t, slot])
+    e = _local_expert(p, int(m["topk_idx"][t, slot]))
+    if e is None:
+        return  # another rank's expert: this rank's expert_down skips the slot
     x = m[p["in"]][t]
     g = m.expert_rows(p["gate"], e, r0, r1) @ x
     u = m.expert_rows(p["up"], e, r0, r1) @ x
@@ -213,17 +231,23 @@ def expert_gate_up(p, m: Memory):
 def expert_down(p, m: Memory):
     r0, r1 = p["rows"]
     act, idx, w = m["moe_act"], m["topk_idx"], m["topk_weight"]
+    out, accumulate = _residual_out(p, m)
     for t in range(act.shape[0]):
         total = torch.zeros(r1 - r0, device=act.device)
         for slot in range(p["k"]):
-            e = int(idx[t, slot])
-            total += w[t, slot] * (m.expert_rows(p["down"], e, r0, r1) @ act[t, slot])
-        m["x"][t, r0:r1] += total
+            e = _local_expert(p, int(idx[t, slot]))
+            if e is not None:
+                total += w[t, slot] * (m.expert_rows(p["down"], e, r0, r1) @ act[t, slot])
+        if accumulate:
+            out[t, r0:r1] += total
+        else:
+            out[t, r0:r1] = total
 
 
 def lm_head(p, m: Memory):
     r0, r1 = p["rows"]
-    y = m[p["in"]] @ m.rows(p["weight"], r0, r1).T
+    w0 = p.get("weight_row0", 0)  # multi-GPU: the rank's LM-head slice starts at vocabulary row w0
+    y = m[p["in"]] @ m.rows(p["weight"], r0 - w0, r1 - w0).T
     m["logits"][:, r0:r1] = y
     temperature, seed = float(m["sampling"][0]), int(m["sampling"][1])
     for b, position in enumerate(m["positions"].tolist()):
@@ -263,8 +287,9 @@ def expert_gate_up_union(p, m: Memory):
     out = m["moe_act_union"][u, :, r0:r1]
     out.zero_()  # tokens not routed to this expert: defined zeros, never read
     e = int(m["moe_union"][u])
-    if e < 0:
+    if e < 0 or _local_expert(p, e) is None:
         return
+    e = _local_expert(p, e)
     tokens = sorted({t for t, row in enumerate(m["moe_route"].tolist()) if u in row})
     x = m[p["in"]][tokens]
     g = x @ m.expert_rows(p["gate"], e, r0, r1).T  # the expert's tile is read once for all its tokens
@@ -276,14 +301,20 @@ def expert_down_union(p, m: Memory):
     r0, r1 = p["rows"]
     act, union, w = m["moe_act_union"], m["moe_union"].tolist(), m["topk_weight"]
     route = m["moe_route"].tolist()
+    out, accumulate = _residual_out(p, m)
+    local = {u: _local_expert(p, e) for u, e in enumerate(union) if e >= 0}
     # One read of each distinct expert's tile for all its tokens ...
-    y = {u: act[u] @ m.expert_rows(p["down"], e, r0, r1).T for u, e in enumerate(union) if e >= 0}
+    y = {u: act[u] @ m.expert_rows(p["down"], e, r0, r1).T for u, e in local.items() if e is not None}
     # ... then each token's weighted sum in slot order, as the per-token path adds it.
     for t, row in enumerate(route):
         total = torch.zeros(r1 - r0, device=act.device)
         for k, u in enumerate(row):
-            total += w[t, k] * y[u][t]
-        m["x"][t, r0:r1] += total
+            if u in y:
+                total += w[t, k] * y[u][t]
+        if accumulate:
+            out[t, r0:r1] += total
+        else:
+            out[t, r0:r1] = total
 
 
 def capture(p, m: Memory):

@@ -24,28 +24,37 @@ from tilert.schedule import Counter, Schedule
 POLICIES = ("list", "round_robin")
 
 
-def build_schedule(graph: TaskGraph, num_workers: int, policy: str = "list", gpu: GpuSpec | str = "h100") -> Schedule:
-    """Schedule `graph` on `num_workers` persistent workers.  policy "list": each task, in
-    program order, goes to the worker on which it can start earliest under the cost model of
-    `gpu` (ties: lowest worker id); "round_robin": task t goes to worker t % num_workers."""
-    if num_workers < 1:
-        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+def build_schedule(graph: TaskGraph, num_workers: int, policy: str = "list", gpu: GpuSpec | str = "h100",
+                   worker_of: list[int] | None = None) -> Schedule:
+    """Schedule `graph` on `num_workers` persistent workers, assigned by `assign_workers`, or
+    as `worker_of` says when given (multi-GPU: each rank's tasks on that rank's workers)."""
     gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
     if len(graph.deps) != len(graph.tasks):
         derive_dependencies(graph)
-    n = len(graph.tasks)
-    if policy == "list":
-        worker_of = _list_assign(graph, num_workers, gpu)
-    elif policy == "round_robin":
-        worker_of = [t % num_workers for t in range(n)]
-    else:
-        raise ValueError(f"unknown scheduling policy {policy!r}; choose one of {POLICIES}")
+    if worker_of is None:
+        worker_of = assign_workers(graph, num_workers, policy, gpu)
     streams: list[list[int]] = [[] for _ in range(num_workers)]
     for t, w in enumerate(worker_of):
         streams[w].append(t)
     waits, signals, counters = _synchronise(graph, worker_of, streams, num_workers)
     meta = {"policy": policy, "gpu": gpu.name}
     return Schedule(graph, num_workers, streams, waits, signals, counters, worker_of, meta)
+
+
+def assign_workers(graph: TaskGraph, num_workers: int, policy: str = "list", gpu: GpuSpec | str = "h100") -> list[int]:
+    """The worker of every task.  policy "list": each task, in program order, goes to the worker
+    on which it can start earliest under the cost model of `gpu` (ties: lowest worker id);
+    "round_robin": task t goes to worker t % num_workers."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+    gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
+    if len(graph.deps) != len(graph.tasks):
+        derive_dependencies(graph)
+    if policy == "list":
+        return _list_assign(graph, num_workers, gpu)
+    if policy == "round_robin":
+        return [t % num_workers for t in range(len(graph.tasks))]
+    raise ValueError(f"unknown scheduling policy {policy!r}; choose one of {POLICIES}")
 
 
 def _list_assign(graph: TaskGraph, num_workers: int, gpu: GpuSpec) -> list[int]:

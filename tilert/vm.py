@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 
 import torch
 
@@ -106,9 +107,16 @@ class VM:
         return m.buffers["logits"].clone(), [int(t) for t in m.buffers["next_token"].tolist()]
 
 
-def execute(s: Schedule, m: Memory, interleave: int | None = None) -> list[int]:
-    """Run every task of `s` in an order the counters allow; returns the order used."""
-    local_shapes = {n: b.shape for n, b in s.graph.buffers.items() if b.kind == LOCAL}
+def execute(s: Schedule, m: Memory | None, interleave: int | None = None,
+            run: Callable[[int], None] | None = None) -> list[int]:
+    """Run every task of `s` in an order the counters allow; returns the order used.  `run(t)`,
+    when given, executes task t instead of running it on `m` (the multi-GPU VM runs each rank's
+    tasks on that rank's memory, tilert/vm_multi.py)."""
+    if run is None:
+        local_shapes = {n: b.shape for n, b in s.graph.buffers.items() if b.kind == LOCAL}
+
+        def run(t: int) -> None:
+            run_task(s.graph.tasks[t], m, local_shapes)
     counters = [0] * len(s.counters)
     heads = [0] * s.num_workers
     rng = random.Random(interleave) if interleave is not None else None
@@ -131,7 +139,7 @@ def execute(s: Schedule, m: Memory, interleave: int | None = None) -> list[int]:
             batch = [rng.choice(runnable)]
         for w in batch:
             t = s.streams[w][heads[w]]
-            run_task(s.graph.tasks[t], m, local_shapes)
+            run(t)
             for c in s.signals[t]:
                 counters[c] += 1
             heads[w] += 1
