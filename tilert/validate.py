@@ -15,6 +15,8 @@ b iff b's clock on a's worker passes a's stream position.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
+
 import numpy as np
 
 from tilert.deps import conflict_pairs
@@ -57,7 +59,9 @@ def check_static(schedule: Schedule) -> dict:
 def describe_task(s: Schedule, t: int) -> str:
     task = s.graph.tasks[t]
     w = s.worker_of[t] if 0 <= t < len(s.worker_of) else "?"
-    return f"task {t} ({s.graph.ops[task.op].name}, {task.kind}, worker {w})"
+    per_rank = s.meta.get("workers_per_rank")  # a multi-GPU union: name the GPU too
+    where = f"rank {w // per_rank} worker {w % per_rank}" if per_rank and w != "?" else f"worker {w}"
+    return f"task {t} ({s.graph.ops[task.op].name}, {task.kind}, {where})"
 
 
 def _fail(what: str, items: list[str]) -> None:
@@ -183,3 +187,40 @@ def _conflict(s: Schedule, a: int, b: int) -> str:
                     f"{mb} {rb.buffer}{list(rb.box)} unordered"
                 )
     return f"{describe_task(s, a)} and {describe_task(s, b)} unordered"
+
+
+# ---- multi-GPU ---------------------------------------------------------------------------------
+
+
+def validate_ranks(s: Schedule, workers_per_rank: int, counter_home: list[int],
+                   buffer_rank: Callable[[str], int], comm_kinds: Collection[str]) -> None:
+    """Validate a multi-GPU step: `s` is the union of every rank's schedule (tilert/multigpu.py),
+    rank r running on workers r*workers_per_rank onwards, counter c living in the memory of
+    rank counter_home[c], buffer b in the memory of rank buffer_rank(b).  It passes only if
+    - every counter is waited on only by tasks of the rank it lives on (a GPU spins on its own
+      memory; other GPUs may only signal it),
+    - every task writes only its own rank's memory, and only communication tasks (`comm_kinds`)
+      read another rank's,
+    - and the union, cross-GPU counters included, can neither hang nor race (`validate`)."""
+    W = workers_per_rank
+    if len(counter_home) != len(s.counters) or s.num_workers % W:
+        raise ScheduleError(f"multi-GPU schedule: {len(counter_home)} counter homes for {len(s.counters)} "
+                            f"counters, {s.num_workers} workers in ranks of {W}")
+    problems = []
+    for t, ws in enumerate(s.waits):
+        rank = s.worker_of[t] // W
+        for c, _ in ws:
+            if 0 <= c < len(counter_home) and counter_home[c] != rank:
+                problems.append(f"{describe_task(s, t)} waits on counter {c}, which lives on rank {counter_home[c]}")
+    if problems:
+        _fail("counters waited on from another GPU", problems)
+    for t, task in enumerate(s.graph.tasks):
+        rank = s.worker_of[t] // W
+        for mode, regions in (("writes", task.writes), ("reads", task.reads)):
+            for r in regions:
+                owner = buffer_rank(r.buffer)
+                if owner != rank and (mode == "writes" or task.kind not in comm_kinds):
+                    problems.append(f"{describe_task(s, t)} {mode} {r.buffer}, in rank {owner}'s memory")
+    if problems:
+        _fail("tasks touching another GPU's memory", problems)
+    validate(s)
