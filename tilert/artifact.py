@@ -119,7 +119,8 @@ def _major(version: Any) -> int | None:
 
 
 def _is_artifact(path: Path) -> bool:
-    return (path / METADATA_FILE).is_file() or (path / SCHEDULE_FILE).is_file()
+    # manifest.json: a multi-GPU artifact (tilert/artifact_multi.py)
+    return any((path / f).is_file() for f in (METADATA_FILE, SCHEDULE_FILE, "manifest.json"))
 
 
 def check_output_dir(out_dir: str | Path, force: bool = False) -> Path:

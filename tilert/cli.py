@@ -128,10 +128,11 @@ def _load_draft(path: str, cfg):
 def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
                      steps=DEFAULT_STEPS, schedule_only: bool = False, quantize_experts: str | None = None,
                      layers: int | None = None, seed: int = 0, force: bool = False, draft: str | None = None,
-                     log=None, kernel: bool = True, profile_kernel: bool = False) -> Path:
+                     log=None, kernel: bool = True, profile_kernel: bool = False, gpus: int = 1) -> Path:
     """`tilert compile`: a model directory or preset name -> an artifact directory.  With `kernel`
     (the default) the GPU megakernel of every step size is generated and built with nvcc into
-    kernels/; without nvcc the artifact records `kernel: null` and why (one warning line)."""
+    kernels/; without nvcc the artifact records `kernel: null` and why (one warning line).
+    `gpus` > 1 splits the model over that many GPUs (tilert/cli_multi.py)."""
     from model.checkpoint import load_checkpoint, write_synthetic
     from model.config import PRESETS, load_config, preset
     from model.weights import expected_tensors, stored_nbytes
@@ -153,6 +154,10 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
         raise UserError(f"--steps {','.join(map(str, steps))}: must include 1 (the decode step)")
     if max_seq_len < max(steps):
         raise UserError(f"--max-seq-len {max_seq_len}: must be at least the largest step size {max(steps)}")
+    if gpus != 1:
+        from tilert.cli_multi import check_gpus
+
+        check_gpus(model, layers, gpus, gpu, draft, profile_kernel)
 
     tokenizer = None
     weights = None
@@ -203,6 +208,14 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
             raise UserError(f"--max-seq-len {max_seq_len}: must be at least the largest step size {max(steps)}")
 
         recipe = load_recipe(name, gpu)
+        if gpus != 1:
+            from tilert.cli_multi import compile_multi
+
+            meta = {"gpu": gpu, "max_seq_len": max_seq_len, "recipe": recipe, "source": source, "model_name": name,
+                    "seed": seed if source.startswith("preset:") and weights is not None else None,
+                    "quantize_experts": quantize_experts, "draft": None}
+            return compile_multi(out, cfg, weights, recipe, gpus, steps, max_seq_len, gpu, meta, quantize_experts,
+                                 tokenizer, force, log)
         schedules = {}
         # With a drafter, every target step also outputs the hidden states it is conditioned on.
         capture = draft_info[0].target_layers if draft_info else ()
@@ -290,7 +303,7 @@ def cmd_compile(args) -> int:
                      steps=_parse_ints(args.steps, "--steps"), schedule_only=args.schedule_only,
                      quantize_experts=args.quantize_experts, layers=args.layers, seed=args.seed,
                      force=args.force, draft=args.draft, kernel=not args.no_kernel,
-                     profile_kernel=args.profile_kernel)
+                     profile_kernel=args.profile_kernel, gpus=args.gpus)
     return 0
 
 
@@ -299,8 +312,15 @@ def cmd_compile(args) -> int:
 def cmd_inspect(args) -> int:
     from tilert import inspect as tinspect
     from tilert.artifact import read_artifact, read_metadata
+    from tilert.artifact_multi import is_multi_artifact
+    from tilert.cli_multi import refuse_rank_dir
 
+    if is_multi_artifact(args.artifact):
+        from tilert.inspect_multi import cmd_inspect_multi
+
+        return cmd_inspect_multi(args)
     meta = read_metadata(args.artifact)
+    refuse_rank_dir(Path(args.artifact), meta)
     compiled = sorted(int(b) for b in meta.get("steps") or [])
     if args.speculative:
         return _inspect_speculative(args, meta)
@@ -425,13 +445,14 @@ def chunks(n: int, steps: list[int]) -> list[int]:
 
 
 def generate_vm(art, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-                interleave: int | None = None) -> list[int]:
+                interleave: int | None = None, vm=None) -> list[int]:
+    """Generate on the VM (`vm`: another VM with the same step interface, e.g. the multi-GPU one)."""
     from tilert.vm import VM
 
-    vm = VM(art.cfg, art.schedules, art.weights, art.max_seq_len)
+    vm = vm or VM(art.cfg, art.schedules, art.weights, art.max_seq_len)
     pos, token = 0, None
     with _bar(total=len(prompt) + max_new_tokens, desc="generating", unit="tok") as bar:
-        for b in chunks(len(prompt), list(art.schedules)):
+        for b in chunks(len(prompt), list(vm.schedules)):
             _, nxt = vm.step(prompt[pos:pos + b], temperature, seed, interleave)
             token = nxt[-1]
             pos += b
@@ -505,6 +526,8 @@ def _tokenizer(path: Path):
 
 def cmd_run(args) -> int:
     from tilert.artifact import TOKENIZER_FILE, read_artifact, read_metadata
+    from tilert.artifact_multi import is_multi_artifact, read_manifest, read_multi_artifact
+    from tilert.cli_multi import refuse_megakernel, refuse_rank_dir
 
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens {args.max_new_tokens}: must be >= 0")
@@ -519,7 +542,9 @@ def cmd_run(args) -> int:
                         "draft step yet")
     path = Path(args.artifact) if args.artifact else default_artifact()
     # Everything that can be refused from metadata.json alone is, before reading weights.
-    meta = read_metadata(path)
+    multi = is_multi_artifact(path)  # split over GPUs: manifest.json stands for metadata.json
+    meta = read_manifest(path) if multi else read_metadata(path)
+    refuse_rank_dir(path, meta)
     if meta.get("schedule_only"):
         raise UserError(f"{path}: compiled with --schedule-only, it holds no weights to run; recompile "
                         f"without --schedule-only")
@@ -552,6 +577,8 @@ def cmd_run(args) -> int:
         raise UserError(f"prompt ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} = {total} tokens "
                         f"exceeds the artifact's max sequence length {max_seq_len}; recompile with a larger "
                         f"--max-seq-len")
+    if args.backend == "megakernel" and multi:
+        refuse_megakernel(meta)
     if args.backend == "megakernel":
         from tilert.artifact import kernel_info
         from tilert.megakernel import check_device
@@ -560,7 +587,7 @@ def cmd_run(args) -> int:
         check_device(read_artifact(path, load_weights=False, steps=[1]))
         if args.profile_out is not None and not (kernel_info(meta) or {}).get("profile"):
             raise UserError(f"{path}: holds no profiling kernel for --profile-out; recompile with --profile-kernel")
-    art = read_artifact(path, load_weights=True, progress=_progress())
+    art = read_multi_artifact(path) if multi else read_artifact(path, load_weights=True, progress=_progress())
 
     t0 = time.perf_counter()
     if args.backend == "megakernel":
@@ -576,7 +603,8 @@ def cmd_run(args) -> int:
                                     args.interleave)
         new = spec.tokens
     elif args.backend == "vm":
-        new = generate_vm(art, prompt, args.max_new_tokens, args.temperature, args.seed, args.interleave)
+        new = generate_vm(art, prompt, args.max_new_tokens, args.temperature, args.seed, args.interleave,
+                          vm=art.vm() if multi else None)
     else:
         new = generate_reference(art, prompt, args.max_new_tokens, args.temperature, args.seed)
     elapsed = time.perf_counter() - t0
@@ -635,6 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-kernel", action="store_true", help="skip generating and building the GPU megakernel")
     c.add_argument("--profile-kernel", action="store_true",
                    help="also build profiling cubins (kernels/B{n}.prof.cubin) for run --profile-out")
+    c.add_argument("--gpus", type=int, default=1,
+                   help="split the model over N GPUs: one artifact per rank under OUT/rank{r}/ (default 1)")
     c.set_defaults(func=cmd_compile)
 
     i = sub.add_parser("inspect", help="tables and estimates of a compiled artifact")
