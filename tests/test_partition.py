@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model.config import DENSE, FULL, SLIDING, SPARSE, preset
-from model.weights import BF16, FP8, FP32, StoredTensor, expected_tensors
+from model.weights import BF16, FP8, FP32, MXFP4, StoredTensor, expected_tensors
 from tests.helpers import random_weights
 from tilert.errors import UserError
 from tilert.layout import runtime_weights
@@ -108,6 +108,11 @@ def test_cuts_on_whole_fp8_blocks_stay_fp8_others_are_dequantized_exactly():
     inside = cut_tensor(t, Cut(cols=(64, 192)))
     assert inside.fmt == FP32 and torch.equal(inside.data, t.dequantize()[:, 64:192])
     assert cut_tensor(t, Cut()) is t
+    m = StoredTensor.from_float(torch.randn(8, 64), MXFP4)  # one E8M0 scale per 32 columns
+    kept = cut_tensor(m, Cut(rows=(2, 5), cols=(32, 64)))
+    assert kept.fmt == MXFP4 and torch.equal(kept.dequantize(), m.dequantize()[2:5, 32:64])
+    split = cut_tensor(m, Cut(cols=(16, 48)))
+    assert split.fmt == FP32 and torch.equal(split.data, m.dequantize()[:, 16:48])
 
 
 @pytest.mark.parametrize("n, needles", [

@@ -214,34 +214,56 @@ def _aligned(lo: int, hi: int, n: int, block: int) -> bool:
     return lo % block == 0 and (hi % block == 0 or hi == n)
 
 
+def _extents(shape: tuple[int, ...], cut: Cut) -> tuple[Range, Range | None]:
+    """The rows and (for a matrix) columns a non-expert cut keeps."""
+    rows = cut.rows or (0, shape[0])
+    cols = cut.cols or ((0, shape[1]) if len(shape) == 2 else None)
+    return rows, cols
+
+
+def cut_storage(fmt: str, shape: tuple[int, ...], cut: Cut) -> tuple[str, tuple[int, ...]]:
+    """Storage format and logical shape of `cut` of a tensor stored as `fmt`: its own format when
+    the cut falls on whole quantization blocks, else fp32 (see cut_tensor)."""
+    if cut.replicated:
+        return fmt, tuple(shape)
+    if cut.experts is not None:  # whole experts: every format slices along E exactly
+        return fmt, (_size(cut.experts), *shape[1:])
+    rows, cols = _extents(shape, cut)
+    out = (_size(rows),) if cols is None else (_size(rows), _size(cols))
+    keeps = (
+        fmt in (BF16, FP32)
+        or (fmt == FP8 and cols is not None and _aligned(*rows, shape[0], fp8.BLOCK)
+            and _aligned(*cols, shape[1], fp8.BLOCK))
+        or (fmt == MXFP4 and cols is not None and cols[0] % 32 == 0 and cols[1] % 32 == 0)
+    )
+    return (fmt if keeps else FP32), out
+
+
 def cut_tensor(t: StoredTensor, cut: Cut) -> StoredTensor:
     """The part `cut` of `t`, in t's storage format when the cut falls on whole quantization
     blocks, else dequantized exactly to fp32 (never re-quantized)."""
+    fmt, shape = cut_storage(t.fmt, t.shape, cut)
     if cut.replicated:
         return t
-    if cut.experts is not None:  # whole experts: every format slices along E exactly
+    if cut.experts is not None:
         e0, e1 = cut.experts
-        return StoredTensor(t.fmt, (e1 - e0, *t.shape[1:]), t.data[e0:e1].contiguous(),
+        return StoredTensor(t.fmt, shape, t.data[e0:e1].contiguous(),
                             None if t.scale is None else t.scale[e0:e1].contiguous())
-    rows = cut.rows or (0, t.shape[0])
-    cols = cut.cols or ((0, t.shape[1]) if len(t.shape) == 2 else None)
-    shape = (_size(rows),) if cols is None else (_size(rows), _size(cols))
-    if t.fmt in (BF16, FP32):
-        data = t.data[rows[0]:rows[1]] if cols is None else t.data[rows[0]:rows[1], cols[0]:cols[1]]
-        return StoredTensor(t.fmt, shape, data.contiguous())
-    if t.fmt == FP8 and cols is not None and _aligned(*rows, t.shape[0], fp8.BLOCK) \
-            and _aligned(*cols, t.shape[1], fp8.BLOCK):
+    (r0, r1), cols = _extents(t.shape, cut)
+    if fmt == FP32 and t.fmt != FP32:  # cuts through blocks: dequantize the rows, then cut
+        w = t.rows(r0, r1, torch.float32)
+        return StoredTensor(FP32, shape, (w if cols is None else w[:, cols[0]:cols[1]]).contiguous())
+    if cols is None:
+        return StoredTensor(fmt, shape, t.data[r0:r1].contiguous())
+    c0, c1 = cols
+    if fmt in (BF16, FP32):
+        return StoredTensor(fmt, shape, t.data[r0:r1, c0:c1].contiguous())
+    if fmt == FP8:
         b = fp8.BLOCK
-        scale = t.scale[rows[0] // b:-(-rows[1] // b), cols[0] // b:-(-cols[1] // b)]
-        return StoredTensor(FP8, shape, t.data[rows[0]:rows[1], cols[0]:cols[1]].contiguous(), scale.contiguous())
-    if t.fmt == MXFP4 and cols is not None and cols[0] % 32 == 0 and cols[1] % 32 == 0:
-        data = t.data[rows[0]:rows[1], cols[0] // 2:cols[1] // 2]
-        scale = t.scale[rows[0]:rows[1], cols[0] // 32:cols[1] // 32]
-        return StoredTensor(MXFP4, shape, data.contiguous(), scale.contiguous())
-    w = t.rows(rows[0], rows[1], torch.float32)
-    if cols is not None:
-        w = w[:, cols[0]:cols[1]]
-    return StoredTensor(FP32, shape, w.contiguous())
+        scale = t.scale[r0 // b:-(-r1 // b), c0 // b:-(-c1 // b)]
+        return StoredTensor(FP8, shape, t.data[r0:r1, c0:c1].contiguous(), scale.contiguous())
+    data = t.data[r0:r1, c0 // 2:c1 // 2]  # MXFP4: two codes a byte, one scale per 32
+    return StoredTensor(MXFP4, shape, data.contiguous(), t.scale[r0:r1, c0 // 32:c1 // 32].contiguous())
 
 
 def shard_weights(part: Partition, rank: int, weights: dict[str, StoredTensor]) -> dict[str, StoredTensor]:
