@@ -100,11 +100,11 @@ def expected_max_load(experts: int, k: int, n: int) -> float:
 
 
 @lru_cache(maxsize=None)
-def _tensor_bytes(cfg: MimoConfig, n: int) -> list[dict[int | None, tuple[int, int]]]:
+def _tensor_bytes(cfg: MimoConfig, n: int, recipe: str | None) -> list[dict[int | None, tuple[int, int]]]:
     """Per rank, per layer (None: embedding, final norm, LM head), the (bytes a decode step reads,
     bytes held) of its non-expert weights: every weight it holds as stored, but of the embedding
-    one row per step."""
-    part = plan_partition(cfg, n, load_recipe(None, "h100")) if n > 1 else None
+    one row per step.  `recipe`: the schedule recipe's model name (it sets the LM-head tiles)."""
+    part = plan_partition(cfg, n, load_recipe(recipe, "h100")) if n > 1 else None
     specs = [s for s in expected_tensors(cfg) if ".mlp.experts." not in s.name]
     out = []
     for r in range(n):
@@ -127,13 +127,14 @@ def _kv_bytes(cfg: MimoConfig, n: int, layer: int, keys: int) -> int:
     return keys * kv_local * (cfg.head_dim + cfg.v_head_dim) * 4
 
 
-def rank_bytes(cfg: MimoConfig, n: int, context: int, layers: range, head: bool, load: float) -> float:
+def rank_bytes(cfg: MimoConfig, n: int, context: int, layers: range, head: bool, load: float,
+               recipe: str | None = None) -> float:
     """Bytes the busiest rank moves for `layers` (and the embedding row, final norm and LM head
     when `head`) in one decode step at position `context`, computing `load` routed experts per
     MoE layer: its weights as stored, the experts, its KV heads' cache read and the new entry."""
     expert = 3 * stored_nbytes(cfg.expert_format, (cfg.moe_intermediate_size, cfg.hidden_size))
     best = 0.0
-    for per in _tensor_bytes(cfg, n):
+    for per in _tensor_bytes(cfg, n, recipe):
         total = float(per[None][0]) if head else 0.0
         for i in layers:
             keys = min(context + 1, cfg.sliding_window) if cfg.is_swa(i) else context + 1
@@ -142,11 +143,11 @@ def rank_bytes(cfg: MimoConfig, n: int, context: int, layers: range, head: bool,
     return best
 
 
-def _split(cfg: MimoConfig, n: int, context: int, load: float) -> tuple[float, float]:
+def _split(cfg: MimoConfig, n: int, context: int, load: float, recipe: str | None) -> tuple[float, float]:
     """(bytes of the first 6 layers + head, bytes of the other layers) on the busiest rank."""
     first = min(6, cfg.num_hidden_layers)
-    return (rank_bytes(cfg, n, context, range(first), True, load),
-            rank_bytes(cfg, n, context, range(first, cfg.num_hidden_layers), False, load))
+    return (rank_bytes(cfg, n, context, range(first), True, load, recipe),
+            rank_bytes(cfg, n, context, range(first, cfg.num_hidden_layers), False, load, recipe))
 
 
 def efficiencies() -> dict:
@@ -159,14 +160,14 @@ def efficiencies() -> dict:
     return {"prefix": t6 / b6, "layer": (t12 - t6) / (b12 - b6), "bytes6": b6, "bytes12": b12}
 
 
-def memory_per_rank(cfg: MimoConfig, n: int, context: int) -> float:
+def memory_per_rank(cfg: MimoConfig, n: int, context: int, recipe: str | None = None) -> float:
     """Device memory of the busiest rank: every weight it holds plus its KV cache for `context`."""
     moe = sum(cfg.is_moe(i) for i in range(cfg.num_hidden_layers))
     experts = moe * cfg.n_routed_experts // n * 3 * stored_nbytes(
         cfg.expert_format, (cfg.moe_intermediate_size, cfg.hidden_size))
     kv = sum(_kv_bytes(cfg, n, i, min(context, cfg.sliding_window) if cfg.is_swa(i) else context)
              for i in range(cfg.num_hidden_layers))
-    return max(sum(held for _, held in per.values()) for per in _tensor_bytes(cfg, n)) + experts + kv
+    return max(sum(held for _, held in per.values()) for per in _tensor_bytes(cfg, n, recipe)) + experts + kv
 
 
 def project(model: str, n: int, gpu: str, eff: dict | None = None) -> dict:
@@ -175,14 +176,14 @@ def project(model: str, n: int, gpu: str, eff: dict | None = None) -> dict:
     cfg = model_config(model)
     c, k = MEASURED["context"], cfg.num_experts_per_tok
     load = expected_max_load(cfg.n_routed_experts, k, n)
-    prefix, rest = _split(cfg, n, c, load)
+    prefix, rest = _split(cfg, n, c, load, model)
     compute = eff["prefix"] * prefix + eff["layer"] * rest
     collectives = 2 * cfg.num_hidden_layers + (1 if n > 1 else 0)
     link = 0.0 if n == 1 else 2 * cfg.num_hidden_layers * (n - 1) * cfg.hidden_size * 4 / NVLINK_BYTES_PER_S
     comm = {a: (0.0 if n == 1 else collectives * a + link) for a in ALPHAS_S}
-    floor_prefix, floor_rest = _split(cfg, n, c, k / n)
+    floor_prefix, floor_rest = _split(cfg, n, c, k / n, model)
     floor = (floor_prefix + floor_rest) / GPUS[gpu].hbm_bytes_per_s + link
-    mem = memory_per_rank(cfg, n, c)
+    mem = memory_per_rank(cfg, n, c, model)
     return {
         "model": MODELS.get(model, model), "layers": cfg.num_hidden_layers, "gpus": n, "gpu": gpu,
         "context": c, "expert_load": load, "bytes_per_rank": prefix + rest, "compute_s": compute,
