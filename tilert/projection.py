@@ -186,7 +186,7 @@ def project(model: str, n: int, gpu: str, eff: dict | None = None) -> dict:
     mem = memory_per_rank(cfg, n, c, model)
     return {
         "model": MODELS.get(model, model), "layers": cfg.num_hidden_layers, "gpus": n, "gpu": gpu,
-        "context": c, "expert_load": load, "bytes_per_rank": prefix + rest, "compute_s": compute,
+        "context": c, "expert_load": load, "mean_load": k / n, "bytes_per_rank": prefix + rest, "compute_s": compute,
         "collectives": collectives, "link_s": link, "comm_s": comm,
         "step_s": {a: compute + comm[a] for a in ALPHAS_S}, "floor_s": floor,
         "memory_per_rank": mem, "fits": mem <= GPU_MEMORY[gpu],

@@ -32,7 +32,25 @@ def section(rows: list[dict], date: str, commit: str, argv: list[str]) -> str:
     ]
     lines += [f"  - {a}" for a in assumptions(efficiencies())]
     lines += ["", table(rows), ""]
+    lines += reading(rows)
     return "\n".join(lines)
+
+
+def reading(rows: list[dict]) -> list[str]:
+    """What the table says, computed from it: the share of communication and the distance to
+    the floor on the most GPUs projected, per model and GPU kind."""
+    a = min(rows[0]["step_s"])
+    out = ["- 1-GPU rows extrapolate the measured kernel to every layer, for comparison only: those models do "
+           "not fit one card."]
+    for r in rows:
+        if r["gpus"] == max(x["gpus"] for x in rows) and r["gpus"] > 1:
+            step = r["step_s"][a]
+            out.append(f"- {r['model']} on {r['gpus']} {r['gpu'].upper()}: communication is "
+                       f"{100 * r['comm_s'][a] / step:.0f}% of the projected token (alpha {a * 1e6:.0f} us); the "
+                       f"token is {step / r['floor_s']:.1f}x its floor: the kernel's time per byte on each GPU and the "
+                       f"busiest GPU's {r['expert_load']:.2f} experts per layer (vs a mean of "
+                       f"{r['mean_load']:.2f}), not NVLink, dominate.")
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> int:
