@@ -79,9 +79,8 @@ class _Emitter:
     def resize_weight(self, name: str, shape: tuple[int, ...]) -> None:
         """A weight this rank holds only part of: its buffer and every region on it (weights are
         always read whole) take the rank's shape."""
-        old = self.buffers[name]
-        count = lambda s: max(1, s[0])  # noqa: E731  (rows or experts: the cut dimension)
-        self.buffers[name] = dataclasses.replace(old, shape=shape, nbytes=old.nbytes * count(shape) // count(old.shape))
+        old = self.buffers[name]  # cut along its first dimension (vocabulary rows, or experts)
+        self.buffers[name] = dataclasses.replace(old, shape=shape, nbytes=old.nbytes * shape[0] // old.shape[0])
 
     def graph(self) -> TaskGraph:
         full = {n: b.full() for n, b in self.buffers.items()}
@@ -138,7 +137,10 @@ def lower_rank(part: Partition, rank: int, recipe: dict, tokens: int, max_seq_le
         tasks = [dataclasses.replace(t, params=dict(t.params, experts=list(s.experts)),
                                      bytes=t.bytes * E_local // E) if t.kind in EXPERT_KINDS else t
                  for t in tasks]
-        if tasks and all(_updates_residual(t) for t in tasks):
+        residual = [_updates_residual(t) for t in tasks]
+        if any(residual) and not all(residual):
+            raise ValueError(f"op {op.name}: only some of its tasks update the residual")
+        if any(residual):
             buf = f"partial{updates % 2}"
             updates += 1
             out.op(op.kind, op.name, op.layer, [_to_partial(t, buf) for t in tasks])

@@ -68,10 +68,9 @@ def union_graph(graphs: list[TaskGraph]) -> tuple[TaskGraph, list[tuple[int, int
                 raise UserError(f"rank {r} reads {name}, which its owner does not have in that shape")
 
     def rename(r: int, regions: list[Region]) -> list[Region]:
-        return [reg if g_kind(r, reg) == PEER else Region(peer_name(reg.buffer, r), reg.box) for reg in regions]
-
-    def g_kind(r: int, reg: Region) -> str:
-        return graphs[r].buffers[reg.buffer].kind
+        """Rank r's own buffers get their @r name; a peer buffer already names its owner."""
+        return [reg if graphs[r].buffers[reg.buffer].kind == PEER else Region(peer_name(reg.buffer, r), reg.box)
+                for reg in regions]
 
     ops, tasks, where = [], [], []
     for k, op in enumerate(first.ops):
@@ -206,7 +205,7 @@ def join(schedules: list[Schedule]) -> Union:
         for c, counter in enumerate(s.counters):
             signalled_by[off + c] += [uid[(r, lt)] for lt in counter.signalled_by]
         for lt, to_rank, c in s.meta["comm"]["remote_signals"]:
-            if not 0 <= to_rank < n or not 0 <= c < len(schedules[to_rank].counters):
+            if (r, lt) not in uid or not 0 <= to_rank < n or not 0 <= c < len(schedules[to_rank].counters):
                 raise UserError(f"rank {r}'s task {lt} signals counter {c} of rank {to_rank}, which does not exist")
             signalled_by[first_counter[to_rank] + c].append(uid[(r, lt)])
         streams += [[uid[(r, lt)] for lt in st] for st in s.streams]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from model.config import MimoConfig
 from model.weights import StoredTensor
 from tilert.collectives import COMM_KERNELS
 from tilert.errors import UserError
@@ -93,11 +92,3 @@ class MultiVM:
                             for m, s in zip(memories, self.part.ranks)], dim=1)
         return logits.clone(), chosen[0]
 
-
-def partition_of(schedules: list[dict[int, Schedule]], cfg: MimoConfig) -> Partition:
-    """The partition the ranks' schedules were compiled with (recorded in their meta)."""
-    first = next(iter(schedules[0].values()))
-    try:
-        return Partition.from_json(cfg, first.meta["partition"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"rank schedules record no usable partition ({type(e).__name__}: {e})") from None
