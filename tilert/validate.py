@@ -202,6 +202,7 @@ def validate_ranks(s: Schedule, workers_per_rank: int, counter_home: list[int],
     - every task writes only its own rank's memory, and only communication tasks (`comm_kinds`)
       read another rank's,
     - and the union, cross-GPU counters included, can neither hang nor race (`validate`)."""
+    _check_structure(s)
     W = workers_per_rank
     if len(counter_home) != len(s.counters) or s.num_workers % W:
         raise ScheduleError(f"multi-GPU schedule: {len(counter_home)} counter homes for {len(s.counters)} "
