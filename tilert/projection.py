@@ -16,17 +16,17 @@ Nothing here is measured on more than one GPU (no such machine was available).  
    and e_layer = (t(12) - t(6)) / (bytes(12) - bytes(6)), the cost of a byte in a 6-layer hybrid
    block (five sliding-window MoE layers and one global one).  A rank's compute time is
    e_prefix x its bytes of the first 6 layers and head + e_layer x its bytes of the other
-   layers: each rank keeps the single-GPU kernel's measured efficiency (it ran at 6.5-7.8x
-   the bandwidth floor), it neither gets better nor worse when its share shrinks.
+   layers: each rank keeps the single-GPU kernel's measured efficiency (3.0-3.6x the bandwidth
+   floor at 0f32d0f), it neither gets better nor worse when its share shrinks.
 3. Communication.  Per layer two all-reduces of the hidden state (after o_proj and after the
    MoE / FFN), and one all-gather of the LM head's per-tile maxima.  One-shot pull (as
    tilert/collectives.py lowers it): each rank reads the N-1 other partials, (N-1) x B x H x 4
    bytes over NVLink at `NVLINK_BYTES_PER_S`, plus a latency `alpha` per collective (signal
    the remote counters, wait, load).  Assumed not overlapped with compute: the next layer's
    norm needs the whole reduced x.
-4. H200: the measured kernel is bound by its compute warps, not by bandwidth (BENCHMARKS.md
-   profile), and H200 has H100's SMs and clocks, so H200 rows keep the H100 per-byte times; only
-   the floor uses H200's bandwidth (the cost model's 4.3 TB/s, tilert/cost.py).
+4. H200: the measured kernel's MXFP4 GEMV is bound by instructions per weight, not by bandwidth
+   (BENCHMARKS.md profile), and H200 has H100's SMs and clocks, so H200 rows keep the H100
+   per-byte times; only the floor uses H200's bandwidth (the cost model's 4.3 TB/s, tilert/cost.py).
 
 The floor is the bandwidth floor: the busiest rank's bytes at the mean expert load over one
 GPU's bandwidth (= the aggregate bytes over N x bandwidth when balanced), plus the transfers at
@@ -45,17 +45,17 @@ from tilert.cost import GPUS
 from tilert.lower import load_recipe
 from tilert.partition import Cut, cut_storage, plan_partition, tensor_cuts
 
-# BENCHMARKS.md, "2026-11-25: decode step after the GEMV fix", commit 8bb2ef7, NVIDIA H100 80GB
-# HBM3, `python tools/bench.py --layers 6,12 --contexts 8192,512 --reps 20`, MXFP4 experts,
-# batch 1: rows "6 | 8192" and "12 | 8192".
+# BENCHMARKS.md, "2026-11-25 (later): decode step after the latency fixes", commit 0f32d0f,
+# NVIDIA H100 80GB HBM3, `python tools/bench.py --layers 6,12 --contexts 8192,512 --reps 20`,
+# MXFP4 experts, batch 1: rows "6 | 8192" and "12 | 8192" (the newest logged measurement).
 MEASURED = {
-    "source": "BENCHMARKS.md 2026-11-25 'decode step after the GEMV fix' (commit 8bb2ef7, H100), "
+    "source": "BENCHMARKS.md 2026-11-25 (later) 'decode step after the latency fixes' (commit 0f32d0f, H100), "
               "rows layers 6 and 12 at context 8192",
     "gpu": "h100",
     "context": 8192,
-    "copy_bytes_per_s": 2.98e12,
-    "step_s": {6: 6.254e-3, 12: 11.287e-3},
-    "floor_s": {6: 0.958e-3, 12: 1.453e-3},
+    "copy_bytes_per_s": 3.03e12,
+    "step_s": {6: 2.826e-3, 12: 5.186e-3},
+    "floor_s": {6: 0.943e-3, 12: 1.431e-3},
 }
 # NVLink 4 (H100 / H200 SXM): 18 links x 25 GB/s per direction = 450 GB/s per GPU and direction
 # (NVIDIA quotes 900 GB/s bidirectional per GPU; every GPU reaches every other through NVSwitch).
@@ -204,7 +204,8 @@ def assumptions(eff: dict) -> list[str]:
         f"{eff['bytes12'] / m['copy_bytes_per_s'] * 1e3:.3f} ms at the measured {m['copy_bytes_per_s'] / 1e12:.2f} TB/s "
         f"(BENCHMARKS.md: {m['floor_s'][6] * 1e3:.3f} and {m['floor_s'][12] * 1e3:.3f})",
         f"each rank keeps the measured kernel's time per byte: {eff['prefix'] * 1e12:.2f} ps/B for the first 6 "
-        f"layers + LM head, {eff['layer'] * 1e12:.2f} ps/B for later layers (that kernel runs at 6.5-7.8x its floor)",
+        f"layers + LM head, {eff['layer'] * 1e12:.2f} ps/B for later layers (that kernel runs at "
+        f"{m['step_s'][6] / m['floor_s'][6]:.1f}-{m['step_s'][12] / m['floor_s'][12]:.1f}x its floor)",
         "MiMo-V2.5-Pro was never measured: its bytes are costed at MiMo-V2-Flash's measured per-byte times",
         "partition of tilert/partition.py: attention by heads (KV heads replicated when fewer than GPUs), dense FFN "
         "by rows, experts in contiguous blocks, LM head by vocabulary; embedding, norms and router replicated",
@@ -214,7 +215,8 @@ def assumptions(eff: dict) -> list[str]:
         f"{NVLINK_BYTES_PER_S / 1e9:.0f} GB/s (NVLink 4: 18 links x 25 GB/s per direction), not overlapped with "
         f"compute; latency per collective ASSUMED {ALPHAS_S[0] * 1e6:.0f} us (in-kernel signal + pull) or "
         f"{ALPHAS_S[1] * 1e6:.0f} us (NCCL-class small all-reduce)",
-        "H200: same per-byte times as H100 (the kernel is compute-warp bound; same SMs and clocks); its floor uses "
+        "H200: same per-byte times as H100 (the measured profile shows the MXFP4 GEMV bound by instructions per "
+        "weight, not bandwidth; H200 has H100's SMs and clocks); its floor uses "
         f"{GPUS['h200'].hbm_bytes_per_s / 1e12:.1f} TB/s (tilert/cost.py), H100's {GPUS['h100'].hbm_bytes_per_s / 1e12:.1f} TB/s",
         "batch 1, context 8192 (the measured rows), MXFP4 experts, fp32 KV cache and activations; memory per rank "
         "= its weights + KV cache for 8192 positions",
