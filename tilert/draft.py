@@ -38,7 +38,7 @@ from tilert.artifact import DRAFT_PREFIX
 from tilert.deps import derive_dependencies
 from tilert.fusion import apply_fusions
 from tilert.ir import INPUT, OUTPUT, STATE, WEIGHT, Buffer, TaskGraph, region
-from tilert.lower import F32, _Builder, _linear, _tiles
+from tilert.lower import F32, _Builder, _linear, _lower_attn_output, _lower_projection, _lower_rmsnorm, _tiles
 from tilert.schedule import Schedule
 from tilert.scheduler import build_schedule
 from tilert.validate import validate
@@ -116,10 +116,10 @@ def lower_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, context
     for r0, r1 in _tiles(H, recipe["out_rows"]):
         _linear(b, op, [{"weight": W("fc.weight").name, "rows": [r0, r1], "out": ctx_feat.name, "cols": [r0, r1]}],
                 ctx_in, False)
-    _rmsnorm(b, "draft.hidden_norm", None, ctx_feat, ctx_h, W("hidden_norm.weight"), dcfg.rms_norm_eps)
+    _lower_rmsnorm(b, "draft.hidden_norm", None, ctx_feat, ctx_h, W("hidden_norm.weight").name, dcfg.rms_norm_eps)
     for i, (kc, vc) in enumerate(caches):
         P = lambda what, i=i: W(f"layers.{i}.{what}").name  # noqa: E731
-        _projection(b, f"draft.layer{i}.ctx_kv_proj", i, ctx_h, recipe["kv_heads_per_task"], nkv,
+        _lower_projection(b, f"draft.layer{i}.ctx_kv_proj", i, ctx_h, recipe["kv_heads_per_task"], nkv,
                     [(P("self_attn.k_proj.weight"), ctx_k, hd), (P("self_attn.v_proj.weight"), ctx_v, vd)])
         _rope(b, f"draft.layer{i}.ctx_rope", i, [(ctx_k, nkv)], dcfg, ctx_pos)
         _kv_write(b, f"draft.layer{i}.ctx_kv_write", i, ctx_k, ctx_v, ctx_pos, kc, vc, dcfg, slots)
@@ -135,10 +135,10 @@ def lower_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, context
     window = dcfg.sliding_window or 0
     for i, (kc, vc) in enumerate(caches):
         P = lambda what, i=i: W(f"layers.{i}.{what}").name  # noqa: E731
-        _rmsnorm(b, f"draft.layer{i}.input_norm", i, x, h, b.weight(P("input_layernorm.weight")), dcfg.rms_norm_eps)
-        _projection(b, f"draft.layer{i}.q_proj", i, h, recipe["q_heads_per_task"], nq,
+        _lower_rmsnorm(b, f"draft.layer{i}.input_norm", i, x, h, P("input_layernorm.weight"), dcfg.rms_norm_eps)
+        _lower_projection(b, f"draft.layer{i}.q_proj", i, h, recipe["q_heads_per_task"], nq,
                     [(P("self_attn.q_proj.weight"), q, hd)])
-        _projection(b, f"draft.layer{i}.kv_proj", i, h, recipe["kv_heads_per_task"], nkv,
+        _lower_projection(b, f"draft.layer{i}.kv_proj", i, h, recipe["kv_heads_per_task"], nkv,
                     [(P("self_attn.k_proj.weight"), k, hd), (P("self_attn.v_proj.weight"), v, vd)])
         _rope(b, f"draft.layer{i}.rope", i, [(q, nq), (k, nkv)], dcfg, pos)
         _kv_write(b, f"draft.layer{i}.kv_write", i, k, v, pos, kc, vc, dcfg, slots)
@@ -154,23 +154,12 @@ def lower_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, context
                                          "k_cache": kc.name, "v_cache": vc.name, "causal": False},
                        [qr, region(kc, None, g), region(vc, None, g), region(pos)], writes,
                        keys * (hd + vd) * F32 + b.act_bytes([qr] + writes), 2 * B * group * keys * (hd + vd))
-        op = b.op("attn_combine", f"draft.layer{i}.attn_combine", i)
         sink = P("self_attn.attention_sink_bias") if dcfg.sink else None
-        for g in range(nkv):
-            heads = (g * group, (g + 1) * group)
-            reads = [region(t, None, heads, (0, splits)) for t in (am, asum, aacc)]
-            if sink:
-                reads.append(b.weight(sink).full())
-            w = [region(ao, None, (heads[0] * vd, heads[1] * vd))]
-            b.task(op, "attn_combine", {"heads": list(heads), "splits": splits, "sink": sink},
-                   reads, w, b.act_bytes(reads[:3] + w), 4 * B * group * splits * vd)
-        op = b.op("linear", f"draft.layer{i}.o_proj", i)
-        for r0, r1 in _tiles(H, recipe["out_rows"]):
-            _linear(b, op, [{"weight": P("self_attn.o_proj.weight"), "rows": [r0, r1], "out": x.name,
-                             "cols": [r0, r1]}], ao, True)
+        _lower_attn_output(b, f"draft.layer{i}", i, nkv, group, splits, vd, sink, (am, asum, aacc), ao, x,
+                           P("self_attn.o_proj.weight"))
 
-        _rmsnorm(b, f"draft.layer{i}.post_attn_norm", i, x, h, b.weight(P("post_attention_layernorm.weight")),
-                 dcfg.rms_norm_eps)
+        _lower_rmsnorm(b, f"draft.layer{i}.post_attn_norm", i, x, h, P("post_attention_layernorm.weight"),
+                       dcfg.rms_norm_eps)
         op = b.op("gate_up", f"draft.layer{i}.ffn_gate_up", i)
         gw, uw = b.weight(P("mlp.gate_proj.weight")), b.weight(P("mlp.up_proj.weight"))
         for r0, r1 in _tiles(dcfg.intermediate_size, recipe["ffn_rows"]):
@@ -183,7 +172,7 @@ def lower_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, context
             _linear(b, op, [{"weight": P("mlp.down_proj.weight"), "rows": [r0, r1], "out": x.name,
                              "cols": [r0, r1]}], act, True)
 
-    _rmsnorm(b, "draft.final_norm", None, x, h, W("norm.weight"), dcfg.rms_norm_eps)
+    _lower_rmsnorm(b, "draft.final_norm", None, x, h, W("norm.weight").name, dcfg.rms_norm_eps)
     op = b.op("lm_head", "draft.lm_head", None)
     for t, (r0, r1) in enumerate(vocab_tiles):
         w = [region(logits, None, (r0, r1)), region(best, None, t)]
@@ -193,30 +182,6 @@ def lower_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, context
     op = b.op("argmax", "draft.argmax", None)
     b.task(op, "argmax", {}, [region(best)], [region(nxt)], b.act_bytes([region(best), region(nxt)]), 0)
     return TaskGraph(B, b.buffers, b.ops, b.tasks)
-
-
-def _projection(b: _Builder, name: str, layer: int, src: Buffer, heads_per_task: int, heads: int,
-                parts: list[tuple[str, Buffer, int]]) -> None:
-    """Projections of `src` into each (weight, out buffer, head dim) of `parts`: whole heads per
-    task, the parts' same heads together (RoPE and the cache write fuse in), or, when the recipe
-    sets qkv_rows, row tiles of each part over every worker (as lower._lower_attention)."""
-    op = b.op("linear", name, layer)
-    rows = b.recipe.get("qkv_rows")
-    if rows:
-        for weight, out, d in parts:
-            for r0, r1 in _tiles(heads * d, rows):
-                _linear(b, op, [{"weight": weight, "rows": [r0, r1], "out": out.name, "cols": [r0, r1]}], src, False)
-        return
-    for h0, h1 in _tiles(heads, heads_per_task):
-        _linear(b, op, [{"weight": weight, "rows": [h0 * d, h1 * d], "out": out.name, "cols": [h0 * d, h1 * d]}
-                        for weight, out, d in parts], src, False)
-
-
-def _rmsnorm(b: _Builder, name: str, layer, src: Buffer, dst: Buffer, w: Buffer, eps: float) -> None:
-    op = b.op("rmsnorm", name, layer)
-    b.task(op, "rmsnorm", {"in": src.name, "out": dst.name, "weight": w.name, "eps": eps},
-           [region(src), w.full()], [region(dst)], b.act_bytes([region(src), region(dst)]) + w.nbytes,
-           3 * src.shape[0] * src.shape[1])
 
 
 def _rope(b: _Builder, name: str, layer: int, bufs: list[tuple[Buffer, int]], dcfg: DFlashConfig,

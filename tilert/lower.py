@@ -202,10 +202,13 @@ def _lower_capture(b: _Builder, layer: int, x: Buffer, capture_layers: tuple[int
             b.task(op, "capture", {"slot": slot, "cols": [c0, c1]}, [r], [w], b.act_bytes([r, w]), 0)
 
 
-def _lower_rmsnorm(b: _Builder, name: str, layer, src: Buffer, dst: Buffer, weight: str) -> None:
+def _lower_rmsnorm(b: _Builder, name: str, layer, src: Buffer, dst: Buffer, weight: str,
+                   eps: float | None = None) -> None:
+    """RMSNorm of `src` into `dst` with `weight` (eps: the model's unless given)."""
     op = b.op("rmsnorm", name, layer)
     w = b.weight(weight)
-    b.task(op, "rmsnorm", {"in": src.name, "out": dst.name, "weight": weight, "eps": b.cfg.rms_norm_eps},
+    eps = b.cfg.rms_norm_eps if eps is None else eps
+    b.task(op, "rmsnorm", {"in": src.name, "out": dst.name, "weight": weight, "eps": eps},
            [region(src), w.full()], [region(dst)],
            b.act_bytes([region(src), region(dst)]) + w.nbytes, 3 * src.shape[0] * src.shape[1])
 
@@ -237,32 +240,11 @@ def _lower_attention(b: _Builder, layer, x, h, q, k, v, pos, am, asum, aacc, ao,
     P = lambda what: weight_buffer_name(layer, what)  # noqa: E731
     _lower_rmsnorm(b, f"layer{layer}.input_norm", layer, x, h, P("input_layernorm.weight"))
 
-    qkv_rows = recipe.get("qkv_rows")
-    if qkv_rows:
-        # Row tiles of every projection, spread over all workers; RoPE and the cache write then
-        # run as tasks of their own (whole-head tiles of a model with few KV heads leave most
-        # workers idle while a handful stream a whole head each).
-        for name, what, buf, n in (("q_proj", "q_proj", q, nq * hd), ("kv_proj", "k_proj", k, kvh * hd),
-                                   ("kv_proj", "v_proj", v, kvh * vd)):
-            op = b.op("linear", f"layer{layer}.{name}", layer) if what != "v_proj" else op
-            for r0, r1 in _tiles(n, qkv_rows):
-                _linear(b, op, [{"weight": P(f"self_attn.{what}.weight"), "rows": [r0, r1], "out": buf.name,
-                                 "cols": [r0, r1]}], h, False)
-    else:
-        # Q projection, whole heads per task so that RoPE can fuse into it.
-        op = b.op("linear", f"layer{layer}.q_proj", layer)
-        for h0, h1 in _tiles(nq, recipe["q_heads_per_task"]):
-            _linear(b, op, [{"weight": P("self_attn.q_proj.weight"), "rows": [h0 * hd, h1 * hd],
-                             "out": q.name, "cols": [h0 * hd, h1 * hd]}], h, False)
-        # K and V projections of the same KV heads in one task (RoPE and the cache write fuse in).
-        op = b.op("linear", f"layer{layer}.kv_proj", layer)
-        for g0, g1 in _tiles(kvh, recipe["kv_heads_per_task"]):
-            _linear(b, op, [
-                {"weight": P("self_attn.k_proj.weight"), "rows": [g0 * hd, g1 * hd], "out": k.name,
-                 "cols": [g0 * hd, g1 * hd]},
-                {"weight": P("self_attn.v_proj.weight"), "rows": [g0 * vd, g1 * vd], "out": v.name,
-                 "cols": [g0 * vd, g1 * vd]},
-            ], h, False)
+    _lower_projection(b, f"layer{layer}.q_proj", layer, h, recipe["q_heads_per_task"], nq,
+                      [(P("self_attn.q_proj.weight"), q, hd)])
+    # K and V of the same KV heads in one task (RoPE and the cache write fuse in)
+    _lower_projection(b, f"layer{layer}.kv_proj", layer, h, recipe["kv_heads_per_task"], kvh,
+                      [(P("self_attn.k_proj.weight"), k, hd), (P("self_attn.v_proj.weight"), v, vd)])
 
     theta, rdim = cfg.rope_theta(layer), cfg.rotary_dim
     op = b.op("rope", f"layer{layer}.rope", layer)
@@ -300,21 +282,49 @@ def _lower_attention(b: _Builder, layer, x, h, q, k, v, pos, am, asum, aacc, ao,
                    [qr, region(kc, None, g), region(vc, None, g), region(pos)], writes,
                    keys * (hd + vd) * F32 + b.act_bytes([qr] + writes), 2 * B * group * keys * (hd + vd))
 
-    op = b.op("attn_combine", f"layer{layer}.attn_combine", layer)
     sink = P("self_attn.attention_sink_bias") if cfg.has_sink(layer) else None
-    for g in range(kvh):
+    _lower_attn_output(b, f"layer{layer}", layer, kvh, group, splits, vd, sink, (am, asum, aacc), ao, x,
+                       P("self_attn.o_proj.weight"))
+
+
+def _lower_projection(b: _Builder, name: str, layer, src: Buffer, heads_per_task: int, heads: int,
+                      parts: list[tuple[str, Buffer, int]]) -> None:
+    """One op projecting `src` into each (weight, out buffer, head dim) of `parts`: whole heads
+    per task, the parts' same heads together (RoPE and the cache write then fuse in), or, when
+    the recipe sets qkv_rows, row tiles of each part over every worker (whole-head tiles of a
+    model with few KV heads leave most workers idle while a handful stream a head each; RoPE
+    and the cache write become tasks of their own)."""
+    op = b.op("linear", name, layer)
+    rows = b.recipe.get("qkv_rows")
+    if rows:
+        for weight, out, d in parts:
+            for r0, r1 in _tiles(heads * d, rows):
+                _linear(b, op, [{"weight": weight, "rows": [r0, r1], "out": out.name, "cols": [r0, r1]}], src, False)
+        return
+    for h0, h1 in _tiles(heads, heads_per_task):
+        _linear(b, op, [{"weight": weight, "rows": [h0 * d, h1 * d], "out": out.name, "cols": [h0 * d, h1 * d]}
+                        for weight, out, d in parts], src, False)
+
+
+def _lower_attn_output(b: _Builder, prefix: str, layer, kv_heads: int, group: int, splits: int, vd: int,
+                       sink: str | None, partials: tuple[Buffer, Buffer, Buffer], ao: Buffer, x: Buffer,
+                       o_weight: str) -> None:
+    """Merge the attention splits per KV group (the sink joins the denominator) into `ao`, then
+    add the O-projection of `ao` into the residual `x`."""
+    B = b.tokens
+    op = b.op("attn_combine", f"{prefix}.attn_combine", layer)
+    for g in range(kv_heads):
         heads = (g * group, (g + 1) * group)
-        reads = [region(t, None, heads, (0, splits)) for t in (am, asum, aacc)]
+        reads = [region(t, None, heads, (0, splits)) for t in partials]
         if sink:
             reads.append(b.weight(sink).full())
         w = [region(ao, None, (heads[0] * vd, heads[1] * vd))]
         b.task(op, "attn_combine", {"heads": list(heads), "splits": splits, "sink": sink},
                reads, w, b.act_bytes(reads[:3] + w), 4 * B * group * splits * vd)
 
-    op = b.op("linear", f"layer{layer}.o_proj", layer)
-    for r0, r1 in _tiles(cfg.hidden_size, recipe["out_rows"]):
-        _linear(b, op, [{"weight": P("self_attn.o_proj.weight"), "rows": [r0, r1], "out": x.name,
-                         "cols": [r0, r1]}], ao, True)
+    op = b.op("linear", f"{prefix}.o_proj", layer)
+    for r0, r1 in _tiles(x.shape[1], b.recipe["out_rows"]):
+        _linear(b, op, [{"weight": o_weight, "rows": [r0, r1], "out": x.name, "cols": [r0, r1]}], ao, True)
 
 
 def _lower_dense_ffn(b: _Builder, layer, x, h):
