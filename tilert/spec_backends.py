@@ -32,7 +32,31 @@ def drafter_config(art) -> DFlashConfig:
     return drafter_config_from_dict(art.draft_config, f"{art.path} metadata.json draft.config")
 
 
-class VMBackend:
+class _TargetAndDrafter:
+    """What both backends do alike: a `target` decoder and a `drafter`, reset and rolled back
+    separately (the loop truncates the target to the committed length, the drafter's context
+    to its own)."""
+
+    @property
+    def seq_len(self) -> int:
+        return self.target.seq_len
+
+    @property
+    def context_len(self) -> int:
+        return self.drafter.context_len
+
+    def reset(self) -> None:
+        self.target.reset()
+        self.drafter.reset()
+
+    def truncate(self, seq_len: int) -> None:
+        self.target.truncate(seq_len)
+
+    def truncate_context(self, n: int) -> None:
+        self.drafter.truncate_context(n)
+
+
+class VMBackend(_TargetAndDrafter):
     """A target's schedules (with the `hidden` output) and a draft schedule on the VM."""
 
     def __init__(self, cfg, schedules: dict[int, Schedule], draft_schedule: Schedule, dcfg: DFlashConfig,
@@ -56,33 +80,15 @@ class VMBackend:
                             f"tilert); recompile it with --draft DIR")
         return cls(art.cfg, art.schedules, art.draft_schedule, dcfg, art.weights, art.max_seq_len, interleave)
 
-    @property
-    def seq_len(self) -> int:
-        return self.target.seq_len
-
-    @property
-    def context_len(self) -> int:
-        return self.drafter.context_len
-
-    def reset(self) -> None:
-        self.target.reset()
-        self.drafter.reset()
-
     def step(self, tokens: list[int], temperature: float = 0.0, seed: int = 0) -> StepOutput:
         logits, chosen = self.target.step(tokens, temperature, seed, self.interleave)
         return StepOutput(logits, chosen, self.target.read("hidden", len(tokens)))
 
-    def truncate(self, seq_len: int) -> None:
-        self.target.truncate(seq_len)
-
     def draft(self, last_token: int, new_hidden: torch.Tensor) -> list[int]:
         return self.drafter.draft(last_token, new_hidden)
 
-    def truncate_context(self, n: int) -> None:
-        self.drafter.truncate_context(n)
 
-
-class ReferenceBackend:
+class ReferenceBackend(_TargetAndDrafter):
     """The PyTorch reference decoder and DFlashDrafter (fp32) on the same weights."""
 
     def __init__(self, cfg, weights: dict[str, StoredTensor], dcfg: DFlashConfig,
@@ -105,31 +111,14 @@ class ReferenceBackend:
         return cls(art.cfg, reference_weights(art.cfg, art.weights), drafter_config(art), art.draft_weights,
                    max_seq_len or art.max_seq_len)
 
-    @property
-    def seq_len(self) -> int:
-        return self.target.seq_len
-
-    @property
-    def context_len(self) -> int:
-        return self.drafter.context_len
-
-    def reset(self) -> None:
-        self.target.reset()
-        self.drafter.reset()
-
     def step(self, tokens: list[int], temperature: float = 0.0, seed: int = 0) -> StepOutput:
         start = self.target.seq_len
         logits, captured = self.target.forward(tokens, capture_layers=self.layers)
         chosen = [sampling.choose(logits[i], temperature, seed, start + i) for i in range(len(tokens))]
         return StepOutput(logits, chosen, torch.cat([captured[layer] for layer in self.layers], dim=-1))
 
-    def truncate(self, seq_len: int) -> None:
-        self.target.truncate(seq_len)
-
     def draft(self, last_token: int, new_hidden: torch.Tensor) -> list[int]:
         H = self.drafter.cfg.hidden_size
         hidden = {layer: new_hidden[:, j * H:(j + 1) * H] for j, layer in enumerate(self.layers)}
         return self.drafter.draft(last_token, hidden, self.drafter.context_len + new_hidden.shape[0])
 
-    def truncate_context(self, n: int) -> None:
-        self.drafter.truncate_context(n)
