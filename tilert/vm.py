@@ -90,11 +90,7 @@ class VM:
              interleave: int | None = None) -> tuple[torch.Tensor, list[int]]:
         """Run one step over `tokens` at positions seq_len.. ; returns (logits [B, V], chosen tokens)."""
         B = len(tokens)
-        if B not in self.schedules:
-            raise UserError(f"no schedule for a step of {B} tokens (compiled: {sorted(self.schedules)})")
-        if self.seq_len + B > self.max_seq_len:
-            raise UserError(f"sequence of {self.seq_len + B} tokens exceeds the artifact's max sequence "
-                            f"length {self.max_seq_len}")
+        check_step(B, self.schedules, self.seq_len, self.max_seq_len)
         s, m = self.prepare(tokens, temperature, seed)
         # Tasks are tiny tensor ops: intra-op threads only add synchronisation (40x slower).
         threads = torch.get_num_threads()
@@ -105,6 +101,16 @@ class VM:
             torch.set_num_threads(threads)
         self.seq_len += B
         return m.buffers["logits"].clone(), [int(t) for t in m.buffers["next_token"].tolist()]
+
+
+def check_step(tokens: int, compiled, seq_len: int, max_seq_len: int) -> None:
+    """Refuse a step of `tokens` tokens that no schedule in `compiled` covers, or that would run
+    past the artifact's max sequence length."""
+    if tokens not in compiled:
+        raise UserError(f"no schedule for a step of {tokens} tokens (compiled: {sorted(compiled)})")
+    if seq_len + tokens > max_seq_len:
+        raise UserError(f"sequence of {seq_len + tokens} tokens exceeds the artifact's max sequence "
+                        f"length {max_seq_len}")
 
 
 def execute(s: Schedule, m: Memory | None, interleave: int | None = None,

@@ -21,7 +21,7 @@ from tilert.kernels import run_task
 from tilert.multigpu import Union, join
 from tilert.partition import Partition
 from tilert.schedule import Schedule
-from tilert.vm import VM, execute
+from tilert.vm import VM, check_step, execute
 
 
 class MultiVM:
@@ -58,11 +58,7 @@ class MultiVM:
              interleave: int | None = None) -> tuple[torch.Tensor, list[int]]:
         """One step over `tokens` on every rank; returns (logits [B, V], chosen tokens)."""
         B = len(tokens)
-        if B not in self.unions:
-            raise UserError(f"no schedule for a step of {B} tokens (compiled: {sorted(self.unions)})")
-        if self.seq_len + B > self.max_seq_len:
-            raise UserError(f"sequence of {self.seq_len + B} tokens exceeds the artifact's max sequence "
-                            f"length {self.max_seq_len}")
+        check_step(B, self.unions, self.seq_len, self.max_seq_len)
         u = self.unions[B]
         prepared = [vm.prepare(tokens, temperature, seed) for vm in self.vms]
         memories = [m for _, m in prepared]
