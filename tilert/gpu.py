@@ -80,6 +80,20 @@ class _Kernel:
     epoch: int = 0  # complete steps since the counters were last zeroed
 
 
+WEIGHT_PAD = 16  # bytes after every weight buffer (the kernel reads 16-byte chunks)
+
+
+def zeroed_buffers(gen: GeneratedKernel) -> dict[str, tuple[int, torch.dtype]]:
+    """(elements, dtype) of the zero-filled device buffers one step size's kernel gets; the
+    compile-time footprint (tilert.megakernel.footprint) sizes GPU memory from this same table."""
+    return {"act": (max(gen.act_bytes, 16), torch.uint8),
+            "counters": (max(gen.num_counters, 1), torch.int32),
+            "scratch": (max(gen.scratch_stride * gen.num_workers, 16), torch.uint8),
+            "errors": (ERROR_WORDS, torch.int32),
+            # Always sized for a profiling build: a cubin built with profile=True writes it.
+            "profile": (max(4 * gen.num_tasks, 1), torch.int64)}
+
+
 def _view_like(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`raw` (uint8, at least as many bytes) seen with the dtype and shape of `like`."""
     n = like.numel() * like.element_size()
@@ -157,7 +171,7 @@ class MegakernelRuntime:
 
     def _device_bytes(self, x: torch.Tensor) -> torch.Tensor:
         raw = x.detach().contiguous().view(torch.uint8).reshape(-1)
-        buf = torch.zeros(raw.numel() + 16, dtype=torch.uint8, device=self.device)
+        buf = torch.zeros(raw.numel() + WEIGHT_PAD, dtype=torch.uint8, device=self.device)
         buf[:raw.numel()].copy_(raw)
         return buf
 
@@ -199,15 +213,10 @@ class MegakernelRuntime:
                 table[slot.index][k] = v
         k = _Kernel(
             gen=gen, module=module, function=function,
-            act=torch.zeros(max(gen.act_bytes, 16), dtype=torch.uint8, device=dev),
-            counters=torch.zeros(max(gen.num_counters, 1), dtype=torch.int32, device=dev),
             program=torch.from_numpy(gen.program.copy()).to(dev),
             consts=torch.from_numpy(gen.consts.copy()).to(dev),
-            scratch=torch.zeros(max(gen.scratch_stride * gen.num_workers, 16), dtype=torch.uint8, device=dev),
             weight_table=torch.from_numpy(table.view(np.uint8).copy()).to(dev),
-            errors=torch.zeros(ERROR_WORDS, dtype=torch.int32, device=dev),
-            # Always sized for a profiling build: a cubin built with profile=True writes it.
-            profile=torch.zeros(max(4 * gen.num_tasks, 1), dtype=torch.int64, device=dev),
+            **{name: torch.zeros(n, dtype=dtype, device=dev) for name, (n, dtype) in zeroed_buffers(gen).items()},
             args=np.zeros(1, dtype=numpy_dtype(KERNEL_ARGS)), arg_ptrs=np.zeros(1, dtype=np.uint64),
             staging={"tokens": torch.zeros(gen.tokens, dtype=torch.int32).pin_memory(),
                      "positions": torch.zeros(gen.tokens, dtype=torch.int32).pin_memory(),

@@ -23,7 +23,6 @@ from tilert.errors import UserError
 
 # Device memory of one card (bytes): the footprint is shown against it.
 GPU_MEMORY = {"h100": 80e9, "h200": 141e9}
-PAD = 16  # the runtime pads every weight buffer by 16 bytes (16-byte vector loads)
 
 
 def cubin_cache_dir() -> Path:
@@ -56,21 +55,22 @@ def footprint(gens: dict[int, Any], gpu: str | None = None) -> dict[str, Any]:
     the weights once as stored (16-byte padded), one KV-cache state arena shared by all step sizes,
     and per step size its activation arena, program, constants, scratch, counters, weight table,
     error and profile buffers.  Plus the shared memory each CTA needs."""
-    from tilert.codegen import ERROR_WORDS, WEIGHT_DESC, numpy_dtype
+    from tilert.codegen import WEIGHT_DESC, numpy_dtype
+    from tilert.gpu import WEIGHT_PAD, zeroed_buffers
 
     weights: dict[str, int] = {}
     for g in gens.values():
         for w in g.weights:
             if w.name not in weights:
                 data, scale = _weight_bytes(w.fmt, tuple(w.shape))
-                weights[w.name] = data + PAD + (scale + PAD if scale else 0)
+                weights[w.name] = data + WEIGHT_PAD + (scale + WEIGHT_PAD if scale else 0)
     desc = numpy_dtype(WEIGHT_DESC).itemsize
     per_step = {}
     for b, g in sorted(gens.items()):
-        act = max(g.act_bytes, 16)
+        zeroed = {name: n * dtype.itemsize for name, (n, dtype) in zeroed_buffers(g).items()}
+        act = zeroed.pop("act")
         program = int(g.program.nbytes)
-        other = (int(g.consts.nbytes) + max(g.scratch_stride * g.num_workers, 16) + 4 * max(g.num_counters, 1)
-                 + desc * max(len(g.weights), 1) + 4 * ERROR_WORDS + 8 * max(4 * g.num_tasks, 1))
+        other = int(g.consts.nbytes) + desc * max(len(g.weights), 1) + sum(zeroed.values())
         per_step[str(b)] = {"activation_bytes": act, "program_bytes": program, "other_bytes": other,
                             "smem_per_cta": g.smem_bytes, "ctas": g.num_workers, "threads": g.threads}
     out = {
