@@ -496,6 +496,23 @@ def write_synthetic(
     _write_atomically(Path(out_dir), fill)
 
 
+def write_checkpoint(
+    cfg: MimoConfig, weights: dict[str, StoredTensor], out_dir: str | Path, shard_bytes: int = DEFAULT_SHARD_BYTES,
+    single_file: bool = False, extra: Callable[[Path], None] | None = None,
+) -> None:
+    """Write `weights` (canonical names, as stored) in the hub layout, atomically; `extra(tmp)`
+    may add files (a tokenizer) to the directory before it is moved into place."""
+    items = [_Item(t.nbytes, (lambda n=name, t=t: _hub_tensors(n, t))) for name, t in weights.items()]
+
+    def fill(tmp: Path) -> None:
+        _write_config(tmp, cfg.to_hub_config())
+        _write_shards(tmp, items, shard_bytes, desc="write", single_file=single_file)
+        if extra is not None:
+            extra(tmp)
+
+    _write_atomically(Path(out_dir), fill)
+
+
 # ---- transformers layout ----------------------------------------------------------------------
 
 def save_transformers_layout(

@@ -60,14 +60,7 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.checkpoint import (
-    _hub_tensors,
-    _Item,
-    _write_atomically,
-    _write_config,
-    _write_shards,
-    load_checkpoint,
-)
+from model.checkpoint import load_checkpoint, write_checkpoint
 from model.config import DENSE, FULL, SLIDING, SPARSE, MimoConfig
 from model.dflash import DFlashConfig, DFlashDrafter
 from model.dflash_checkpoint import load_drafter, save_drafter
@@ -675,14 +668,8 @@ def stored_target(cfg: MimoConfig, state: dict[str, torch.Tensor], fp8: bool) ->
 
 
 def write_target(cfg: MimoConfig, stored: dict[str, StoredTensor], tok, out: Path) -> None:
-    items = [_Item(t.nbytes, (lambda n=name, t=t: _hub_tensors(n, t))) for name, t in stored.items()]
-
-    def fill(tmp: Path) -> None:
-        _write_config(tmp, cfg.to_hub_config())
-        _write_shards(tmp, items, shard_bytes=2**40, desc="write", single_file=True)
-        tok.save(str(tmp / "tokenizer.json"))
-
-    _write_atomically(out, fill)
+    write_checkpoint(cfg, stored, out, shard_bytes=2**40, single_file=True,
+                     extra=lambda tmp: tok.save(str(tmp / "tokenizer.json")))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
