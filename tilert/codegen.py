@@ -72,6 +72,12 @@ SMEM_LIMIT = 232448  # H100 / H200: 227 KB of dynamic shared memory per block
 COMPUTE_WARPS = 15  # + 1 loader warp: 512 threads, 128 registers (measured: 15 beat 7 and 11)
 MIN_SLOT_ROW_BYTES = 4096  # a ring slot holds one 4 KiB row (an fp8 row of 4096) per compute warp
 RING_SLOTS = 4
+# GEMVs on the tensor cores (gemv.cuh, gemv_tile_mma) for these storage formats, at steps of up
+# to 4 tokens; x is staged in shared memory (hi/lo halves), so rows longer than XS_LIMIT_BYTES
+# per step stay on the CUDA-core loop.
+MMA_FORMATS = ("mxfp4", "fp8", "bf16")
+MMA_MAX_TOKENS = 4
+XS_LIMIT_BYTES = 36 * 1024
 
 # ---- struct tables (one source of truth for C++ and for packing) --------------------------------
 
@@ -638,11 +644,22 @@ def _encode_tasks(schedule: Schedule, plan: _Plan, cfg: MimoConfig, boxes_of: di
     return _Encoded(stages_of, scratch, max_row, enc.vector_views)
 
 
+def _xs_bytes(w: WeightSlot, tokens: int, mma_formats) -> int:
+    """Shared memory the staged x of one mma GEMV over `w` needs (gemv.cuh, `xs_bytes`; 0 when
+    `w` stays on the CUDA-core loop), before the XS_LIMIT_BYTES cap."""
+    unit = {"mxfp4": 512, "fp8": 64, "bf16": 32}.get(w.fmt)  # mxfp4: 16-byte scale rows
+    cols = w.shape[-1]
+    if unit is None or w.fmt not in mma_formats or tokens > MMA_MAX_TOKENS or cols % unit:
+        return 0
+    return tokens * 2 * (2 * cols + 64)
+
+
 def _smem_layout(ring_slots: int, slot_bytes: int, red_bytes: int, scratch_bytes: int,
-                 locals_bytes: int) -> dict[str, int]:
+                 locals_bytes: int, xs_bytes: int = 0) -> dict[str, int]:
     """Byte offsets of the shared-memory regions, after 16 bytes of control words."""
     regions = (("bars", 2 * ring_slots * 8, 8),  # ring mbarriers: full[slots], empty[slots]
                ("red", red_bytes, 16),  # cross-warp reductions
+               ("xs", xs_bytes, 16),  # x staged for the tensor-core GEMV
                ("scratch", scratch_bytes, 16),  # GEMV results kept for an epilogue
                ("locals", locals_bytes, 16),  # task-local buffers
                ("ring", ring_slots * slot_bytes, 128))  # weight pieces (bulk-copy destinations)
@@ -658,14 +675,15 @@ def _smem_layout(ring_slots: int, slot_bytes: int, red_bytes: int, scratch_bytes
 def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str] | None = None,
              loader: bool = True, compute_warps: int = COMPUTE_WARPS, ring_slots: int = RING_SLOTS,
              smem_limit: int = SMEM_LIMIT, locals_space: str = "auto",
-             slot_bytes: int | None = None) -> GeneratedKernel:
+             slot_bytes: int | None = None, mma_formats=MMA_FORMATS) -> GeneratedKernel:
     """The megakernel of one schedule.  `weight_formats` (name -> storage format) says how the
     weights the kernel will run with are stored (default: the formats the schedule declares);
     the runtime refuses weights in other formats.  `loader=False` gives the simpler kernel
     whose compute warps read weights straight from global memory.  Task-local buffers go to
     shared memory when they fit beside a ring of at least 2 slots (`locals_space` "auto"), else
     to a per-worker global scratch area ("global" forces that).  `slot_bytes` overrides the ring
-    slot size (tests use small slots to cut tiles into many pieces)."""
+    slot size (tests use small slots to cut tiles into many pieces).  `mma_formats`: the weight
+    formats whose GEMVs run on the tensor cores (the rest on the CUDA-core loop)."""
     g = schedule.graph
     B = g.tokens
     if not 1 <= B <= 8:
@@ -678,6 +696,11 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     locals_bytes = max(sum(_align((r1 - r0) * (c1 - c0) * 4, 16) for r0, r1, c0, c1 in boxes.values())
                        for boxes in boxes_of.values())
     red_bytes = compute_warps * B * 16  # per warp and token: a (double score, int index) pair at most
+    mma_formats = tuple(mma_formats) if loader else ()
+    xs_bytes = max([0] + [x for w in plan.weights.values()
+                          if 0 < (x := _xs_bytes(w, B, mma_formats)) <= XS_LIMIT_BYTES])
+    if xs_bytes:  # mma partials: two batches x warps x kRedRows (gemv.cuh) x tokens
+        red_bytes = max(red_bytes, 2 * compute_warps * max(16, 128 // B) * B * 4)
 
     chosen = None
     for space in (["smem"] if locals_space == "auto" else []) + ["scratch"]:
@@ -691,9 +714,17 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
             enc.scratch_bytes = max(enc.scratch_bytes, _attention_scratch_bytes(compute_warps, cfg.head_dim,
                                                                              cfg.v_head_dim))
         for slots in (range(ring_slots, 1, -1) if loader else [0]):
-            lay = _smem_layout(slots, slot, red_bytes, enc.scratch_bytes, in_smem)
+            slot_here = slot
+            if xs_bytes and not slot_bytes and slots:
+                # mma pieces are cut to the slot, so more, smaller slots keep more bytes in
+                # flight than fewer large ones: fill what the other regions leave.
+                room = smem_limit - _smem_layout(slots, 0, red_bytes, enc.scratch_bytes, in_smem, xs_bytes)["total"]
+                slot_here = min(slot, room // slots // 128 * 128)
+                if slot_here < enc.max_row_bytes:
+                    continue
+            lay = _smem_layout(slots, slot_here, red_bytes, enc.scratch_bytes, in_smem, xs_bytes)
             if lay["total"] <= smem_limit:
-                chosen = (space, enc, slot, slots, lay)
+                chosen = (space, enc, slot_here, slots, lay)
                 break
         if chosen:
             break
@@ -706,7 +737,8 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     notes = [] if space == "smem" else [f"task-local buffers ({locals_bytes} B) live in global scratch"]
     formats = {w.fmt for w in plan.weights.values()}
     return GeneratedKernel(
-        source=_source(schedule, cfg, B, compute_warps, loader, slots, slot, lay, formats, scratch_stride),
+        source=_source(schedule, cfg, B, compute_warps, loader, slots, slot, lay, formats, scratch_stride,
+                       set(mma_formats) if xs_bytes else set(), xs_bytes),
         program=_encode_program(schedule, enc.stages), tokens=B, num_workers=schedule.num_workers,
         threads=32 * compute_warps + (32 if loader else 0), smem_bytes=lay["total"], loader=loader,
         slots=slots, slot_bytes=slot, act_bytes=plan.act_bytes, state_bytes=plan.state_bytes,
@@ -757,7 +789,7 @@ def _encode_program(schedule: Schedule, encoded: dict[int, list[tuple[str, dict]
 
 
 def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool, slots: int, slot_bytes: int,
-            lay: dict, formats: set[str], scratch_stride: int) -> str:
+            lay: dict, formats: set[str], scratch_stride: int, mma_formats: set[str], xs_bytes: int) -> str:
     kinds_used = sorted({k for t in schedule.graph.tasks for k in (s.kind for s in _stages(t))},
                         key=lambda k: KIND_ID[k])
     defines = {
@@ -770,6 +802,8 @@ def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool,
         "TILERT_VD_MAX": max(cfg.v_head_dim, 1), "TILERT_HD_MAX": max(cfg.head_dim, 4), "TILERT_E_MAX": max(cfg.n_routed_experts, 1),
         "TILERT_K_MAX": max(cfg.num_experts_per_tok, 1),
         "TILERT_FORMATS": sum(1 << FORMATS[f] for f in formats) or 1,
+        "TILERT_MMA_FORMATS": sum(1 << FORMATS[f] for f in mma_formats & formats),
+        "TILERT_SMEM_XS": lay["xs"], "TILERT_XS_BYTES": xs_bytes,
     }
     # Nothing schedule-specific beyond these sizes goes into the source (the program is data),
     # so schedules of one shape share a cached cubin.

@@ -121,7 +121,7 @@ def bench_baseline(cfg, weights, context: int, reps: int) -> dict:
     return out
 
 
-def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path) -> dict:
+def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma=None) -> dict:
     """Compile, build, check against the VM on the GPU, then time one launch per step."""
     from tilert.build import build_cubin
     from tilert.codegen import generate
@@ -133,7 +133,8 @@ def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path) -> di
     t0 = time.time()
     schedules = compile_steps(cfg, recipe, [1], max_seq_len=context + 8)
     formats = {n: t.fmt for n, t in weights.items()}
-    gen = generate(schedules[1], cfg, weight_formats=formats)
+    gen = generate(schedules[1], cfg, weight_formats=formats,
+                   **({"mma_formats": () if mma == "none" else tuple(mma.split(","))} if mma else {}))
     cubin, report = build_cubin(gen.source, workdir / f"L{cfg.num_hidden_layers}_C{context}")
     compile_s = time.time() - t0
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=context + 8)
@@ -172,6 +173,9 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-format", default="mxfp4", choices=["mxfp4", "fp8"])
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--backends", default="megakernel,baseline")
+    ap.add_argument("--mma", default=None,
+                    help="weight formats whose GEMVs use the tensor cores, comma-separated, or 'none' "
+                         "(default: the codegen's)")
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--workdir", default="/tmp/tilert-bench")
     ap.add_argument("--log", help="append the table, with date, device, command and commit, to this file")
@@ -188,7 +192,7 @@ def main(argv=None) -> int:
         for context in [int(x) for x in args.contexts.split(",")]:
             row = {"layers": layers, "context": context, "expert_format": args.expert_format}
             if "megakernel" in backends:
-                row.update(bench_megakernel(cfg, weights, context, args.reps, Path(args.workdir)))
+                row.update(bench_megakernel(cfg, weights, context, args.reps, Path(args.workdir), args.mma))
                 print(f"megakernel {layers} layers, context {context}: {row['megakernel'] * 1e3:.3f} ms, "
                       f"check {row['check']}", flush=True)
             kv_bytes = 4 if row.get("kv_dtype", "f32") == "f32" else 2

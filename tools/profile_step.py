@@ -32,6 +32,10 @@ from tilert.gpu import MegakernelRuntime  # noqa: E402
 from tilert.lower import load_recipe  # noqa: E402
 
 
+def mma_formats(arg: str) -> tuple[str, ...]:
+    return () if arg == "none" else tuple(arg.split(","))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6)
@@ -39,13 +43,19 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-format", default="mxfp4")
     ap.add_argument("--loader", type=int, default=1)
     ap.add_argument("--compute-warps", type=int, default=None, help="default: the codegen's")
+    ap.add_argument("--mma", default=None,
+                    help="weight formats whose GEMVs use the tensor cores, comma-separated, or 'none' "
+                         "(default: the codegen's)")
+    ap.add_argument("--ring-slots", type=int, default=None, help="default: the codegen's")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(preset("mimo-v2-flash", layers=args.layers), expert_format=args.expert_format)
     weights = device_weights(cfg, seed=0, expert_format=args.expert_format)
     schedule = compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=args.context + 8)[1]
     gen = generate(schedule, cfg, weight_formats={n: t.fmt for n, t in weights.items()}, loader=bool(args.loader),
-                   **({"compute_warps": args.compute_warps} if args.compute_warps else {}))
+                   **({"compute_warps": args.compute_warps} if args.compute_warps else {}),
+                   **({"mma_formats": mma_formats(args.mma)} if args.mma else {}),
+                   **({"ring_slots": args.ring_slots} if args.ring_slots else {}))
     cubin, report = build_cubin(gen.source, Path("/tmp/tilert-profile"), profile=True)
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=args.context + 8, profile=True)
     rt.fill_cache(args.context, seed=1)

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cuda_fp8.h>
 #include <cuda_fp16.h>
+#include <cuda_bf16.h>
 
 #define TILERT_DEV __device__ __forceinline__
 

@@ -34,7 +34,19 @@ TILERT_DEV bool scales_in_ring(const WeightDesc& w) {
 // Bytes one row occupies in a ring slot.
 TILERT_DEV int piece_row_bytes(const WeightDesc& w) { return w.row_bytes + (scales_in_ring(w) ? w.scale_ld : 0); }
 
-TILERT_DEV int rows_per_piece(const WeightDesc& w) { return min(kNCT, TILERT_SLOT_BYTES / piece_row_bytes(w)); }
+TILERT_DEV bool mma_ok(const WeightDesc& w);
+
+// Rows of mma partials one reduction gathers (gemv_tile_mma): the compute warps meet at a
+// barrier once per this many rows, not once per piece.  Mirrored by tilert/codegen.py.
+constexpr int kRedRows = 128 / kB < 16 ? 16 : 128 / kB;
+
+// An mma piece holds whole 16-row groups (at most one per compute warp and at most kRedRows
+// rows; gemv_tile_mma) unless fewer than 16 rows fit.
+TILERT_DEV int rows_per_piece(const WeightDesc& w) {
+  const int fit = TILERT_SLOT_BYTES / piece_row_bytes(w);
+  if (!mma_ok(w)) return min(kNCT, fit);
+  return fit < 16 ? fit : min(min(16 * kNCW, kRedRows), fit / 16 * 16);
+}
 
 // Threads that share one row of a piece: whole warps when there are fewer rows than warps
 // (reduced across warps in smem), else a power of two <= 32 (reduced with shuffles).
@@ -236,9 +248,306 @@ TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
   }
 }
 
+// ---- tensor-core GEMV (mma.sync m16n8k16) ---------------------------------------------------
+//
+// The CUDA-core loop above spends several instructions per weight (decode, scale, FMA, an x load
+// per row) and re-reads x for every row; at batch 1 that, not HBM, bounds it.  Here a warp
+// multiplies 16 rows by x on the tensor cores: the weights are the A operand (decoded to fp16,
+// or bf16 as stored), x the B operand split into hi + lo halves (columns 2b and 2b + 1 for token
+// b), so the fp32 accumulators see x to ~22 bits.
+//
+// Pieces are whole rows, as the loader copies them (one bulk copy for the codes, one for the
+// MXFP4 scales: a copy per row would cost ~100 ns of the loader's time each).  A warp *step*
+// covers 16 rows x kStep columns: lane (g, t) reads 16 bytes of rows g and g + 8 (columns
+// t * kStep / 4 ...), and every register it loads feeds the mma slots of those same columns, so
+// which column sits in which slot only fixes the order x is staged in.  Rows 2 KiB apart share
+// banks, so a warp's 16-byte reads conflict 2-way: well inside the shared-memory budget.
+//
+// Scales: FP8 (one per 128 x 128 block) multiplies the step's fp32 partial.  MXFP4 has one per
+// 32 columns, i.e. a different one per lane in a step, so it scales the decoded weights instead:
+// by 2^(e_lane - e_max) in fp16 (exact; e_max is the largest of the row's four), and the partial
+// by 2^(e_max - 127).
+#ifndef TILERT_MMA_FORMATS
+#define TILERT_MMA_FORMATS 0
+#endif
+#ifndef TILERT_XS_BYTES
+#define TILERT_XS_BYTES 0
+#endif
+
+template <int FMT> struct MmaFmt;
+template <> struct MmaFmt<FMT_BF16> { static constexpr int kStep = 32, kMmas = 2; };
+template <> struct MmaFmt<FMT_FP8> { static constexpr int kStep = 64, kMmas = 4; };
+template <> struct MmaFmt<FMT_MXFP4> { static constexpr int kStep = 128, kMmas = 8; };
+
+TILERT_DEV int mma_step_cols(int fmt) { return fmt == FMT_MXFP4 ? 128 : fmt == FMT_FP8 ? 64 : 32; }
+
+// Bytes of x one token stages for `cols` columns: hi and lo planes of 2 bytes a column, each
+// plane padded by 64 bytes so the hi and lo lanes of a warp hit different banks.
+TILERT_DEV int xs_bytes(int cols) { return 2 * (2 * cols + 64); }
+
+// Whether weight `w`'s GEMVs run on the tensor cores.
+TILERT_DEV bool mma_ok(const WeightDesc& w) {
+  if (!TILERT_LOADER || !((TILERT_MMA_FORMATS >> w.fmt) & 1) || kB > 4) return false;
+  if (w.fmt != FMT_MXFP4 && w.fmt != FMT_FP8 && w.fmt != FMT_BF16) return false;
+  if (w.cols % mma_step_cols(w.fmt) || kB * xs_bytes(w.cols) > TILERT_XS_BYTES) return false;
+  return w.fmt != FMT_MXFP4 || scales_in_ring(w);
+}
+
+TILERT_DEV void mma_f16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+TILERT_DEV void mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Two E2M1 codes -> fp16x2: the codes in bits 12..15 and 28..31 of v.  Sign to bit 15/31, the
+// three magnitude bits to 9..11 / 25..27: the fp16 read from those bits is the E2M1 value times
+// 2^-14 exactly (e = 0 lands on the fp16 subnormals).
+TILERT_DEV uint32_t fp4x2_to_f16x2_2m14(uint32_t v) { return (v & 0x80008000u) | ((v >> 3) & 0x0E000E00u); }
+
+TILERT_DEV uint32_t hmul2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// The fp16x2 factor 2^(14 + diff), diff = e_lane - e_max in [-28, 0] (smaller: the block is
+// below 2^-28 of the row's largest and flushes to zero).
+TILERT_DEV uint32_t fp4_block_factor(int diff) {
+  const uint32_t h = diff < -28 ? 0u : (uint32_t)(29 + diff) << 10;
+  return h | (h << 16);
+}
+
+// Order of each 8 columns in the staged x: the columns the A registers of a lane hold, two per
+// register, in register order.  fp8 and bf16 registers hold consecutive columns; the E2M1 decode
+// above yields the pairs (3,7) (2,6) (1,5) (0,4) of each 32-bit word.
+template <int FMT>
+TILERT_DEV int xs_column(int j) {
+  if constexpr (FMT == FMT_MXFP4) {
+    constexpr int kOrder[8] = {3, 7, 2, 6, 1, 5, 0, 4};
+    return kOrder[j];
+  } else {
+    return j;
+  }
+}
+
+// Stage x (NB rows of `cols` fp32) into the xs region as hi/lo halves (fp16; bf16 for bf16
+// weights), plane 2b + h for token b, each 8 columns in xs_column order.  All compute threads.
+template <int FMT, int NB, class XRow>
+TILERT_DEV void stage_x(Ctx& c, int cols, XRow xrow) {
+  uint8_t* xs = c.smem + TILERT_SMEM_XS;
+  const int plane = xs_bytes(cols) / 2;
+  const int n8 = cols / 8;
+  for (int i = (int)threadIdx.x; i < NB * n8; i += kNCT) {
+    const int b = i / n8, j = i % n8;
+    const float* x = xrow(b) + 8 * j;
+    uint32_t hi[4], lo[4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const float x0 = x[xs_column<FMT>(2 * p)], x1 = x[xs_column<FMT>(2 * p + 1)];
+      if constexpr (FMT == FMT_BF16) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
+        const float2 hf = __bfloat1622float2(h);
+        const __nv_bfloat162 l = __floats2bfloat162_rn(x0 - hf.x, x1 - hf.y);
+        hi[p] = *reinterpret_cast<const uint32_t*>(&h);
+        lo[p] = *reinterpret_cast<const uint32_t*>(&l);
+      } else {
+        const __half2 h = __floats2half2_rn(x0, x1);
+        const float2 hf = __half22float2(h);
+        const __half2 l = __floats2half2_rn(x0 - hf.x, x1 - hf.y);
+        hi[p] = *reinterpret_cast<const uint32_t*>(&h);
+        lo[p] = *reinterpret_cast<const uint32_t*>(&l);
+      }
+    }
+    *reinterpret_cast<uint4*>(xs + (2 * b) * plane + 16 * j) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    *reinterpret_cast<uint4*>(xs + (2 * b + 1) * plane + 16 * j) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  }
+  compute_sync();
+}
+
+TILERT_DEV uint32_t cvt_e4m3x2(uint32_t two) {
+  __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xffffu), __NV_E4M3);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// The largest of the four bytes of w.
+TILERT_DEV uint32_t max_byte(uint32_t w) {
+  return max(max(w & 255u, (w >> 8) & 255u), max((w >> 16) & 255u, w >> 24));
+}
+
+// One step: the lane's partials of rows g (d[0] + d[1]) and g + 8 (d[2] + d[3]) for token t,
+// accumulated into d0 / d1 (two chains, so consecutive mmas do not wait on each other).
+// qa / qb: the lane's 16 bytes of the two rows; bx: its staged x (kMmas x 2 registers).
+template <int FMT>
+TILERT_DEV void mma_step(const uint4 qa, const uint4 qb, const uint32_t* bx, float* d0, float* d1) {
+  const uint32_t A[4] = {qa.x, qa.y, qa.z, qa.w}, Bq[4] = {qb.x, qb.y, qb.z, qb.w};
+  if constexpr (FMT == FMT_BF16) {
+    mma_bf16(d0, A[0], Bq[0], A[1], Bq[1], bx[0], bx[1]);
+    mma_bf16(d1, A[2], Bq[2], A[3], Bq[3], bx[2], bx[3]);
+  } else {
+#pragma unroll
+    for (int m = 0; m < 4; ++m)
+      mma_f16(m & 1 ? d1 : d0, cvt_e4m3x2(A[m]), cvt_e4m3x2(Bq[m]), cvt_e4m3x2(A[m] >> 16), cvt_e4m3x2(Bq[m] >> 16),
+              bx[2 * m], bx[2 * m + 1]);
+  }
+}
+
+// MXFP4 step: wa / wb hold the four E8M0 scales of the step's blocks for rows g and g + 8
+// (lane t's block is byte t).  Adds the scaled partials to acc[0] (row g) and acc[1] (row g + 8).
+TILERT_DEV void mma_step_fp4(const uint4 qa, const uint4 qb, const uint32_t* bx, uint32_t wa, uint32_t wb, int t,
+                             float* acc) {
+  const uint32_t A[4] = {qa.x, qa.y, qa.z, qa.w}, Bq[4] = {qb.x, qb.y, qb.z, qb.w};
+  const uint32_t ma = max_byte(wa), mb = max_byte(wb);
+  const uint32_t fa = fp4_block_factor((int)((wa >> (8 * t)) & 255u) - (int)ma);
+  const uint32_t fb = fp4_block_factor((int)((wb >> (8 * t)) & 255u) - (int)mb);
+  float e0[4] = {0.f, 0.f, 0.f, 0.f}, e1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int sh = 8 * h;
+      mma_f16(h ? e1 : e0, hmul2(fp4x2_to_f16x2_2m14(A[i] << sh), fa), hmul2(fp4x2_to_f16x2_2m14(Bq[i] << sh), fb),
+              hmul2(fp4x2_to_f16x2_2m14(A[i] << (sh + 4)), fa), hmul2(fp4x2_to_f16x2_2m14(Bq[i] << (sh + 4)), fb),
+              bx[4 * i + 2 * h], bx[4 * i + 2 * h + 1]);
+    }
+  }
+  acc[0] += (e0[0] + e0[1] + e1[0] + e1[1]) * e8m0_to_f32(ma);
+  acc[1] += (e0[2] + e0[3] + e1[2] + e1[3]) * e8m0_to_f32(mb);
+}
+
+// out_i = W[r0 + i] . x_b for b < NB (NB <= 4) on the tensor cores; same contract as
+// gemv_tile_fmt: epi(i, v[NB]) once per row, by one thread, the same thread for row i of every
+// tile of this shape.
+template <int FMT, int NB, class XRow, class Epi>
+TILERT_DEV void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi) {
+  static_assert(NB <= 4, "one n8 mma tile holds hi/lo of 4 tokens");
+  constexpr int kStep = MmaFmt<FMT>::kStep, kRegs = 2 * MmaFmt<FMT>::kMmas;
+  stage_x<FMT, NB>(c, w.cols, xrow);
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wid = threadIdx.x >> 5;
+  const uint8_t* xs = c.smem + TILERT_SMEM_XS;
+  const int plane = xs_bytes(w.cols) / 2;
+  const uint8_t* xlane = xs + (g & 1) * plane + (g >> 1) * 2 * plane + 2 * (kStep / 4) * t;
+  const uint8_t* gscale = tile_scale(w, tile_expert(tile));
+  float* red = reinterpret_cast<float*>(c.smem + TILERT_SMEM_RED);
+  const int rb = w.row_bytes, scale_ld = w.scale_ld, rpp = rows_per_piece(w), nsteps = w.cols / kStep;
+  // Pieces are gathered in batches of up to kRedRows rows: each warp writes its partials for
+  // the batch to red[buf][warp][row][token], and one barrier per batch lets the batch's rows be
+  // summed (one thread a row) while the warps stream the next batch into the other buffer.
+  const int batch_rows = kRedRows / rpp * rpp;
+  int buf = 0;
+  for (int ba = tile.r0; ba < tile.r1; ba += batch_rows) {
+    const int bn = min(batch_rows, tile.r1 - ba);
+    for (int ra = ba; ra < ba + bn; ra += rpp) {
+    const int nr = min(rpp, tile.r1 - ra);
+    // Warps split the piece's 16-row groups, then each group's steps (contiguous ranges).
+    const int ng = (nr + 15) / 16;
+    const int gi = wid * ng / kNCW;
+    const int first = (gi * kNCW + ng - 1) / ng, nj = ((gi + 1) * kNCW + ng - 1) / ng - first;
+    const int j = wid - first;
+    const int s0 = j * nsteps / nj, s1 = (j + 1) * nsteps / nj;
+    const int rA = min(16 * gi + g, nr - 1), rB = min(16 * gi + g + 8, nr - 1);  // rows past nr: ignored
+    const int slot = c.piece % TILERT_SLOTS;
+    ring_wait_full(c, c.piece);
+    const uint8_t* src = ring_slot(c.smem, slot);
+    const uint8_t* rowA = src + rA * rb + 16 * t;
+    const uint8_t* rowB = src + rB * rb + 16 * t;
+    const uint32_t* sA = reinterpret_cast<const uint32_t*>(src + nr * rb + rA * scale_ld);  // MXFP4 only
+    const uint32_t* sB = reinterpret_cast<const uint32_t*>(src + nr * rb + rB * scale_ld);
+    const float* fsA = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rA) >> 7) * scale_ld;  // FP8 only
+    const float* fsB = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rB) >> 7) * scale_ld;
+    float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f}, acc[2] = {0.f, 0.f};
+    // FP8: the next step's block scales are loaded a step ahead (global memory, L2 latency).
+    float nsa = 0.f, nsb = 0.f;
+    if (FMT == FMT_FP8 && s0 < s1) {
+      nsa = __ldg(fsA + ((kStep * s0) >> 7));
+      nsb = __ldg(fsB + ((kStep * s0) >> 7));
+    }
+#pragma unroll 2
+    for (int st = s0; st < s1; ++st) {
+      const uint4 qa = *reinterpret_cast<const uint4*>(rowA + 64 * st);
+      const uint4 qb = *reinterpret_cast<const uint4*>(rowB + 64 * st);
+      uint32_t bx[kRegs];
+#pragma unroll
+      for (int q = 0; q < kRegs / 4; ++q) {
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (g < 2 * NB) v = *reinterpret_cast<const uint4*>(xlane + 2 * kStep * st + 16 * q);
+        bx[4 * q] = v.x; bx[4 * q + 1] = v.y; bx[4 * q + 2] = v.z; bx[4 * q + 3] = v.w;
+      }
+      if constexpr (FMT == FMT_MXFP4) {
+        mma_step_fp4(qa, qb, bx, sA[st], sB[st], t, acc);
+      } else if constexpr (FMT == FMT_FP8) {  // scale_inv of the 128 x 128 block
+        const float sa = nsa, sb = nsb;
+        if (st + 1 < s1) {
+          nsa = __ldg(fsA + ((kStep * (st + 1)) >> 7));
+          nsb = __ldg(fsB + ((kStep * (st + 1)) >> 7));
+        }
+        float e0[4] = {0.f, 0.f, 0.f, 0.f}, e1[4] = {0.f, 0.f, 0.f, 0.f};
+        mma_step<FMT>(qa, qb, bx, e0, e1);
+        acc[0] += (e0[0] + e0[1] + e1[0] + e1[1]) * sa;
+        acc[1] += (e0[2] + e0[3] + e1[2] + e1[3]) * sb;
+      } else {
+        mma_step<FMT>(qa, qb, bx, d0, d1);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(ring_empty(c.smem, slot));
+    ++c.piece;
+    if constexpr (FMT == FMT_BF16) {
+      acc[0] = d0[0] + d0[1] + d1[0] + d1[1];
+      acc[1] = d0[2] + d0[3] + d1[2] + d1[3];
+    }
+    // Partials of this warp for rows 16 gi .. 16 gi + 15 of the piece; lanes t < NB hold token t.
+    float* part = red + ((buf * kNCW + wid) * kRedRows + (ra - ba) + 16 * gi) * NB;
+    if (t < NB && 16 * gi + g < nr) part[g * NB + t] = acc[0];  // (rows past nr would spill
+    if (t < NB && 16 * gi + g + 8 < nr) part[(g + 8) * NB + t] = acc[1];  // into the next warp's)
+    }
+    compute_sync();
+    for (int i = (int)threadIdx.x; i < bn; i += kNCT) {
+      const int li = i % rpp, nr = min(rpp, tile.r1 - (ba + i - li));  // row i's piece
+      const int ng = (nr + 15) / 16, gr = li / 16;
+      const int f0 = (gr * kNCW + ng - 1) / ng, f1 = ((gr + 1) * kNCW + ng - 1) / ng;
+      float v[NB];
+#pragma unroll
+      for (int b = 0; b < NB; ++b) {
+        float sum = 0.f;
+        for (int q = f0; q < f1; ++q) sum += red[((buf * kNCW + q) * kRedRows + i) * NB + b];
+        v[b] = sum;
+      }
+      epi(ba + i - tile.r0, v);
+    }
+    buf ^= 1;  // the next batch writes the other half while stragglers still read this one
+  }
+  compute_sync();  // every reader of red and xs is done before the next GEMV
+}
+
 template <int NB, class XRow, class Epi>
 TILERT_DEV void gemv_tile(Ctx& c, const Tile& tile, XRow xrow, Epi epi) {
   const WeightDesc& w = weight(c, tile.w);
+  if (mma_ok(w)) {
+    if constexpr (NB <= 4) {
+      switch (w.fmt) {
+#if TILERT_MMA_FORMATS & (1 << FMT_BF16)
+        case FMT_BF16: gemv_tile_mma<FMT_BF16, NB>(c, w, tile, xrow, epi); return;
+#endif
+#if TILERT_MMA_FORMATS & (1 << FMT_FP8)
+        case FMT_FP8: gemv_tile_mma<FMT_FP8, NB>(c, w, tile, xrow, epi); return;
+#endif
+#if TILERT_MMA_FORMATS & (1 << FMT_MXFP4)
+        case FMT_MXFP4: gemv_tile_mma<FMT_MXFP4, NB>(c, w, tile, xrow, epi); return;
+#endif
+        default: break;
+      }
+    }
+  }
   switch (w.fmt) {
 #if TILERT_FORMATS & (1 << FMT_FP32)
     case FMT_FP32: gemv_tile_fmt<FMT_FP32, NB>(c, w, tile, xrow, epi); break;
@@ -259,6 +568,17 @@ TILERT_DEV void gemv_tile(Ctx& c, const Tile& tile, XRow xrow, Epi epi) {
 // ---- loader side --------------------------------------------------------------------------------
 
 #if TILERT_LOADER
+// Wait (loader lane) until ring slot `issued % SLOTS` is free again.
+TILERT_DEV bool ring_wait_empty(Ctx& c, uint32_t issued, const volatile int* abort) {
+  if (issued < TILERT_SLOTS) return true;
+  const uint32_t parity = ((issued / TILERT_SLOTS) - 1) & 1;
+  uint32_t spins = 0;
+  while (!mbar_try_wait(ring_empty(c.smem, issued % TILERT_SLOTS), parity)) {
+    if ((++spins & 255) == 0 && *abort) return false;
+  }
+  return true;
+}
+
 // Issue the pieces of one tile into the ring (loader lane only).  `issued` counts pieces.
 // Returns false if the CTA aborted while waiting for a free slot.
 TILERT_DEV bool load_tile(Ctx& c, const Tile& tile, uint32_t& issued, const volatile int* abort) {
@@ -271,13 +591,7 @@ TILERT_DEV bool load_tile(Ctx& c, const Tile& tile, uint32_t& issued, const vola
   for (int ra = tile.r0; ra < tile.r1; ra += rpp) {
     const int nr = min(rpp, tile.r1 - ra);
     const int slot = issued % TILERT_SLOTS;
-    if (issued >= TILERT_SLOTS) {
-      const uint32_t parity = ((issued / TILERT_SLOTS) - 1) & 1;
-      uint32_t spins = 0;
-      while (!mbar_try_wait(ring_empty(c.smem, slot), parity)) {
-        if ((++spins & 255) == 0 && *abort) return false;
-      }
-    }
+    if (!ring_wait_empty(c, issued, abort)) return false;
     const uint32_t bytes = (uint32_t)(nr * rb);
     const uint32_t sbytes = ring_scales ? (uint32_t)(nr * w.scale_ld) : 0u;
     mbar_arrive_expect_tx(ring_full(c.smem, slot), bytes + sbytes);
