@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -517,3 +518,61 @@ def test_mimo_v2_flash_full_schedule_compiles():
         rep = _build(gen, f"mimo-v2-flash B={B} (schedule {t_sched:.0f} s, codegen {t_gen:.1f} s)")
         assert rep["spills"] <= 1024, rep  # see test_tiny_kernel_compiles_for_sm90a
     assert math.isfinite(t_sched)
+
+
+def _define(source: str, name: str) -> int:
+    line = next(l for l in source.splitlines() if l.startswith(f"#define {name} "))
+    return int(line.split()[2])
+
+
+def test_mma_gemv_setup_follows_formats_tokens_and_row_lengths():
+    """The tensor-core GEMV (gemv.cuh) is compiled in for the formats asked, only for steps of
+    at most 4 tokens (one n8 mma holds hi/lo of 4), and shared memory is set aside for the
+    staged x of the longest row that qualifies; rows whose staged x exceeds the limit (the
+    flash dense FFN's 16384 columns) stay on the CUDA-core loop."""
+    from tilert.codegen import FORMATS, SMEM_LIMIT, XS_LIMIT_BYTES
+
+    cfg = dataclasses.replace(preset("mimo-v2-flash").with_layers(2), vocab_size=16384, n_routed_experts=32)
+    s = compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1, 8], max_seq_len=64)
+    gen = generate(s[1], cfg)
+    bits = _define(gen.source, "TILERT_MMA_FORMATS")
+    used = {w.fmt for w in gen.weights}
+    assert bits == sum(1 << FORMATS[f] for f in ("mxfp4", "fp8", "bf16") if f in used) and bits
+    longest = max(w.shape[-1] for w in gen.weights if w.fmt in ("fp8", "bf16", "mxfp4")
+                  and 2 * (2 * w.shape[-1] + 64) <= XS_LIMIT_BYTES)
+    assert _define(gen.source, "TILERT_XS_BYTES") == 2 * (2 * longest + 64)
+    assert gen.smem_bytes <= SMEM_LIMIT and gen.slots == 4
+    off = generate(s[1], cfg, mma_formats=())
+    assert _define(off.source, "TILERT_MMA_FORMATS") == 0 and _define(off.source, "TILERT_XS_BYTES") == 0
+    b8 = generate(s[8], cfg)
+    assert _define(b8.source, "TILERT_MMA_FORMATS") == 0 and _define(b8.source, "TILERT_XS_BYTES") == 0
+
+
+def _fp4x2_to_f16x2_2m14(v: int) -> int:  # gemv.cuh, same name
+    return (v & 0x80008000) | ((v >> 3) & 0x0E000E00)
+
+
+def test_e2m1_fp16_bit_trick_is_exact_for_every_code_and_scale_split():
+    """The mma GEMV decodes E2M1 by moving bits into fp16 (value * 2^-14, exact, e = 0 on the fp16
+    subnormals), then multiplies by 2^(14 + e - e_max) in fp16 and the fp32 partial by
+    2^(e_max - 127).  Every code, both halves, and every scale gap down to -23 give the exact
+    E2M1 value * 2^(e - 127); below that the fp16 product loses what lies under 2^-24 of the
+    row's largest block scale (fp32 rounding of the sum is about as coarse)."""
+    from model.formats.mxfp4 import decode_table
+
+    E2M1_VALUES = decode_table().tolist()
+
+    for code in range(16):
+        for half in (0, 1):
+            h = (_fp4x2_to_f16x2_2m14(code << (12 + 16 * half)) >> (16 * half)) & 0xFFFF
+            dec = float(np.array([h], dtype=np.uint16).view(np.float16)[0])
+            assert dec == float(E2M1_VALUES[code]) * 2.0 ** -14, (code, half)
+            for diff in range(-28, 1):
+                factor = float(np.array([(29 + diff) << 10], dtype=np.uint16).view(np.float16)[0])
+                assert factor == 2.0 ** (14 + diff)
+                prod = np.float16(dec) * np.float16(factor)  # HMUL2 rounds to fp16
+                want = float(E2M1_VALUES[code]) * 2.0 ** diff
+                if diff >= -23:
+                    assert float(prod) == want, (code, diff)
+                else:
+                    assert abs(float(prod) - want) <= 2.0 ** -24, (code, diff)

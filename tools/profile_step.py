@@ -47,16 +47,25 @@ def main(argv=None) -> int:
                     help="weight formats whose GEMVs use the tensor cores, comma-separated, or 'none' "
                          "(default: the codegen's)")
     ap.add_argument("--ring-slots", type=int, default=None, help="default: the codegen's")
+    ap.add_argument("--experts", type=int, default=None,
+                    help="routed experts per MoE layer (default: the model's); fewer experts keep the "
+                         "bytes a step reads but shrink the memory they are drawn from (a TLB/page test)")
+    ap.add_argument("--diag-skip-mma", action="store_true",
+                    help="diagnostics: tensor-core GEMVs stream their pieces but skip the arithmetic "
+                         "(results are wrong; timing tells memory from compute)")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(preset("mimo-v2-flash", layers=args.layers), expert_format=args.expert_format)
+    if args.experts:
+        cfg = dataclasses.replace(cfg, n_routed_experts=args.experts)
     weights = device_weights(cfg, seed=0, expert_format=args.expert_format)
     schedule = compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=args.context + 8)[1]
     gen = generate(schedule, cfg, weight_formats={n: t.fmt for n, t in weights.items()}, loader=bool(args.loader),
                    **({"compute_warps": args.compute_warps} if args.compute_warps else {}),
                    **({"mma_formats": mma_formats(args.mma)} if args.mma else {}),
                    **({"ring_slots": args.ring_slots} if args.ring_slots else {}))
-    cubin, report = build_cubin(gen.source, Path("/tmp/tilert-profile"), profile=True)
+    source = ("#define TILERT_DIAG_SKIP_MMA 1\n" if args.diag_skip_mma else "") + gen.source
+    cubin, report = build_cubin(source, Path("/tmp/tilert-profile"), profile=True)
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=args.context + 8, profile=True)
     rt.fill_cache(args.context, seed=1)
     for _ in range(3):

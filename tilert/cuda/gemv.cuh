@@ -320,8 +320,9 @@ TILERT_DEV uint32_t hmul2(uint32_t a, uint32_t b) {
   return d;
 }
 
-// The fp16x2 factor 2^(14 + diff), diff = e_lane - e_max in [-28, 0] (smaller: the block is
-// below 2^-28 of the row's largest and flushes to zero).
+// The fp16x2 factor 2^(14 + diff), diff = e_lane - e_max <= 0.  The scaled weight is exact for
+// diff >= -23; below that the fp16 product drops what lies under 2^-24 of the row's largest
+// block scale (about fp32's rounding of the sum), and below -28 the factor itself is 0.
 TILERT_DEV uint32_t fp4_block_factor(int diff) {
   const uint32_t h = diff < -28 ? 0u : (uint32_t)(29 + diff) << 10;
   return h | (h << 16);
@@ -471,8 +472,11 @@ TILERT_DEV void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
       nsa = __ldg(fsA + ((kStep * s0) >> 7));
       nsb = __ldg(fsB + ((kStep * s0) >> 7));
     }
+#ifndef TILERT_DIAG_SKIP_MMA  // diagnostics only (tools/profile_step.py --diag-skip-mma): wrong results
+#define TILERT_DIAG_SKIP_MMA 0
+#endif
 #pragma unroll 2
-    for (int st = s0; st < s1; ++st) {
+    for (int st = s0; st < (TILERT_DIAG_SKIP_MMA ? s0 : s1); ++st) {
       const uint4 qa = *reinterpret_cast<const uint4*>(rowA + 64 * st);
       const uint4 qb = *reinterpret_cast<const uint4*>(rowB + 64 * st);
       uint32_t bx[kRegs];
