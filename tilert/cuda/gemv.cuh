@@ -40,12 +40,35 @@ TILERT_DEV bool mma_ok(const WeightDesc& w);
 // barrier once per this many rows, not once per piece.  Mirrored by tilert/codegen.py.
 constexpr int kRedRows = 128 / kB < 16 ? 16 : 128 / kB;
 
-// An mma piece holds whole 16-row groups (at most one per compute warp and at most kRedRows
-// rows; gemv_tile_mma) unless fewer than 16 rows fit.
-TILERT_DEV int rows_per_piece(const WeightDesc& w) {
+TILERT_DEV int fmt_bits(int fmt) { return fmt == FMT_MXFP4 ? 4 : fmt == FMT_FP8 ? 8 : fmt == FMT_BF16 ? 16 : 32; }
+TILERT_DEV int mma_step_cols(int fmt) { return fmt == FMT_MXFP4 ? 128 : fmt == FMT_FP8 ? 64 : 32; }
+
+// Pieces of an mma GEMV (gemv_tile_mma; the loader cuts the same): `rp` rows by `kc` columns,
+// `nch` column chunks per row block, rows `cstride` bytes apart in the slot.  Whole rows when
+// 16 fit a slot (one bulk copy for the codes, one for MXFP4 scales), at most one 16-row group
+// per compute warp and kRedRows rows.  Longer rows (bf16 / fp8 rows of 8-16 KiB) are cut into
+// column chunks of 16 rows, one bulk copy per row, each row padded by 64 bytes so the rows a
+// warp reads at once fall on different banks (whole rows conflict 2-way, which costs less than
+// the ~100 ns of loader time a copy takes).  MXFP4 stays whole (its scales ride along).
+struct MmaPieces {
+  int rp, nch, kc, cstride;
+};
+
+TILERT_DEV MmaPieces mma_pieces(const WeightDesc& w) {
   const int fit = TILERT_SLOT_BYTES / piece_row_bytes(w);
-  if (!mma_ok(w)) return min(kNCT, fit);
-  return fit < 16 ? fit : min(min(16 * kNCW, kRedRows), fit / 16 * 16);
+  if (fit < 16 && w.fmt != FMT_MXFP4) {
+    const int bits = fmt_bits(w.fmt), step = mma_step_cols(w.fmt);
+    for (int nch = 2; nch <= 64 && w.cols % nch == 0 && (w.cols / nch) % step == 0; nch *= 2) {
+      const int kc = w.cols / nch, cstride = kc * bits / 8 + 64;
+      if (TILERT_SLOT_BYTES / cstride >= 16) return MmaPieces{16, nch, kc, cstride};
+    }
+  }
+  const int rp = fit < 16 ? fit : min(min(16 * kNCW, kRedRows), fit / 16 * 16);
+  return MmaPieces{rp, 1, w.cols, w.row_bytes};
+}
+
+TILERT_DEV int rows_per_piece(const WeightDesc& w) {
+  return mma_ok(w) ? mma_pieces(w).rp : min(kNCT, TILERT_SLOT_BYTES / piece_row_bytes(w));
 }
 
 // Threads that share one row of a piece: whole warps when there are fewer rows than warps
@@ -279,8 +302,6 @@ template <> struct MmaFmt<FMT_BF16> { static constexpr int kStep = 32, kMmas = 2
 template <> struct MmaFmt<FMT_FP8> { static constexpr int kStep = 64, kMmas = 4; };
 template <> struct MmaFmt<FMT_MXFP4> { static constexpr int kStep = 128, kMmas = 8; };
 
-TILERT_DEV int mma_step_cols(int fmt) { return fmt == FMT_MXFP4 ? 128 : fmt == FMT_FP8 ? 64 : 32; }
-
 // Bytes of x one token stages for `cols` columns: hi and lo planes of 2 bytes a column, each
 // plane padded by 64 bytes so the hi and lo lanes of a warp hit different banks.
 TILERT_DEV int xs_bytes(int cols) { return 2 * (2 * cols + 64); }
@@ -439,7 +460,8 @@ TILERT_DEV void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
   const uint8_t* xlane = xs + (g & 1) * plane + (g >> 1) * 2 * plane + 2 * (kStep / 4) * t;
   const uint8_t* gscale = tile_scale(w, tile_expert(tile));
   float* red = reinterpret_cast<float*>(c.smem + TILERT_SMEM_RED);
-  const int rb = w.row_bytes, scale_ld = w.scale_ld, rpp = rows_per_piece(w), nsteps = w.cols / kStep;
+  const MmaPieces pc = mma_pieces(w);
+  const int rb = w.row_bytes, scale_ld = w.scale_ld, rpp = pc.rp, nsteps = pc.kc / kStep;
   // Pieces are gathered in batches of up to kRedRows rows: each warp writes its partials for
   // the batch to red[buf][warp][row][token], and one barrier per batch lets the batch's rows be
   // summed (one thread a row) while the warps stream the next batch into the other buffer.
@@ -456,21 +478,23 @@ TILERT_DEV void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
     const int j = wid - first;
     const int s0 = j * nsteps / nj, s1 = (j + 1) * nsteps / nj;
     const int rA = min(16 * gi + g, nr - 1), rB = min(16 * gi + g + 8, nr - 1);  // rows past nr: ignored
-    const int slot = c.piece % TILERT_SLOTS;
-    ring_wait_full(c, c.piece);
-    const uint8_t* src = ring_slot(c.smem, slot);
-    const uint8_t* rowA = src + rA * rb + 16 * t;
-    const uint8_t* rowB = src + rB * rb + 16 * t;
-    const uint32_t* sA = reinterpret_cast<const uint32_t*>(src + nr * rb + rA * scale_ld);  // MXFP4 only
-    const uint32_t* sB = reinterpret_cast<const uint32_t*>(src + nr * rb + rB * scale_ld);
     const float* fsA = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rA) >> 7) * scale_ld;  // FP8 only
     const float* fsB = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rB) >> 7) * scale_ld;
     float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f}, acc[2] = {0.f, 0.f};
+    for (int kq = 0; kq < pc.nch; ++kq) {
+    const int slot = c.piece % TILERT_SLOTS;
+    ring_wait_full(c, c.piece);
+    const uint8_t* src = ring_slot(c.smem, slot);
+    const uint8_t* rowA = src + rA * pc.cstride + 16 * t;
+    const uint8_t* rowB = src + rB * pc.cstride + 16 * t;
+    const uint32_t* sA = reinterpret_cast<const uint32_t*>(src + nr * rb + rA * scale_ld);  // MXFP4 only (nch 1)
+    const uint32_t* sB = reinterpret_cast<const uint32_t*>(src + nr * rb + rB * scale_ld);
+    const int sq = kq * nsteps;  // the chunk's first step within the row
     // FP8: the next step's block scales are loaded a step ahead (global memory, L2 latency).
     float nsa = 0.f, nsb = 0.f;
     if (FMT == FMT_FP8 && s0 < s1) {
-      nsa = __ldg(fsA + ((kStep * s0) >> 7));
-      nsb = __ldg(fsB + ((kStep * s0) >> 7));
+      nsa = __ldg(fsA + ((kStep * (sq + s0)) >> 7));
+      nsb = __ldg(fsB + ((kStep * (sq + s0)) >> 7));
     }
 #ifndef TILERT_DIAG_SKIP_MMA  // diagnostics only (tools/profile_step.py --diag-skip-mma): wrong results
 #define TILERT_DIAG_SKIP_MMA 0
@@ -483,7 +507,7 @@ TILERT_DEV void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
 #pragma unroll
       for (int q = 0; q < kRegs / 4; ++q) {
         uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (g < 2 * NB) v = *reinterpret_cast<const uint4*>(xlane + 2 * kStep * st + 16 * q);
+        if (g < 2 * NB) v = *reinterpret_cast<const uint4*>(xlane + 2 * kStep * (sq + st) + 16 * q);
         bx[4 * q] = v.x; bx[4 * q + 1] = v.y; bx[4 * q + 2] = v.z; bx[4 * q + 3] = v.w;
       }
       if constexpr (FMT == FMT_MXFP4) {
@@ -491,8 +515,8 @@ TILERT_DEV void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
       } else if constexpr (FMT == FMT_FP8) {  // scale_inv of the 128 x 128 block
         const float sa = nsa, sb = nsb;
         if (st + 1 < s1) {
-          nsa = __ldg(fsA + ((kStep * (st + 1)) >> 7));
-          nsb = __ldg(fsB + ((kStep * (st + 1)) >> 7));
+          nsa = __ldg(fsA + ((kStep * (sq + st + 1)) >> 7));
+          nsb = __ldg(fsB + ((kStep * (sq + st + 1)) >> 7));
         }
         float e0[4] = {0.f, 0.f, 0.f, 0.f}, e1[4] = {0.f, 0.f, 0.f, 0.f};
         mma_step<FMT>(qa, qb, bx, e0, e1);
@@ -505,6 +529,7 @@ TILERT_DEV void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
     __syncwarp();
     if (lane == 0) mbar_arrive(ring_empty(c.smem, slot));
     ++c.piece;
+    }  // column chunks
     if constexpr (FMT == FMT_BF16) {
       acc[0] = d0[0] + d0[1] + d1[0] + d1[1];
       acc[1] = d0[2] + d0[3] + d1[2] + d1[3];
@@ -583,10 +608,42 @@ TILERT_DEV bool ring_wait_empty(Ctx& c, uint32_t issued, const volatile int* abo
   return true;
 }
 
+// The pieces of an mma tile, in gemv_tile_mma's order: whole-row pieces as one bulk copy (two
+// with MXFP4 scales), column-chunked pieces one copy per row into padded slot rows.
+TILERT_DEV bool load_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, uint32_t& issued,
+                              const volatile int* abort) {
+  const MmaPieces pc = mma_pieces(w);
+  const int expert = tile_expert(tile);
+  const uint8_t* gdata = tile_data(w, expert);
+  const uint8_t* gscale = tile_scale(w, expert);
+  const int rb = w.row_bytes, cbytes = pc.kc * fmt_bits(w.fmt) / 8;
+  const bool scales = w.fmt == FMT_MXFP4;
+  for (int ra = tile.r0; ra < tile.r1; ra += pc.rp) {
+    const int nr = min(pc.rp, tile.r1 - ra);
+    for (int kq = 0; kq < pc.nch; ++kq) {
+      if (!ring_wait_empty(c, issued, abort)) return false;
+      uint8_t* dst = ring_slot(c.smem, issued % TILERT_SLOTS);
+      uint64_t* full = ring_full(c.smem, issued % TILERT_SLOTS);
+      const uint32_t sbytes = scales ? (uint32_t)(nr * w.scale_ld) : 0u;
+      mbar_arrive_expect_tx(full, (uint32_t)(nr * cbytes) + sbytes);
+      if (pc.nch == 1) {
+        bulk_copy_g2s(dst, gdata + (size_t)ra * rb, (uint32_t)(nr * rb), full);
+        if (sbytes) bulk_copy_g2s(dst + nr * rb, gscale + (size_t)ra * w.scale_ld, sbytes, full);
+      } else {
+        for (int r = 0; r < nr; ++r)
+          bulk_copy_g2s(dst + r * pc.cstride, gdata + (size_t)(ra + r) * rb + (size_t)kq * cbytes, (uint32_t)cbytes, full);
+      }
+      ++issued;
+    }
+  }
+  return true;
+}
+
 // Issue the pieces of one tile into the ring (loader lane only).  `issued` counts pieces.
 // Returns false if the CTA aborted while waiting for a free slot.
 TILERT_DEV bool load_tile(Ctx& c, const Tile& tile, uint32_t& issued, const volatile int* abort) {
   const WeightDesc& w = weight(c, tile.w);
+  if (mma_ok(w)) return load_tile_mma(c, w, tile, issued, abort);
   const int rb = w.row_bytes;
   const int rpp = rows_per_piece(w);
   const bool ring_scales = scales_in_ring(w);
