@@ -586,7 +586,7 @@ def _scratch_floats(kind: str, values: dict, B: int) -> int:
     return 0
 
 
-ATTN_HEADS_PER_PASS = 8  # kAttnHeads in cuda/kinds.cuh
+ATTN_HEADS_PER_PASS = 8  # query heads per pass of k_attention (TILERT_ATTN_HEADS; its float4 loads fix 8)
 
 
 def _attention_scratch_bytes(compute_warps: int, head_dim: int, v_head_dim: int) -> int:
@@ -800,7 +800,7 @@ def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool,
         "TILERT_SMEM_SCRATCH": lay["scratch"], "TILERT_SMEM_LOCALS": lay["locals"], "TILERT_SMEM_RING": lay["ring"],
         "TILERT_SMEM_BYTES": lay["total"], "TILERT_SCRATCH_STRIDE": f"{scratch_stride}ull",
         "TILERT_VD_MAX": max(cfg.v_head_dim, 1), "TILERT_HD_MAX": max(cfg.head_dim, 4), "TILERT_E_MAX": max(cfg.n_routed_experts, 1),
-        "TILERT_K_MAX": max(cfg.num_experts_per_tok, 1),
+        "TILERT_K_MAX": max(cfg.num_experts_per_tok, 1), "TILERT_ATTN_HEADS": ATTN_HEADS_PER_PASS,
         "TILERT_FORMATS": sum(1 << FORMATS[f] for f in formats) or 1,
         "TILERT_MMA_FORMATS": sum(1 << FORMATS[f] for f in mma_formats & formats),
         "TILERT_SMEM_XS": lay["xs"], "TILERT_XS_BYTES": xs_bytes,

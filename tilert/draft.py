@@ -37,8 +37,9 @@ from model.weights import stored_nbytes
 from tilert.artifact import DRAFT_PREFIX
 from tilert.deps import derive_dependencies
 from tilert.fusion import apply_fusions
-from tilert.ir import INPUT, OUTPUT, STATE, WEIGHT, Buffer, TaskGraph, region
-from tilert.lower import F32, _Builder, _linear, _lower_attn_output, _lower_projection, _lower_rmsnorm, _tiles
+from tilert.ir import INPUT, OUTPUT, STATE, WEIGHT, TaskGraph, region
+from tilert.lower import (F32, _Builder, _linear, _lower_attn_output, _lower_kv_write, _lower_projection, _lower_rmsnorm,
+                          _lower_rope, _tiles)
 from tilert.schedule import Schedule
 from tilert.scheduler import build_schedule
 from tilert.validate import validate
@@ -121,8 +122,10 @@ def lower_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, context
         P = lambda what, i=i: W(f"layers.{i}.{what}").name  # noqa: E731
         _lower_projection(b, f"draft.layer{i}.ctx_kv_proj", i, ctx_h, recipe["kv_heads_per_task"], nkv,
                     [(P("self_attn.k_proj.weight"), ctx_k, hd), (P("self_attn.v_proj.weight"), ctx_v, vd)])
-        _rope(b, f"draft.layer{i}.ctx_rope", i, [(ctx_k, nkv)], dcfg, ctx_pos)
-        _kv_write(b, f"draft.layer{i}.ctx_kv_write", i, ctx_k, ctx_v, ctx_pos, kc, vc, dcfg, slots)
+        _lower_rope(b, f"draft.layer{i}.ctx_rope", i, [(ctx_k, nkv)], dcfg.head_dim, dcfg.rotary_dim, dcfg.rope_theta,
+                    ctx_pos, named_positions=True)
+        _lower_kv_write(b, f"draft.layer{i}.ctx_kv_write", i, ctx_k, ctx_v, ctx_pos, kc, vc, slots,
+                        bool(dcfg.sliding_window), dcfg.value_scale, named_inputs=True)
 
     # ---- block path ----
     op = b.op("draft_embed", "draft.embed", None)
@@ -140,8 +143,10 @@ def lower_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, context
                     [(P("self_attn.q_proj.weight"), q, hd)])
         _lower_projection(b, f"draft.layer{i}.kv_proj", i, h, recipe["kv_heads_per_task"], nkv,
                     [(P("self_attn.k_proj.weight"), k, hd), (P("self_attn.v_proj.weight"), v, vd)])
-        _rope(b, f"draft.layer{i}.rope", i, [(q, nq), (k, nkv)], dcfg, pos)
-        _kv_write(b, f"draft.layer{i}.kv_write", i, k, v, pos, kc, vc, dcfg, slots)
+        _lower_rope(b, f"draft.layer{i}.rope", i, [(q, nq), (k, nkv)], dcfg.head_dim, dcfg.rotary_dim, dcfg.rope_theta,
+                    pos, named_positions=True)
+        _lower_kv_write(b, f"draft.layer{i}.kv_write", i, k, v, pos, kc, vc, slots, bool(dcfg.sliding_window),
+                        dcfg.value_scale, named_inputs=True)
 
         op = b.op("attention", f"draft.layer{i}.attention", i)
         for g in range(nkv):
@@ -182,33 +187,6 @@ def lower_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, context
     op = b.op("argmax", "draft.argmax", None)
     b.task(op, "argmax", {}, [region(best)], [region(nxt)], b.act_bytes([region(best), region(nxt)]), 0)
     return TaskGraph(B, b.buffers, b.ops, b.tasks)
-
-
-def _rope(b: _Builder, name: str, layer: int, bufs: list[tuple[Buffer, int]], dcfg: DFlashConfig,
-          pos: Buffer) -> None:
-    """RoPE on every head of each (buffer, heads), at the positions `pos` holds."""
-    op = b.op("rope", name, layer)
-    hd = dcfg.head_dim
-    for buf, heads in bufs:
-        for hh in range(heads):
-            reg = region(buf, None, (hh * hd, (hh + 1) * hd))
-            b.task(op, "rope", {"buf": buf.name, "head": hh, "head_dim": hd, "rotary_dim": dcfg.rotary_dim,
-                                "theta": dcfg.rope_theta, "positions": pos.name},
-                   [reg, region(pos)], [reg], 2 * b.act_bytes([reg]), 6 * buf.shape[0] * dcfg.rotary_dim)
-
-
-def _kv_write(b: _Builder, name: str, layer: int, k: Buffer, v: Buffer, pos: Buffer, kc: Buffer, vc: Buffer,
-              dcfg: DFlashConfig, slots: int) -> None:
-    op = b.op("kv_write", name, layer)
-    hd, vd = dcfg.head_dim, dcfg.v_head_dim
-    for g in range(dcfg.num_kv_heads):
-        kr, vr = region(k, None, (g * hd, (g + 1) * hd)), region(v, None, (g * vd, (g + 1) * vd))
-        # The slot depends on the run-time position: declare the head's whole column of slots.
-        b.task(op, "kv_write", {"layer": layer, "head": g, "slots": slots, "ring": bool(dcfg.sliding_window),
-                                "value_scale": dcfg.value_scale, "k_cache": kc.name, "v_cache": vc.name,
-                                "k": k.name, "v": v.name, "positions": pos.name},
-               [kr, vr, region(pos)], [region(kc, None, g), region(vc, None, g)], 2 * b.act_bytes([kr, vr]),
-               k.shape[0] * vd)
 
 
 def compile_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, context_rows: int,

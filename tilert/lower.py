@@ -246,26 +246,14 @@ def _lower_attention(b: _Builder, layer, x, h, q, k, v, pos, am, asum, aacc, ao,
     _lower_projection(b, f"layer{layer}.kv_proj", layer, h, recipe["kv_heads_per_task"], kvh,
                       [(P("self_attn.k_proj.weight"), k, hd), (P("self_attn.v_proj.weight"), v, vd)])
 
-    theta, rdim = cfg.rope_theta(layer), cfg.rotary_dim
-    op = b.op("rope", f"layer{layer}.rope", layer)
-    for buf, heads in ((q, nq), (k, kvh)):
-        for hh in range(heads):
-            reg = region(buf, None, (hh * hd, (hh + 1) * hd))
-            b.task(op, "rope", {"buf": buf.name, "head": hh, "head_dim": hd, "rotary_dim": rdim, "theta": theta},
-                   [reg, region(pos)], [reg], 2 * b.act_bytes([reg]), 6 * B * rdim)
+    _lower_rope(b, f"layer{layer}.rope", layer, [(q, nq), (k, kvh)], hd, cfg.rotary_dim, cfg.rope_theta(layer), pos)
 
     slots = ring_slots(cfg, layer, b.max_seq_len, max_tokens)
     kc = b.buf(f"layer{layer}.k_cache", (slots, kvh, hd), kind=STATE)
     vc = b.buf(f"layer{layer}.v_cache", (slots, kvh, vd), kind=STATE)
     window = cfg.sliding_window if cfg.is_swa(layer) else 0
-    op = b.op("kv_write", f"layer{layer}.kv_write", layer)
-    for g in range(kvh):
-        kr, vr = region(k, None, (g * hd, (g + 1) * hd)), region(v, None, (g * vd, (g + 1) * vd))
-        # The slot depends on the run-time position: declare the head's whole column of slots.
-        writes = [region(kc, None, g), region(vc, None, g)]
-        b.task(op, "kv_write", {"layer": layer, "head": g, "slots": slots, "ring": bool(window),
-                                "value_scale": cfg.attention_value_scale, "k_cache": kc.name, "v_cache": vc.name},
-               [kr, vr, region(pos)], writes, 2 * b.act_bytes([kr, vr]), B * vd)
+    _lower_kv_write(b, f"layer{layer}.kv_write", layer, k, v, pos, kc, vc, slots, bool(window),
+                    cfg.attention_value_scale)
 
     splits = recipe["swa_splits"] if window else recipe["global_splits"]
     op = b.op("attention", f"layer{layer}.attention", layer)
@@ -285,6 +273,39 @@ def _lower_attention(b: _Builder, layer, x, h, q, k, v, pos, am, asum, aacc, ao,
     sink = P("self_attn.attention_sink_bias") if cfg.has_sink(layer) else None
     _lower_attn_output(b, f"layer{layer}", layer, kvh, group, splits, vd, sink, (am, asum, aacc), ao, x,
                        P("self_attn.o_proj.weight"))
+
+
+def _lower_rope(b: _Builder, name: str, layer, bufs: list[tuple[Buffer, int]], head_dim: int, rotary_dim: int,
+                theta: float, pos: Buffer, named_positions: bool = False) -> None:
+    """RoPE on every head of each (buffer, heads), one task a head, at the positions in `pos`.
+    `named_positions`: the tasks name `pos` (the draft step rotates rows at two sets of positions);
+    otherwise they read the step's "positions"."""
+    op = b.op("rope", name, layer)
+    for buf, heads in bufs:
+        for hh in range(heads):
+            reg = region(buf, None, (hh * head_dim, (hh + 1) * head_dim))
+            params = {"buf": buf.name, "head": hh, "head_dim": head_dim, "rotary_dim": rotary_dim, "theta": theta}
+            if named_positions:
+                params["positions"] = pos.name
+            b.task(op, "rope", params, [reg, region(pos)], [reg], 2 * b.act_bytes([reg]), 6 * buf.shape[0] * rotary_dim)
+
+
+def _lower_kv_write(b: _Builder, name: str, layer, k: Buffer, v: Buffer, pos: Buffer, kc: Buffer, vc: Buffer,
+                    slots: int, ring: bool, value_scale: float, named_inputs: bool = False) -> None:
+    """Write each KV head's rows of k and v into its cache slots (one task a head).
+    `named_inputs`: the tasks name k, v and pos (the draft step's context path); otherwise they
+    read the step's "k", "v" and "positions"."""
+    op = b.op("kv_write", name, layer)
+    hd, vd = kc.shape[-1], vc.shape[-1]
+    for g in range(kc.shape[1]):
+        kr, vr = region(k, None, (g * hd, (g + 1) * hd)), region(v, None, (g * vd, (g + 1) * vd))
+        params = {"layer": layer, "head": g, "slots": slots, "ring": ring, "value_scale": value_scale,
+                  "k_cache": kc.name, "v_cache": vc.name}
+        if named_inputs:
+            params.update(k=k.name, v=v.name, positions=pos.name)
+        # The slot depends on the run-time position: declare the head's whole column of slots.
+        b.task(op, "kv_write", params, [kr, vr, region(pos)], [region(kc, None, g), region(vc, None, g)],
+               2 * b.act_bytes([kr, vr]), k.shape[0] * vd)
 
 
 def _lower_projection(b: _Builder, name: str, layer, src: Buffer, heads_per_task: int, heads: int,

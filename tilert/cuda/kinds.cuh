@@ -124,7 +124,9 @@ TILERT_DEV int visible_lo(int position, int window) { return window ? max(0, pos
 // 32 keys lo + 32 w, lo + 32 (w + NCW), ... with one key per lane for the scores and one value
 // row per step for the weighted sum (lanes over value dims), keeping an online softmax per head.
 // Then the warps' (max, sum, values) merge through shared memory in warp order (deterministic).
-constexpr int kAttnHeads = 8;
+// The pass width comes from tilert/codegen.py (ATTN_HEADS_PER_PASS), which sizes the scratch.
+constexpr int kAttnHeads = TILERT_ATTN_HEADS;
+static_assert(kAttnHeads == 8, "the softmax weights are read as two float4 per key");
 
 TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
   constexpr int HP = kAttnHeads;
