@@ -542,8 +542,14 @@ def test_mma_gemv_setup_follows_formats_tokens_and_row_lengths():
                   and 2 * (2 * w.shape[-1] + 64) <= XS_LIMIT_BYTES)
     assert _define(gen.source, "TILERT_XS_BYTES") == 2 * (2 * longest + 64)
     assert gen.smem_bytes <= SMEM_LIMIT and gen.slots == 4
+    assert gen.mma_formats == sorted((f for f in ("mxfp4", "fp8", "bf16") if f in used), key=FORMATS.get)
+    assert f"mma={','.join(gen.mma_formats)}" in gen.describe()
+    too_long = [w.name for w in gen.weights if 2 * (2 * w.shape[-1] + 64) > XS_LIMIT_BYTES
+                and w.fmt in gen.mma_formats]
+    assert too_long and all(any(n in note and "CUDA-core GEMV" in note for note in gen.notes) for n in too_long)
     off = generate(s[1], cfg, mma_formats=())
     assert _define(off.source, "TILERT_MMA_FORMATS") == 0 and _define(off.source, "TILERT_XS_BYTES") == 0
+    assert off.mma_formats == [] and "mma=none" in off.describe()
     b8 = generate(s[8], cfg)
     assert _define(b8.source, "TILERT_MMA_FORMATS") == 0 and _define(b8.source, "TILERT_XS_BYTES") == 0
 

@@ -230,6 +230,7 @@ class GeneratedKernel:
     locals_in_smem: bool
     kernel_name: str = KERNEL_NAME
     notes: list[str] = field(default_factory=list)
+    mma_formats: list[str] = field(default_factory=list)  # weight formats whose GEMVs use the tensor cores
 
     @property
     def num_tasks(self) -> int:
@@ -262,7 +263,8 @@ class GeneratedKernel:
         return (f"B={self.tokens} workers={self.num_workers} threads={self.threads} tasks={self.num_tasks} "
                 f"program={self.program.size * 4 / 1024:.0f} KiB smem={self.smem_bytes} "
                 f"ring={self.slots}x{self.slot_bytes} act={self.act_bytes} "
-                f"state={self.state_bytes} locals={'smem' if self.locals_in_smem else 'global'}")
+                f"state={self.state_bytes} locals={'smem' if self.locals_in_smem else 'global'} "
+                f"mma={','.join(self.mma_formats) or 'none'}")
 
 
 def _row_bytes(fmt: str, cols: int) -> int:
@@ -736,9 +738,15 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     scratch_stride = 0 if space == "smem" else _align(locals_bytes, 256)
     notes = [] if space == "smem" else [f"task-local buffers ({locals_bytes} B) live in global scratch"]
     formats = {w.fmt for w in plan.weights.values()}
+    mma_used = sorted(set(mma_formats) & formats, key=FORMATS.get) if xs_bytes else []
+    for w in plan.weights.values():
+        x = _xs_bytes(w, B, mma_used)
+        if x > XS_LIMIT_BYTES:
+            notes.append(f"weight {w.name} ({w.fmt}, {w.shape[-1]} columns): CUDA-core GEMV, its staged x "
+                         f"({x} B) exceeds the {XS_LIMIT_BYTES} B limit")
     return GeneratedKernel(
         source=_source(schedule, cfg, B, compute_warps, loader, slots, slot, lay, formats, scratch_stride,
-                       set(mma_formats) if xs_bytes else set(), xs_bytes),
+                       set(mma_used), xs_bytes),
         program=_encode_program(schedule, enc.stages), tokens=B, num_workers=schedule.num_workers,
         threads=32 * compute_warps + (32 if loader else 0), smem_bytes=lay["total"], loader=loader,
         slots=slots, slot_bytes=slot, act_bytes=plan.act_bytes, state_bytes=plan.state_bytes,
@@ -746,7 +754,7 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
         buffers=plan.buffers, weights=list(plan.weights.values()),
         counter_targets=[c.target for c in schedule.counters],
         task_names=[f"{g.ops[t.op].name} ({t.kind})" for t in g.tasks], worker_of=list(schedule.worker_of),
-        locals_in_smem=space == "smem", notes=notes)
+        locals_in_smem=space == "smem", notes=notes, mma_formats=mma_used)
 
 
 def _check_alignment(plan: _Plan, vector_views: list[dict]) -> None:
