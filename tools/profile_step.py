@@ -16,6 +16,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--diag-skip-mma", action="store_true",
                     help="diagnostics: tensor-core GEMVs stream their pieces but skip the arithmetic "
                          "(results are wrong; timing tells memory from compute)")
+    ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
+                    help="a preprocessor switch of the device code for an experiment (repeatable), e.g. "
+                         "TILERT_MMA_NOINLINE=1")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(preset("mimo-v2-flash", layers=args.layers), expert_format=args.expert_format)
@@ -64,7 +68,11 @@ def main(argv=None) -> int:
                    **({"compute_warps": args.compute_warps} if args.compute_warps else {}),
                    **({"mma_formats": mma_formats(args.mma)} if args.mma else {}),
                    **({"ring_slots": args.ring_slots} if args.ring_slots else {}))
-    source = ("#define TILERT_DIAG_SKIP_MMA 1\n" if args.diag_skip_mma else "") + gen.source
+    defines = list(args.define) + (["TILERT_DIAG_SKIP_MMA=1"] if args.diag_skip_mma else [])
+    for d in defines:
+        if not re.fullmatch(r"TILERT_[A-Z0-9_]+=-?\w+", d):
+            raise SystemExit(f"--define {d}: expected TILERT_NAME=VALUE")
+    source = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in defines) + gen.source
     cubin, report = build_cubin(source, Path("/tmp/tilert-profile"), profile=True)
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=args.context + 8, profile=True)
     rt.fill_cache(args.context, seed=1)

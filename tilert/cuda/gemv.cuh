@@ -449,8 +449,20 @@ TILERT_DEV void mma_step_fp4(const uint4 qa, const uint4 qb, const uint32_t* bx,
 // out_i = W[r0 + i] . x_b for b < NB (NB <= 4) on the tensor cores; same contract as
 // gemv_tile_fmt: epi(i, v[NB]) once per row, by one thread, the same thread for row i of every
 // tile of this shape.
+// Experiment switch (tools/profile_step.py --define TILERT_MMA_NOINLINE=1): compiled as its own
+// function, ptxas gives it all 128 registers (0 spills) instead of sharing them with the rest
+// of the inlined kernel; unmeasured so far.
+#ifndef TILERT_MMA_NOINLINE
+#define TILERT_MMA_NOINLINE 0
+#endif
+#if TILERT_MMA_NOINLINE
+#define TILERT_MMA_FN __device__ __noinline__
+#else
+#define TILERT_MMA_FN TILERT_DEV
+#endif
+
 template <int FMT, int NB, class XRow, class Epi>
-TILERT_DEV void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi) {
+TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi) {
   static_assert(NB <= 4, "one n8 mma tile holds hi/lo of 4 tokens");
   constexpr int kStep = MmaFmt<FMT>::kStep, kRegs = 2 * MmaFmt<FMT>::kMmas;
   stage_x<FMT, NB>(c, w.cols, xrow);
