@@ -34,10 +34,20 @@ class GpuSpec:
     task_overhead_s: float  # fetching a task, its waits and signals, pipeline fill
     sm_bw_cap: float = 3.0  # one SM streams at most this many times hbm / num_sms
     signal_latency_s: float = 0.5e-6  # a counter increment becoming visible to a waiting SM
+    # Measured corrections (tilert/calibration.py): (op role, measured / modelled task time).
+    # A task of a listed role costs that many times the model: its bytes, flops and overhead.
+    calibration: tuple[tuple[str, float], ...] = ()
 
     @property
     def sm_bw_max(self) -> float:
         return self.sm_bw_cap * self.hbm_bytes_per_s / self.num_sms
+
+    def task_factors(self, graph: TaskGraph) -> np.ndarray:
+        """Per task, the calibration factor of its op's role (1 where none is measured)."""
+        by_role = dict(self.calibration)
+        if not by_role:
+            return np.ones(len(graph.tasks))
+        return np.array([by_role.get(op_role(graph, t), 1.0) for t in graph.tasks], dtype=np.float64)
 
     def sm_bandwidth(self, streaming: int | None = None) -> float:
         """Bytes/s one SM gets while `streaming` SMs stream at once (default: all of them)."""
@@ -51,8 +61,14 @@ GPUS = {
 }
 
 
+def op_role(graph: TaskGraph, task: Task) -> str:
+    """What a task's op does, the same in every layer: "q_proj", "attention", "lm_head", ..."""
+    return graph.ops[task.op].name.split(".", 1)[-1]
+
+
 def task_time(task: Task, gpu: GpuSpec, streaming: int | None = None) -> float:
-    """Seconds one worker takes for `task` while `streaming` workers stream (default: all SMs)."""
+    """Seconds one worker takes for `task` while `streaming` workers stream (default: all SMs),
+    uncalibrated (task_times applies a GpuSpec's calibration)."""
     memory = task.bytes / gpu.sm_bandwidth(streaming)
     compute = task.flops / (gpu.flops_per_s / gpu.num_sms)
     return max(memory, compute) + gpu.task_overhead_s
@@ -63,7 +79,7 @@ def task_times(graph: TaskGraph, gpu: GpuSpec, streaming: int | None = None) -> 
     nbytes = np.array([t.bytes for t in graph.tasks], dtype=np.float64)
     flops = np.array([t.flops for t in graph.tasks], dtype=np.float64)
     compute = flops / (gpu.flops_per_s / gpu.num_sms)
-    return np.maximum(nbytes / gpu.sm_bandwidth(streaming), compute) + gpu.task_overhead_s
+    return (np.maximum(nbytes / gpu.sm_bandwidth(streaming), compute) + gpu.task_overhead_s) * gpu.task_factors(graph)
 
 
 @dataclass
@@ -93,8 +109,10 @@ def simulate(schedule: Schedule, gpu: GpuSpec) -> Timeline:
         raise HangError(f"schedule cannot finish: {stuck.describe(schedule)}")
     g = schedule.graph
     n = len(g.tasks)
-    nbytes = np.array([t.bytes for t in g.tasks], dtype=np.float64).tolist()
-    compute = (np.array([t.flops for t in g.tasks], dtype=np.float64) / (gpu.flops_per_s / gpu.num_sms)).tolist()
+    factor = gpu.task_factors(g)
+    nbytes = (np.array([t.bytes for t in g.tasks], dtype=np.float64) * factor).tolist()
+    compute = (np.array([t.flops for t in g.tasks], dtype=np.float64) * factor / (gpu.flops_per_s / gpu.num_sms)).tolist()
+    overhead = (gpu.task_overhead_s * factor).tolist()
     start, end, began = [0.0] * n, [0.0] * n, [0.0] * n
     value = [0] * len(schedule.counters)
     blocked: dict[int, list[tuple[int, int]]] = {}  # counter -> (value needed, worker)
@@ -117,7 +135,7 @@ def simulate(schedule: Schedule, gpu: GpuSpec) -> Timeline:
                 blocked.setdefault(c, []).append((v, w))
                 return
         start[t] = now
-        delay = gpu.task_overhead_s + (gpu.signal_latency_s if waited else 0.0)
+        delay = overhead[t] + (gpu.signal_latency_s if waited else 0.0)
         heapq.heappush(timed, (now + delay, 0, t))
 
     def finish(t: int) -> None:

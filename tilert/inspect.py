@@ -174,9 +174,25 @@ def summarize(art, step: int, gpu_name: str | None = None, schedule: Schedule | 
             "critical_path_tasks": len(cp_tasks),
             "critical_path_ops": path_ops,
         },
+        "calibrated": calibrated_estimate(s, gpu.name, step),
         "memory": memory_footprint(art),
         "kernel": kernel_summary(art),
     }
+
+
+def calibrated_estimate(s: Schedule, gpu_name: str, step: int) -> dict[str, Any] | None:
+    """The step time the cost model simulates with its measured per-op corrections
+    (tilert/calibration.py), and where they were measured; None when none exist for the GPU."""
+    from tilert.calibration import calibrated
+
+    found = calibrated(gpu_name)
+    if found is None:
+        return None
+    gpu, doc = found
+    est = estimate(s, gpu)
+    return {"step_time_s": est["step_time_s"], "ratio": est["ratio"],
+            "tokens_per_s": step / est["step_time_s"] if est["step_time_s"] > 0 else 0.0,
+            "measured": doc.get("measured") or {}}
 
 
 def drafter_summary(art) -> dict[str, Any] | None:
@@ -279,6 +295,13 @@ def format_report(sm: dict[str, Any], top_ops: int = 30) -> str:
     path = e["critical_path_ops"]
     shown = path if len(path) <= 12 else path[:6] + [f"... {len(path) - 12} more ..."] + path[-6:]
     out.append("critical path ops: " + " -> ".join(shown))
+    c = sm.get("calibrated")
+    if c:
+        m = c["measured"]
+        out.append(f"with measured per-op corrections: {fmt_time(c['step_time_s'])} ({c['ratio']:.2f}x the floor, "
+                   f"{c['tokens_per_s']:.1f} tokens/s); the megakernel's tasks as profiled on {m.get('device')}, "
+                   f"{m.get('date')}, commit {m.get('commit')} ({m.get('geometry')}); the plain estimate "
+                   f"above is what the scheduler balances")
     out.append("")
 
     ops = sm["ops"]
