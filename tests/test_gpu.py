@@ -125,6 +125,24 @@ def test_sampling_matches_the_vm(tiny, runtime):
         tok = nxt[0]
 
 
+@pytest.mark.parametrize("B", [2, 4])
+def test_steps_of_2_and_4_tokens_match_the_vm(tiny, B):
+    """Steps of 2..4 tokens take the tensor-core GEMV with one hi/lo column pair per token (steps
+    of 1 and 8 cover one token and the CUDA-core loop): a prefill in B-token steps, then B-token
+    steps of sampled tokens, each against the VM."""
+    cfg, _, weights = tiny
+    schedules = compile_steps(cfg, load_recipe("mimo-tiny", "h100"), [B], max_seq_len=MAX_SEQ)
+    runtime = make_runtime(cfg, schedules, weights)
+    assert runtime.kernels[B].gen.mma_formats, "the tiny model's fp8 / bf16 GEMVs should take the mma path"
+    vm = VM(cfg, schedules, weights, MAX_SEQ)
+    tokens = [1, 17, 300, 5][:B]
+    for step in range(12):
+        ref_logits, ref_next = vm.step(tokens, temperature=0.7, seed=9)
+        logits, nxt = runtime.step(tokens, temperature=0.7, seed=9)
+        assert nxt == ref_next and rel_err(logits, ref_logits) < 1e-3, f"step {step}: rel err {rel_err(logits, ref_logits):.3g}"
+        tokens = [(t * 5 + i) % cfg.vocab_size for i, t in enumerate(nxt)]
+
+
 def test_planted_hang_names_worker_and_counter(tiny):
     """A wait that can never be met (the validator is bypassed on purpose) trips the watchdog."""
     cfg, schedules, weights = tiny

@@ -44,11 +44,16 @@ def staged(x: np.ndarray, fmt: str, cols: slice) -> list[float]:
     return [x[c[8 * q + XS_ORDER[fmt][j]]] for q in range(len(c) // 8) for j in range(8)]
 
 
+@pytest.mark.parametrize("tokens", [1, 2, 4])
 @pytest.mark.parametrize("fmt", ["mxfp4", "fp8", "bf16"])
-def test_one_step_of_each_format_is_the_dot_product(fmt):
+def test_one_step_of_each_format_is_the_dot_product(fmt, tokens):
+    """Tokens b < 4 share the mma: lanes g = 2b and 2b + 1 stage its hi and lo halves (B
+    columns 2b, 2b + 1), and lane t of each row group reads D columns 2t, 2t + 1: token t."""
     rng = np.random.default_rng(1)
     K = STEP[fmt]
-    x = rng.standard_normal(K)
+    x = rng.standard_normal((tokens, K))
+    hi = x.astype(np.float16).astype(np.float64)
+    planes = [p for b in range(tokens) for p in (hi[b], x[b] - hi[b])]  # plane 2b + h
     if fmt == "mxfp4":
         codes = rng.integers(0, 16, (16, K))
         scales = rng.integers(120, 134, (16, K // 32))  # E8M0 bytes, one per 32 columns
@@ -63,7 +68,7 @@ def test_one_step_of_each_format_is_the_dot_product(fmt):
     for lane in range(32):
         g, t = lane >> 2, lane & 3
         cols = slice(t * per_lane, (t + 1) * per_lane)
-        xs = staged(x, fmt, cols) if g == 0 else [0.0] * per_lane  # only token 0's hi plane
+        xs = staged(planes[g], fmt, cols) if g < 2 * tokens else [0.0] * per_lane
         for m in range(n_mmas):
             b_all[m][lane] = ((xs[4 * m], xs[4 * m + 1]), (xs[4 * m + 2], xs[4 * m + 3]))
         rows = []
@@ -89,7 +94,8 @@ def test_one_step_of_each_format_is_the_dot_product(fmt):
                         (d[lane][2] + d[lane][3]) * 2.0 ** (scales[g + 8].max() - 127)
         else:
             acc[lane] = d[lane][0] + d[lane][1], d[lane][2] + d[lane][3]
-    want = W @ x
-    for lane in range(0, 32, 4):  # t = 0 holds token 0
-        g = lane >> 2
-        np.testing.assert_allclose(acc[lane], [want[g], want[g + 8]], rtol=1e-12, atol=1e-12)
+    want = W @ x.T  # [16 rows, tokens]
+    for lane in range(32):
+        g, t = lane >> 2, lane & 3
+        if t < tokens:
+            np.testing.assert_allclose(acc[lane], [want[g, t], want[g + 8, t]], rtol=1e-12, atol=1e-12)
