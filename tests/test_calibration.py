@@ -68,3 +68,20 @@ def test_the_carried_h100_calibration_loads_and_bad_files_are_refused(tmp_path, 
     (tmp_path / "calibration.h100.json").write_text(json.dumps({"roles": {"q_proj": -1}}))
     with pytest.raises(UserError, match="positive"):
         calibration.load("h100")
+
+
+def test_inspect_shows_the_corrected_estimate_beside_the_plain_one(tmp_path, capsys):
+    from tilert.cli import main
+
+    out = tmp_path / "art"
+    assert main(["compile", "--model", "mimo-tiny", "--layers", "2", "--schedule-only", "--no-kernel",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    doc = calibration.load("h100")
+    assert "estimated step time" in text and "with measured per-op corrections" in text
+    assert doc["measured"]["commit"] in text and doc["measured"]["device"] in text
+    assert main(["inspect", str(out), "--json"]) == 0
+    sm = json.loads(capsys.readouterr().out)
+    assert sm["calibrated"]["step_time_s"] > sm["estimate"]["step_time_s"] > 0
