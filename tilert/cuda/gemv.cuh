@@ -1,11 +1,11 @@
 // Weight streaming and the GEMV core.
 //
 // A task reads its weights as *tiles*: rows [r0, r1) of one matrix (of one expert).  A tile is
-// cut into *pieces* of whole rows that fit one ring slot; a piece is contiguous in global
-// memory (row-major storage), so one 1-D bulk copy moves it.  The loader warp and the compute
-// warps enumerate the very same tiles (the per-kind `tiles_of`) and cut them with the very
-// same `rows_per_piece`, so they agree on the piece sequence without talking: piece j lives
-// in slot j % TILERT_SLOTS.  Without the loader (TILERT_LOADER 0) a piece is read straight
+// cut into *pieces* that fit one ring slot: whole rows, contiguous in global memory (row-major
+// storage), so one 1-D bulk copy moves them; only the tensor-core GEMV cuts rows too long for
+// that into column chunks (see `pieces_of`).  The loader warp and the compute warps enumerate
+// the very same tiles (the per-kind `tiles_of`) and cut them with the very same `pieces_of`,
+// so they agree on the piece sequence without talking: piece j lives in slot j % TILERT_SLOTS.  Without the loader (TILERT_LOADER 0) a piece is read straight
 // from global memory with 16-byte loads; the arithmetic is identical.
 #pragma once
 
@@ -43,32 +43,30 @@ constexpr int kRedRows = 128 / kB < 16 ? 16 : 128 / kB;
 TILERT_DEV int fmt_bits(int fmt) { return fmt == FMT_MXFP4 ? 4 : fmt == FMT_FP8 ? 8 : fmt == FMT_BF16 ? 16 : 32; }
 TILERT_DEV int mma_step_cols(int fmt) { return fmt == FMT_MXFP4 ? 128 : fmt == FMT_FP8 ? 64 : 32; }
 
-// Pieces of an mma GEMV (gemv_tile_mma; the loader cuts the same): `rp` rows by `kc` columns,
-// `nch` column chunks per row block, rows `cstride` bytes apart in the slot.  Whole rows when
-// 16 fit a slot (one bulk copy for the codes, one for MXFP4 scales), at most one 16-row group
-// per compute warp and kRedRows rows.  Longer rows (bf16 / fp8 rows of 8-16 KiB) are cut into
-// column chunks of 16 rows, one bulk copy per row, each row padded by 64 bytes so the rows a
-// warp reads at once fall on different banks (whole rows conflict 2-way, which costs less than
-// the ~100 ns of loader time a copy takes).  MXFP4 stays whole (its scales ride along).
-struct MmaPieces {
+// How a weight's tiles are cut into ring pieces: `rp` rows by `kc` columns, `nch` column chunks
+// per row block, rows `cstride` bytes apart in the slot.  The CUDA-core loop takes whole rows,
+// as many as fit (at most one per compute thread).  The tensor-core GEMV (gemv_tile_mma) takes
+// whole 16-row groups when 16 rows fit (at most one group per compute warp and kRedRows rows);
+// longer bf16 / fp8 rows (8-16 KiB) are cut into column chunks of 16 rows, one bulk copy per
+// row, each row padded by 64 bytes so the rows a warp reads at once fall on different banks
+// (whole rows conflict 2-way, which costs less than the ~100 ns of loader time a copy takes).
+// MXFP4 rows stay whole (their scales ride along).
+struct Pieces {
   int rp, nch, kc, cstride;
 };
 
-TILERT_DEV MmaPieces mma_pieces(const WeightDesc& w) {
+TILERT_DEV Pieces pieces_of(const WeightDesc& w) {
   const int fit = TILERT_SLOT_BYTES / piece_row_bytes(w);
+  if (!mma_ok(w)) return Pieces{min(kNCT, fit), 1, w.cols, w.row_bytes};
   if (fit < 16 && w.fmt != FMT_MXFP4) {
     const int bits = fmt_bits(w.fmt), step = mma_step_cols(w.fmt);
     for (int nch = 2; nch <= 64 && w.cols % nch == 0 && (w.cols / nch) % step == 0; nch *= 2) {
       const int kc = w.cols / nch, cstride = kc * bits / 8 + 64;
-      if (TILERT_SLOT_BYTES / cstride >= 16) return MmaPieces{16, nch, kc, cstride};
+      if (TILERT_SLOT_BYTES / cstride >= 16) return Pieces{16, nch, kc, cstride};
     }
   }
   const int rp = fit < 16 ? fit : min(min(16 * kNCW, kRedRows), fit / 16 * 16);
-  return MmaPieces{rp, 1, w.cols, w.row_bytes};
-}
-
-TILERT_DEV int rows_per_piece(const WeightDesc& w) {
-  return mma_ok(w) ? mma_pieces(w).rp : min(kNCT, TILERT_SLOT_BYTES / piece_row_bytes(w));
+  return Pieces{rp, 1, w.cols, w.row_bytes};
 }
 
 // Threads that share one row of a piece: whole warps when there are fewer rows than warps
@@ -190,7 +188,7 @@ TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
   const int tid = threadIdx.x;
   const int rb = w.row_bytes;
   const int nu = rb / UB;
-  const int rpp = rows_per_piece(w);
+  const int rpp = pieces_of(w).rp;
   const bool ring_scales = scales_in_ring(w);
   const int expert = tile_expert(tile);
   const uint8_t* gdata = tile_data(w, expert);
@@ -279,12 +277,11 @@ TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
 // or bf16 as stored), x the B operand split into hi + lo halves (columns 2b and 2b + 1 for token
 // b), so the fp32 accumulators see x to ~22 bits.
 //
-// Pieces are whole rows, as the loader copies them (one bulk copy for the codes, one for the
-// MXFP4 scales: a copy per row would cost ~100 ns of the loader's time each).  A warp *step*
-// covers 16 rows x kStep columns: lane (g, t) reads 16 bytes of rows g and g + 8 (columns
+// Pieces: see `pieces_of` (whole rows where 16 fit a slot, else 16-row column chunks).  A warp
+// *step* covers 16 rows x kStep columns: lane (g, t) reads 16 bytes of rows g and g + 8 (columns
 // t * kStep / 4 ...), and every register it loads feeds the mma slots of those same columns, so
-// which column sits in which slot only fixes the order x is staged in.  Rows 2 KiB apart share
-// banks, so a warp's 16-byte reads conflict 2-way: well inside the shared-memory budget.
+// which column sits in which slot only fixes the order x is staged in.  Whole rows 2 KiB apart
+// share banks, so a warp's 16-byte reads conflict 2-way: well inside the shared-memory budget.
 //
 // Scales: FP8 (one per 128 x 128 block) multiplies the step's fp32 partial.  MXFP4 has one per
 // 32 columns, i.e. a different one per lane in a step, so it scales the decoded weights instead:
@@ -295,6 +292,20 @@ TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
 #endif
 #ifndef TILERT_XS_BYTES
 #define TILERT_XS_BYTES 0
+#endif
+#ifndef TILERT_DIAG_SKIP_MMA  // diagnostics only (tools/profile_step.py --diag-skip-mma): wrong results
+#define TILERT_DIAG_SKIP_MMA 0
+#endif
+// Experiment switch (tools/profile_step.py --define TILERT_MMA_NOINLINE=1): gemv_tile_mma
+// compiled as its own function, where ptxas gives it all 128 registers (0 spills) instead of
+// sharing them with the rest of the inlined kernel; unmeasured so far.
+#ifndef TILERT_MMA_NOINLINE
+#define TILERT_MMA_NOINLINE 0
+#endif
+#if TILERT_MMA_NOINLINE
+#define TILERT_MMA_FN __device__ __noinline__
+#else
+#define TILERT_MMA_FN TILERT_DEV
 #endif
 
 template <int FMT> struct MmaFmt;
@@ -446,21 +457,13 @@ TILERT_DEV void mma_step_fp4(const uint4 qa, const uint4 qb, const uint32_t* bx,
   acc[1] += (e0[2] + e0[3] + e1[2] + e1[3]) * e8m0_to_f32(mb);
 }
 
+// The first of the compute warps that work on 16-row group gi of a piece of ng groups (warp w
+// takes group w * ng / kNCW).
+TILERT_DEV int group_first_warp(int gi, int ng) { return (gi * kNCW + ng - 1) / ng; }
+
 // out_i = W[r0 + i] . x_b for b < NB (NB <= 4) on the tensor cores; same contract as
 // gemv_tile_fmt: epi(i, v[NB]) once per row, by one thread, the same thread for row i of every
 // tile of this shape.
-// Experiment switch (tools/profile_step.py --define TILERT_MMA_NOINLINE=1): compiled as its own
-// function, ptxas gives it all 128 registers (0 spills) instead of sharing them with the rest
-// of the inlined kernel; unmeasured so far.
-#ifndef TILERT_MMA_NOINLINE
-#define TILERT_MMA_NOINLINE 0
-#endif
-#if TILERT_MMA_NOINLINE
-#define TILERT_MMA_FN __device__ __noinline__
-#else
-#define TILERT_MMA_FN TILERT_DEV
-#endif
-
 template <int FMT, int NB, class XRow, class Epi>
 TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi) {
   static_assert(NB <= 4, "one n8 mma tile holds hi/lo of 4 tokens");
@@ -469,10 +472,10 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wid = threadIdx.x >> 5;
   const uint8_t* xs = c.smem + TILERT_SMEM_XS;
   const int plane = xs_bytes(w.cols) / 2;
-  const uint8_t* xlane = xs + (g & 1) * plane + (g >> 1) * 2 * plane + 2 * (kStep / 4) * t;
+  const uint8_t* xlane = xs + g * plane + 2 * (kStep / 4) * t;  // plane g = 2b + h: token b's hi / lo
   const uint8_t* gscale = tile_scale(w, tile_expert(tile));
   float* red = reinterpret_cast<float*>(c.smem + TILERT_SMEM_RED);
-  const MmaPieces pc = mma_pieces(w);
+  const Pieces pc = pieces_of(w);
   const int rb = w.row_bytes, scale_ld = w.scale_ld, rpp = pc.rp, nsteps = pc.kc / kStep;
   // Pieces are gathered in batches of up to kRedRows rows: each warp writes its partials for
   // the batch to red[buf][warp][row][token], and one barrier per batch lets the batch's rows be
@@ -482,80 +485,77 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
   for (int ba = tile.r0; ba < tile.r1; ba += batch_rows) {
     const int bn = min(batch_rows, tile.r1 - ba);
     for (int ra = ba; ra < ba + bn; ra += rpp) {
-    const int nr = min(rpp, tile.r1 - ra);
-    // Warps split the piece's 16-row groups, then each group's steps (contiguous ranges).
-    const int ng = (nr + 15) / 16;
-    const int gi = wid * ng / kNCW;
-    const int first = (gi * kNCW + ng - 1) / ng, nj = ((gi + 1) * kNCW + ng - 1) / ng - first;
-    const int j = wid - first;
-    const int s0 = j * nsteps / nj, s1 = (j + 1) * nsteps / nj;
-    const int rA = min(16 * gi + g, nr - 1), rB = min(16 * gi + g + 8, nr - 1);  // rows past nr: ignored
-    const float* fsA = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rA) >> 7) * scale_ld;  // FP8 only
-    const float* fsB = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rB) >> 7) * scale_ld;
-    float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f}, acc[2] = {0.f, 0.f};
-    for (int kq = 0; kq < pc.nch; ++kq) {
-    const int slot = c.piece % TILERT_SLOTS;
-    ring_wait_full(c, c.piece);
-    const uint8_t* src = ring_slot(c.smem, slot);
-    const uint8_t* rowA = src + rA * pc.cstride + 16 * t;
-    const uint8_t* rowB = src + rB * pc.cstride + 16 * t;
-    const uint32_t* sA = reinterpret_cast<const uint32_t*>(src + nr * rb + rA * scale_ld);  // MXFP4 only (nch 1)
-    const uint32_t* sB = reinterpret_cast<const uint32_t*>(src + nr * rb + rB * scale_ld);
-    const int sq = kq * nsteps;  // the chunk's first step within the row
-    // FP8: the next step's block scales are loaded a step ahead (global memory, L2 latency).
-    float nsa = 0.f, nsb = 0.f;
-    if (FMT == FMT_FP8 && s0 < s1) {
-      nsa = __ldg(fsA + ((kStep * (sq + s0)) >> 7));
-      nsb = __ldg(fsB + ((kStep * (sq + s0)) >> 7));
-    }
-#ifndef TILERT_DIAG_SKIP_MMA  // diagnostics only (tools/profile_step.py --diag-skip-mma): wrong results
-#define TILERT_DIAG_SKIP_MMA 0
-#endif
-#pragma unroll 2
-    for (int st = s0; st < (TILERT_DIAG_SKIP_MMA ? s0 : s1); ++st) {
-      const uint4 qa = *reinterpret_cast<const uint4*>(rowA + 64 * st);
-      const uint4 qb = *reinterpret_cast<const uint4*>(rowB + 64 * st);
-      uint32_t bx[kRegs];
-#pragma unroll
-      for (int q = 0; q < kRegs / 4; ++q) {
-        uint4 v = make_uint4(0u, 0u, 0u, 0u);
-        if (g < 2 * NB) v = *reinterpret_cast<const uint4*>(xlane + 2 * kStep * (sq + st) + 16 * q);
-        bx[4 * q] = v.x; bx[4 * q + 1] = v.y; bx[4 * q + 2] = v.z; bx[4 * q + 3] = v.w;
-      }
-      if constexpr (FMT == FMT_MXFP4) {
-        mma_step_fp4(qa, qb, bx, sA[st], sB[st], t, acc);
-      } else if constexpr (FMT == FMT_FP8) {  // scale_inv of the 128 x 128 block
-        const float sa = nsa, sb = nsb;
-        if (st + 1 < s1) {
-          nsa = __ldg(fsA + ((kStep * (sq + st + 1)) >> 7));
-          nsb = __ldg(fsB + ((kStep * (sq + st + 1)) >> 7));
+      const int nr = min(rpp, tile.r1 - ra);
+      // Warps split the piece's 16-row groups, then each group's steps (contiguous ranges).
+      const int ng = (nr + 15) / 16;
+      const int gi = wid * ng / kNCW;
+      const int first = group_first_warp(gi, ng), nj = group_first_warp(gi + 1, ng) - first;
+      const int j = wid - first;
+      const int s0 = j * nsteps / nj, s1 = (j + 1) * nsteps / nj;
+      const int rA = min(16 * gi + g, nr - 1), rB = min(16 * gi + g + 8, nr - 1);  // rows past nr: ignored
+      const float* fsA = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rA) >> 7) * scale_ld;  // FP8 only
+      const float* fsB = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rB) >> 7) * scale_ld;
+      float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f}, acc[2] = {0.f, 0.f};
+      for (int kq = 0; kq < pc.nch; ++kq) {
+        const int slot = c.piece % TILERT_SLOTS;
+        ring_wait_full(c, c.piece);
+        const uint8_t* src = ring_slot(c.smem, slot);
+        const uint8_t* rowA = src + rA * pc.cstride + 16 * t;
+        const uint8_t* rowB = src + rB * pc.cstride + 16 * t;
+        const uint32_t* sA = reinterpret_cast<const uint32_t*>(src + nr * rb + rA * scale_ld);  // MXFP4 only (nch 1)
+        const uint32_t* sB = reinterpret_cast<const uint32_t*>(src + nr * rb + rB * scale_ld);
+        const int sq = kq * nsteps;  // the chunk's first step within the row
+        // FP8: the next step's block scales are loaded a step ahead (global memory, L2 latency).
+        float nsa = 0.f, nsb = 0.f;
+        if (FMT == FMT_FP8 && s0 < s1) {
+          nsa = __ldg(fsA + ((kStep * (sq + s0)) >> 7));
+          nsb = __ldg(fsB + ((kStep * (sq + s0)) >> 7));
         }
-        float e0[4] = {0.f, 0.f, 0.f, 0.f}, e1[4] = {0.f, 0.f, 0.f, 0.f};
-        mma_step<FMT>(qa, qb, bx, e0, e1);
-        acc[0] += (e0[0] + e0[1] + e1[0] + e1[1]) * sa;
-        acc[1] += (e0[2] + e0[3] + e1[2] + e1[3]) * sb;
-      } else {
-        mma_step<FMT>(qa, qb, bx, d0, d1);
+#pragma unroll 2
+        for (int st = s0; st < (TILERT_DIAG_SKIP_MMA ? s0 : s1); ++st) {
+          const uint4 qa = *reinterpret_cast<const uint4*>(rowA + 64 * st);
+          const uint4 qb = *reinterpret_cast<const uint4*>(rowB + 64 * st);
+          uint32_t bx[kRegs];
+#pragma unroll
+          for (int q = 0; q < kRegs / 4; ++q) {
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if (g < 2 * NB) v = *reinterpret_cast<const uint4*>(xlane + 2 * kStep * (sq + st) + 16 * q);
+            bx[4 * q] = v.x; bx[4 * q + 1] = v.y; bx[4 * q + 2] = v.z; bx[4 * q + 3] = v.w;
+          }
+          if constexpr (FMT == FMT_MXFP4) {
+            mma_step_fp4(qa, qb, bx, sA[st], sB[st], t, acc);
+          } else if constexpr (FMT == FMT_FP8) {  // scale_inv of the 128 x 128 block
+            const float sa = nsa, sb = nsb;
+            if (st + 1 < s1) {
+              nsa = __ldg(fsA + ((kStep * (sq + st + 1)) >> 7));
+              nsb = __ldg(fsB + ((kStep * (sq + st + 1)) >> 7));
+            }
+            float e0[4] = {0.f, 0.f, 0.f, 0.f}, e1[4] = {0.f, 0.f, 0.f, 0.f};
+            mma_step<FMT>(qa, qb, bx, e0, e1);
+            acc[0] += (e0[0] + e0[1] + e1[0] + e1[1]) * sa;
+            acc[1] += (e0[2] + e0[3] + e1[2] + e1[3]) * sb;
+          } else {
+            mma_step<FMT>(qa, qb, bx, d0, d1);
+          }
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(ring_empty(c.smem, slot));
+        ++c.piece;
+      }  // column chunks
+      if constexpr (FMT == FMT_BF16) {
+        acc[0] = d0[0] + d0[1] + d1[0] + d1[1];
+        acc[1] = d0[2] + d0[3] + d1[2] + d1[3];
       }
-    }
-    __syncwarp();
-    if (lane == 0) mbar_arrive(ring_empty(c.smem, slot));
-    ++c.piece;
-    }  // column chunks
-    if constexpr (FMT == FMT_BF16) {
-      acc[0] = d0[0] + d0[1] + d1[0] + d1[1];
-      acc[1] = d0[2] + d0[3] + d1[2] + d1[3];
-    }
-    // Partials of this warp for rows 16 gi .. 16 gi + 15 of the piece; lanes t < NB hold token t.
-    float* part = red + ((buf * kNCW + wid) * kRedRows + (ra - ba) + 16 * gi) * NB;
-    if (t < NB && 16 * gi + g < nr) part[g * NB + t] = acc[0];  // (rows past nr would spill
-    if (t < NB && 16 * gi + g + 8 < nr) part[(g + 8) * NB + t] = acc[1];  // into the next warp's)
+      // Partials of this warp for rows 16 gi .. 16 gi + 15 of the piece; lanes t < NB hold token t.
+      float* part = red + ((buf * kNCW + wid) * kRedRows + (ra - ba) + 16 * gi) * NB;
+      if (t < NB && 16 * gi + g < nr) part[g * NB + t] = acc[0];  // (rows past nr would spill
+      if (t < NB && 16 * gi + g + 8 < nr) part[(g + 8) * NB + t] = acc[1];  // into the next warp's)
     }
     compute_sync();
     for (int i = (int)threadIdx.x; i < bn; i += kNCT) {
       const int li = i % rpp, nr = min(rpp, tile.r1 - (ba + i - li));  // row i's piece
       const int ng = (nr + 15) / 16, gr = li / 16;
-      const int f0 = (gr * kNCW + ng - 1) / ng, f1 = ((gr + 1) * kNCW + ng - 1) / ng;
+      const int f0 = group_first_warp(gr, ng), f1 = group_first_warp(gr + 1, ng);
       float v[NB];
 #pragma unroll
       for (int b = 0; b < NB; ++b) {
@@ -620,23 +620,25 @@ TILERT_DEV bool ring_wait_empty(Ctx& c, uint32_t issued, const volatile int* abo
   return true;
 }
 
-// The pieces of an mma tile, in gemv_tile_mma's order: whole-row pieces as one bulk copy (two
-// with MXFP4 scales), column-chunked pieces one copy per row into padded slot rows.
-TILERT_DEV bool load_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, uint32_t& issued,
-                              const volatile int* abort) {
-  const MmaPieces pc = mma_pieces(w);
+// Issue the pieces of one tile into the ring (loader lane only), in the compute warps' order
+// (row blocks, then column chunks): whole-row pieces as one bulk copy (two with MXFP4 scales),
+// column-chunked pieces one copy per row into padded slot rows.  `issued` counts pieces.
+// Returns false if the CTA aborted while waiting for a free slot.
+TILERT_DEV bool load_tile(Ctx& c, const Tile& tile, uint32_t& issued, const volatile int* abort) {
+  const WeightDesc& w = weight(c, tile.w);
+  const Pieces pc = pieces_of(w);
   const int expert = tile_expert(tile);
   const uint8_t* gdata = tile_data(w, expert);
   const uint8_t* gscale = tile_scale(w, expert);
   const int rb = w.row_bytes, cbytes = pc.kc * fmt_bits(w.fmt) / 8;
-  const bool scales = w.fmt == FMT_MXFP4;
+  const bool ring_scales = scales_in_ring(w);
   for (int ra = tile.r0; ra < tile.r1; ra += pc.rp) {
     const int nr = min(pc.rp, tile.r1 - ra);
     for (int kq = 0; kq < pc.nch; ++kq) {
       if (!ring_wait_empty(c, issued, abort)) return false;
       uint8_t* dst = ring_slot(c.smem, issued % TILERT_SLOTS);
       uint64_t* full = ring_full(c.smem, issued % TILERT_SLOTS);
-      const uint32_t sbytes = scales ? (uint32_t)(nr * w.scale_ld) : 0u;
+      const uint32_t sbytes = ring_scales ? (uint32_t)(nr * w.scale_ld) : 0u;
       mbar_arrive_expect_tx(full, (uint32_t)(nr * cbytes) + sbytes);
       if (pc.nch == 1) {
         bulk_copy_g2s(dst, gdata + (size_t)ra * rb, (uint32_t)(nr * rb), full);
@@ -647,31 +649,6 @@ TILERT_DEV bool load_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, uin
       }
       ++issued;
     }
-  }
-  return true;
-}
-
-// Issue the pieces of one tile into the ring (loader lane only).  `issued` counts pieces.
-// Returns false if the CTA aborted while waiting for a free slot.
-TILERT_DEV bool load_tile(Ctx& c, const Tile& tile, uint32_t& issued, const volatile int* abort) {
-  const WeightDesc& w = weight(c, tile.w);
-  if (mma_ok(w)) return load_tile_mma(c, w, tile, issued, abort);
-  const int rb = w.row_bytes;
-  const int rpp = rows_per_piece(w);
-  const bool ring_scales = scales_in_ring(w);
-  const uint8_t* gdata = tile_data(w, tile_expert(tile));
-  const uint8_t* gscale = tile_scale(w, tile_expert(tile));
-  for (int ra = tile.r0; ra < tile.r1; ra += rpp) {
-    const int nr = min(rpp, tile.r1 - ra);
-    const int slot = issued % TILERT_SLOTS;
-    if (!ring_wait_empty(c, issued, abort)) return false;
-    const uint32_t bytes = (uint32_t)(nr * rb);
-    const uint32_t sbytes = ring_scales ? (uint32_t)(nr * w.scale_ld) : 0u;
-    mbar_arrive_expect_tx(ring_full(c.smem, slot), bytes + sbytes);
-    bulk_copy_g2s(ring_slot(c.smem, slot), gdata + (size_t)ra * rb, bytes, ring_full(c.smem, slot));
-    if (sbytes)
-      bulk_copy_g2s(ring_slot(c.smem, slot) + bytes, gscale + (size_t)ra * w.scale_ld, sbytes, ring_full(c.smem, slot));
-    ++issued;
   }
   return true;
 }
