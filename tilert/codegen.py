@@ -79,6 +79,17 @@ MMA_FORMATS = ("mxfp4", "fp8", "bf16")
 MMA_MAX_TOKENS = 4
 XS_LIMIT_BYTES = 36 * 1024
 
+
+def parse_mma_formats(arg: str) -> tuple[str, ...]:
+    """A tool's --mma value: comma-separated formats out of MMA_FORMATS, or "none"."""
+    if arg == "none":
+        return ()
+    formats = tuple(arg.split(","))
+    unknown = [f for f in formats if f not in MMA_FORMATS]
+    if unknown:
+        raise UserError(f"--mma {arg}: {', '.join(unknown)} not among {', '.join(MMA_FORMATS)} (or 'none')")
+    return formats
+
 # ---- struct tables (one source of truth for C++ and for packing) --------------------------------
 
 # Field types: "ref" (Ref: 3 x int32), "i32", "f32"; host structs also "u32", "u64", "ptr".

@@ -121,7 +121,7 @@ def bench_baseline(cfg, weights, context: int, reps: int) -> dict:
     return out
 
 
-def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma=None) -> dict:
+def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma_formats=None) -> dict:
     """Compile, build, check against the VM on the GPU, then time one launch per step."""
     from tilert.build import build_cubin
     from tilert.codegen import generate
@@ -134,7 +134,7 @@ def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma=N
     schedules = compile_steps(cfg, recipe, [1], max_seq_len=context + 8)
     formats = {n: t.fmt for n, t in weights.items()}
     gen = generate(schedules[1], cfg, weight_formats=formats,
-                   **({"mma_formats": () if mma == "none" else tuple(mma.split(","))} if mma else {}))
+                   **({"mma_formats": mma_formats} if mma_formats is not None else {}))
     cubin, report = build_cubin(gen.source, workdir / f"L{cfg.num_hidden_layers}_C{context}")
     compile_s = time.time() - t0
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=context + 8)
@@ -183,6 +183,9 @@ def main(argv=None) -> int:
                     help="the commit measured (the device machine has no git history)")
     args = ap.parse_args(argv)
     backends = set(args.backends.split(","))
+    from tilert.codegen import parse_mma_formats
+
+    mma_formats = parse_mma_formats(args.mma) if args.mma else None  # refused before any GPU work
     dev = torch.cuda.get_device_properties(0)
     bw = copy_bandwidth()
     rows = []
@@ -192,7 +195,7 @@ def main(argv=None) -> int:
         for context in [int(x) for x in args.contexts.split(",")]:
             row = {"layers": layers, "context": context, "expert_format": args.expert_format}
             if "megakernel" in backends:
-                row.update(bench_megakernel(cfg, weights, context, args.reps, Path(args.workdir), args.mma))
+                row.update(bench_megakernel(cfg, weights, context, args.reps, Path(args.workdir), mma_formats))
                 print(f"megakernel {layers} layers, context {context}: {row['megakernel'] * 1e3:.3f} ms, "
                       f"check {row['check']}", flush=True)
             kv_bytes = 4 if row.get("kv_dtype", "f32") == "f32" else 2

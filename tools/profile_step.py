@@ -25,16 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.config import preset  # noqa: E402
 from tilert.build import build_cubin  # noqa: E402
-from tilert.codegen import generate  # noqa: E402
+from tilert.codegen import generate, parse_mma_formats  # noqa: E402
 from tilert.compiler import compile_steps  # noqa: E402
 from tilert.cost import GPUS, task_time  # noqa: E402
 from tilert.device_weights import device_weights  # noqa: E402
 from tilert.gpu import MegakernelRuntime  # noqa: E402
 from tilert.lower import load_recipe  # noqa: E402
-
-
-def mma_formats(arg: str) -> tuple[str, ...]:
-    return () if arg == "none" else tuple(arg.split(","))
 
 
 def main(argv=None) -> int:
@@ -66,7 +62,7 @@ def main(argv=None) -> int:
     schedule = compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=args.context + 8)[1]
     gen = generate(schedule, cfg, weight_formats={n: t.fmt for n, t in weights.items()}, loader=bool(args.loader),
                    **({"compute_warps": args.compute_warps} if args.compute_warps else {}),
-                   **({"mma_formats": mma_formats(args.mma)} if args.mma else {}),
+                   **({"mma_formats": parse_mma_formats(args.mma)} if args.mma else {}),
                    **({"ring_slots": args.ring_slots} if args.ring_slots else {}))
     defines = list(args.define) + (["TILERT_DIAG_SKIP_MMA=1"] if args.diag_skip_mma else [])
     for d in defines:
