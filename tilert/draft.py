@@ -38,8 +38,8 @@ from tilert.artifact import DRAFT_PREFIX
 from tilert.deps import derive_dependencies
 from tilert.fusion import apply_fusions
 from tilert.ir import INPUT, OUTPUT, STATE, WEIGHT, TaskGraph, region
-from tilert.lower import (F32, _Builder, _linear, _lower_attn_output, _lower_kv_write, _lower_projection, _lower_rmsnorm,
-                          _lower_rope, _tiles)
+from tilert.lower import (F32, _Builder, _linear, _lower_attn_output, _lower_kv_write, _lower_lm_head,
+                          _lower_projection, _lower_rmsnorm, _lower_rope, _tiles)
 from tilert.schedule import Schedule
 from tilert.scheduler import build_schedule
 from tilert.validate import validate
@@ -178,14 +178,7 @@ def lower_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, context
                              "cols": [r0, r1]}], act, True)
 
     _lower_rmsnorm(b, "draft.final_norm", None, x, h, W("norm.weight").name, dcfg.rms_norm_eps)
-    op = b.op("lm_head", "draft.lm_head", None)
-    for t, (r0, r1) in enumerate(vocab_tiles):
-        w = [region(logits, None, (r0, r1)), region(best, None, t)]
-        b.task(op, "lm_head", {"weight": lm.name, "rows": [r0, r1], "tile": t, "in": h.name},
-               [region(h), lm.full(), region(pos), region(samp)], w,
-               (r1 - r0) * b.row_bytes(lm) + b.act_bytes([region(h)] + w), 2 * B * H * (r1 - r0))
-    op = b.op("argmax", "draft.argmax", None)
-    b.task(op, "argmax", {}, [region(best)], [region(nxt)], b.act_bytes([region(best), region(nxt)]), 0)
+    _lower_lm_head(b, "draft.", lm, h, vocab_tiles, logits, best, nxt, pos, samp)
     return TaskGraph(B, b.buffers, b.ops, b.tasks)
 
 

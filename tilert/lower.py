@@ -177,17 +177,23 @@ def lower_step(cfg: MimoConfig, recipe: dict, tokens: int = 1, max_seq_len: int 
             _lower_capture(b, layer, x, capture_layers)
 
     _lower_rmsnorm(b, "final_norm", None, x, h, "model.norm.weight")
-    lm = b.weight("lm_head.weight")
-    op = b.op("lm_head", "lm_head", None)
+    _lower_lm_head(b, "", b.weight("lm_head.weight"), h, vocab_tiles, logits, best, nxt, pos, samp)
+    return TaskGraph(tokens, b.buffers, b.ops, b.tasks)
+
+
+def _lower_lm_head(b: _Builder, prefix: str, lm: Buffer, h: Buffer, vocab_tiles: list[tuple[int, int]],
+                   logits: Buffer, best: Buffer, nxt: Buffer, pos: Buffer, samp: Buffer) -> None:
+    """The LM head in vocabulary tiles, each keeping its best (score, index) under the step's
+    sampling, then the argmax over tiles (op names `prefix`lm_head and `prefix`argmax)."""
+    B, H = h.shape
+    op = b.op("lm_head", f"{prefix}lm_head", None)
     for i, (r0, r1) in enumerate(vocab_tiles):
         w = [region(logits, None, (r0, r1)), region(best, None, i)]
         b.task(op, "lm_head", {"weight": lm.name, "rows": [r0, r1], "tile": i, "in": h.name},
                [region(h), lm.full(), region(pos), region(samp)], w,
                (r1 - r0) * b.row_bytes(lm) + b.act_bytes([region(h)] + w), 2 * B * H * (r1 - r0))
-    op = b.op("argmax", "argmax", None)
+    op = b.op("argmax", f"{prefix}argmax", None)
     b.task(op, "argmax", {}, [region(best)], [region(nxt)], b.act_bytes([region(best), region(nxt)]), 0)
-
-    return TaskGraph(tokens, b.buffers, b.ops, b.tasks)
 
 
 def _lower_capture(b: _Builder, layer: int, x: Buffer, capture_layers: tuple[int, ...]) -> None:
