@@ -60,8 +60,23 @@ SCALE_SUFFIX = ".scale"
 DRAFT_PREFIX = "draft."  # a DFlash drafter's tensors (`--draft`), beside the target's
 
 
+class ArtifactMeta:
+    """What an artifact's metadata says alike for a one-GPU artifact (metadata.json) and a
+    multi-GPU one (manifest.json): subclasses hold it as `meta`."""
+
+    meta: dict[str, Any]
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.meta["max_seq_len"])
+
+    @property
+    def gpu(self) -> str:
+        return str(self.meta.get("gpu", "h100"))
+
+
 @dataclass
-class Artifact:
+class Artifact(ArtifactMeta):
     path: Path
     cfg: MimoConfig
     schedules: dict[int, Schedule]
@@ -73,14 +88,6 @@ class Artifact:
     def tokenizer_path(self) -> Path | None:
         p = self.path / TOKENIZER_FILE
         return p if p.is_file() else None
-
-    @property
-    def max_seq_len(self) -> int:
-        return int(self.meta["max_seq_len"])
-
-    @property
-    def gpu(self) -> str:
-        return str(self.meta.get("gpu", "h100"))
 
     @property
     def schedule_only(self) -> bool:

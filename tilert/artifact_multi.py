@@ -29,8 +29,8 @@ from typing import Any
 import tilert
 from model.config import MimoConfig
 from model.weights import StoredTensor
-from tilert.artifact import (METADATA_FILE, TOKENIZER_FILE, Artifact, _atomic_dir, _check_hash, _check_version,
-                             _read_json, read_artifact, sha256_file, write_artifact)
+from tilert.artifact import (METADATA_FILE, TOKENIZER_FILE, Artifact, ArtifactMeta, _atomic_dir, _check_hash,
+                             _check_version, _read_json, read_artifact, sha256_file, write_artifact)
 from tilert.errors import UserError
 from tilert.partition import Partition, unshard_weights
 from tilert.schedule import Schedule
@@ -47,21 +47,13 @@ def is_multi_artifact(path: str | Path) -> bool:
 
 
 @dataclass
-class MultiArtifact:
+class MultiArtifact(ArtifactMeta):
     path: Path
     cfg: MimoConfig  # the whole model
     part: Partition
     ranks: list[Artifact]
     meta: dict[str, Any]  # manifest.json
     _weights: dict[str, StoredTensor] | None = field(default=None, repr=False)
-
-    @property
-    def max_seq_len(self) -> int:
-        return int(self.meta["max_seq_len"])
-
-    @property
-    def gpu(self) -> str:
-        return str(self.meta.get("gpu", "h100"))
 
     @property
     def steps(self) -> list[int]:
