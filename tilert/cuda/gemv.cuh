@@ -5,8 +5,9 @@
 // storage), so one 1-D bulk copy moves them; only the tensor-core GEMV cuts rows too long for
 // that into column chunks (see `pieces_of`).  The loader warp and the compute warps enumerate
 // the very same tiles (the per-kind `tiles_of`) and cut them with the very same `pieces_of`,
-// so they agree on the piece sequence without talking: piece j lives in slot j % TILERT_SLOTS.  Without the loader (TILERT_LOADER 0) a piece is read straight
-// from global memory with 16-byte loads; the arithmetic is identical.
+// so they agree on the piece sequence without talking: piece j lives in slot j % TILERT_SLOTS.
+// Without the loader (TILERT_LOADER 0) a piece is read straight from global memory with 16-byte
+// loads; the arithmetic is identical.
 #pragma once
 
 #include "common.cuh"
