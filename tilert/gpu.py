@@ -360,6 +360,13 @@ class MegakernelRuntime:
                 target = g.counter_targets[counter] if 0 <= counter < g.num_counters else "?"
                 lines.append(f"  worker {worker}: task {task} {name} waits on counter {counter} "
                              f"(at {seen_rel}, needs {need_rel} of target {target} in step {step})")
+            elif _ERROR_NAMES.get(code) == "gemv_path":
+                hang = False
+                fmt = {v: k for k, v in FORMATS.items()}.get(seen, seen)
+                wname = g.weights[counter].name if 0 <= counter < len(g.weights) else counter
+                lines.append(f"  worker {worker}: task {task} {name}: weight {wname} ({fmt}, "
+                             f"{'tensor-core' if _extra else 'CUDA-core'} GEMV) has no compiled GEMV path "
+                             f"(kind mask {needed:#x}): kernel and weights disagree")
             else:
                 hang = False
                 lines.append(f"  worker {worker}: task {task} {name}: internal error {_ERROR_NAMES.get(code, code)} "

@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,24 +34,14 @@ from model.config import preset  # noqa: E402
 from model.weights import stored_nbytes  # noqa: E402
 from tilert.baseline import StaticDecoder  # noqa: E402
 from tilert.device_weights import device_weights  # noqa: E402
+from tilert.timing import median_seconds  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
     """Device-to-device copy, counting bytes read plus bytes written (bytes/s), median of reps."""
     a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
     b = torch.empty_like(a)
-    times = []
-    for _ in range(3):
-        b.copy_(a)
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    return 2 * nbytes / statistics.median(times)
+    return 2 * nbytes / median_seconds(lambda: b.copy_(a), reps)  # (a and b are freed on return)
 
 
 def floor_bytes(cfg, context: int, weights, kv_bytes_per_elem: int) -> dict:
@@ -75,22 +64,6 @@ def floor_bytes(cfg, context: int, weights, kv_bytes_per_elem: int) -> dict:
     return parts
 
 
-def time_fn(fn, reps: int) -> float:
-    """Median seconds per call of fn (device events), after warm-up."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return statistics.median(times)
-
-
 def bench_baseline(cfg, weights, context: int, reps: int) -> dict:
     out = {}
     for experts in ("gather", "dense"):
@@ -105,7 +78,7 @@ def bench_baseline(cfg, weights, context: int, reps: int) -> dict:
         pos = torch.tensor([context], device="cuda")
         logits = dec.step(token, pos)
         assert torch.isfinite(logits).all(), "baseline produced non-finite logits"
-        out[f"eager_{experts}"] = time_fn(lambda: dec.step(token, pos), reps)
+        out[f"eager_{experts}"] = median_seconds(lambda: dec.step(token, pos), reps)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -115,7 +88,7 @@ def bench_baseline(cfg, weights, context: int, reps: int) -> dict:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             dec.step(token, pos)
-        out[f"graph_{experts}"] = time_fn(graph.replay, reps)
+        out[f"graph_{experts}"] = median_seconds(graph.replay, reps)
         dec = graph = None  # free the weights before the next variant
         torch.cuda.empty_cache()
     return out
@@ -140,7 +113,7 @@ def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma_f
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=context + 8)
     rt.fill_cache(context, seed=1)
     check = check_against_vm(cfg, schedules, weights, rt, context)
-    step_s = time_fn(lambda: rt.launch(1), reps)
+    step_s = median_seconds(lambda: rt.launch(1), reps)
     rt = None  # free the device memory before the baseline runs
     torch.cuda.empty_cache()
     return {"megakernel": step_s, "compile_s": compile_s, "ptxas": report, "check": check}

@@ -31,6 +31,7 @@ from tilert.cost import GPUS, task_time  # noqa: E402
 from tilert.device_weights import device_weights  # noqa: E402
 from tilert.gpu import MegakernelRuntime  # noqa: E402
 from tilert.lower import load_recipe  # noqa: E402
+from tilert.timing import median_seconds  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -50,16 +51,35 @@ def main(argv=None) -> int:
     ap.add_argument("--diag-skip-mma", action="store_true",
                     help="diagnostics: tensor-core GEMVs stream their pieces but skip the arithmetic "
                          "(results are wrong; timing tells memory from compute)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe key (schedules/README.md), e.g. global_splits=64 (repeatable)")
     ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
                     help="a preprocessor switch of the device code for an experiment (repeatable), e.g. "
                          "TILERT_MMA_NOINLINE=1")
+    ap.add_argument("--cubin", default=None,
+                    help="run this prebuilt profiling cubin (e.g. of an older commit, for an A/B) instead of "
+                         "building the generated source; it must come from the same schedule and program")
+    ap.add_argument("--plain-cubin", default=None, help="with --time-plain / --plain-steps: a prebuilt plain cubin")
+    ap.add_argument("--time-plain", action="store_true",
+                    help="also time the plain (non-profiling) kernel: median of 20 launches, device events")
+    ap.add_argument("--plain-steps", type=int, default=0,
+                    help="only run this many steps of the plain kernel and exit (for an external profiler: "
+                         "ncu -k tilert_megakernel --launch-skip N-1 -c 1)")
+    ap.add_argument("--build-dir", default="build/cubins",
+                    help="nvcc's output and cache (cubins built on the development machine and carried are reused)")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(preset("mimo-v2-flash", layers=args.layers), expert_format=args.expert_format)
     if args.experts:
         cfg = dataclasses.replace(cfg, n_routed_experts=args.experts)
     weights = device_weights(cfg, seed=0, expert_format=args.expert_format)
-    schedule = compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=args.context + 8)[1]
+    recipe = load_recipe("mimo-v2-flash", "h100")
+    for kv in args.set:
+        key, _, value = kv.partition("=")
+        if key not in recipe or not value:
+            raise SystemExit(f"--set {kv}: expected KEY=VALUE with KEY one of {', '.join(sorted(recipe))}")
+        recipe[key] = json.loads(value)
+    schedule = compile_steps(cfg, recipe, [1], max_seq_len=args.context + 8)[1]
     gen = generate(schedule, cfg, weight_formats={n: t.fmt for n, t in weights.items()}, loader=bool(args.loader),
                    **({"compute_warps": args.compute_warps} if args.compute_warps else {}),
                    **({"mma_formats": parse_mma_formats(args.mma)} if args.mma else {}),
@@ -69,7 +89,22 @@ def main(argv=None) -> int:
         if not re.fullmatch(r"TILERT_[A-Z0-9_]+=-?\w+", d):
             raise SystemExit(f"--define {d}: expected TILERT_NAME=VALUE")
     source = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in defines) + gen.source
-    cubin, report = build_cubin(source, Path("/tmp/tilert-profile"), profile=True)
+    plain_s = None
+    if args.time_plain or args.plain_steps:
+        plain = Path(args.plain_cubin) if args.plain_cubin else build_cubin(source, Path(args.build_dir))[0]
+        prt = MegakernelRuntime(plain, gen, weights, max_seq_len=args.context + 8)
+        prt.fill_cache(args.context, seed=1)
+        for _ in range(max(args.plain_steps, 3)):
+            prt.step([5])
+            prt.truncate(args.context)
+        if args.plain_steps:
+            return 0
+        plain_s = median_seconds(lambda: prt.launch(1))
+        prt = None
+    if args.cubin:
+        cubin, report = Path(args.cubin), {"registers": "prebuilt"}
+    else:
+        cubin, report = build_cubin(source, Path(args.build_dir), profile=True)
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=args.context + 8, profile=True)
     rt.fill_cache(args.context, seed=1)
     for _ in range(3):
@@ -103,16 +138,18 @@ def main(argv=None) -> int:
         ops_of[name.split(".", 1)[1] if name.startswith("layer") else name].add(op)
     span = {kind: sum(op_hi[o] - op_lo[o] for o in ops) for kind, ops in ops_of.items()}
     print(f"{gen.describe()}\nptxas: {report.get('registers')} regs; step {step_ns / 1e3:.1f} us "
-          f"over {len(rows)} tasks")
+          f"over {len(rows)} tasks" + (f"; plain kernel {plain_s * 1e6:.1f} us per step" if plain_s else ""))
     print(f"{'op':24s} {'tasks':>5s} {'mean us':>8s} {'GB/s/SM':>8s} {'wait us':>8s} {'model us':>8s} {'busy %':>6s} "
           f"{'span us':>8s}")
     for kind, k in sorted(by_kind.items(), key=lambda kv: -kv[1]["busy_ns"]):
         mean = k["busy_ns"] / k["tasks"]
+        k["mean_us"], k["span_us"] = mean / 1e3, span[kind] / len(ops_of[kind]) / 1e3
         print(f"{kind:24s} {k['tasks']:5d} {mean / 1e3:8.2f} {k['bytes'] / max(k['busy_ns'], 1):8.2f} "
               f"{k['wait_ns'] / k['tasks'] / 1e3:8.2f} {k['model_ns'] / k['tasks'] / 1e3:8.2f} "
               f"{100 * k['busy_ns'] / (step_ns * schedule.num_workers):6.1f} "
-              f"{span[kind] / len(ops_of[kind]) / 1e3:8.1f}")
-    Path(args.out).write_text(json.dumps({"step_ns": step_ns, "by_kind": by_kind, "tasks": rows}, default=float))
+              f"{k['span_us']:8.1f}")
+    Path(args.out).write_text(json.dumps({"step_ns": step_ns, "plain_step_s": plain_s, "by_kind": by_kind,
+                                          "tasks": rows}, default=float))
     return 0
 
 

@@ -12,6 +12,9 @@
 #include <cuda_bf16.h>
 
 #define TILERT_DEV __device__ __forceinline__
+// For helpers called once per tile from many call sites (piece geometry, the loader's copies):
+// one copy of their code instead of one per site.
+#define TILERT_OUTLINE __device__ __noinline__
 
 namespace tilert {
 
@@ -216,11 +219,30 @@ TILERT_DEV bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
   return done != 0;
 }
 
-// 1-D bulk copy global -> shared, completing on `bar` (16-byte aligned, size a multiple of 16).
-TILERT_DEV void bulk_copy_g2s(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+// The L2 policy of the weight streams: weights are read once per step and a step reads far more
+// than L2 holds, so they are marked evict-first, leaving L2 to what is reused within a step (the
+// kernel's code, activations, KV cache, scales).  TILERT_STREAM_EVICT_FIRST=0 gives them the
+// normal policy (an A/B switch for tools/profile_step.py --define).
+#ifndef TILERT_STREAM_EVICT_FIRST
+#define TILERT_STREAM_EVICT_FIRST 1
+#endif
+TILERT_DEV uint64_t stream_policy() {
+  uint64_t p;
+#if TILERT_STREAM_EVICT_FIRST
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+#else
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(p));
+#endif
+  return p;
+}
+
+// 1-D bulk copy global -> shared, completing on `bar` (16-byte aligned, size a multiple of 16),
+// with L2 cache policy `policy` (stream_policy).
+TILERT_DEV void bulk_copy_g2s(void* dst, const void* src, uint32_t bytes, uint64_t* bar, uint64_t policy) {
   asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)),
-      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+          smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
       : "memory");
 }
 

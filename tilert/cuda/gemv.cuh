@@ -56,7 +56,7 @@ struct Pieces {
   int rp, nch, kc, cstride;
 };
 
-TILERT_DEV Pieces pieces_of(const WeightDesc& w) {
+TILERT_OUTLINE Pieces pieces_of(const WeightDesc& w) {
   const int fit = TILERT_SLOT_BYTES / piece_row_bytes(w);
   if (!mma_ok(w)) return Pieces{min(kNCT, fit), 1, w.cols, w.row_bytes};
   if (fit < 16 && w.fmt != FMT_MXFP4) {
@@ -571,87 +571,81 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
   compute_sync();  // every reader of red and xs is done before the next GEMV
 }
 
-template <int NB, class XRow, class Epi>
+// The GEMV paths one call site is compiled for (`GEMV` bits: 1 << f = the CUDA-core loop for format
+// f, 16 << f = the tensor cores).  The generated prelude gives every weight-streaming kind the
+// mask of exactly the paths its weights take (TILERT_GEMV_<KIND>, tilert/codegen.py
+// `_gemv_masks`), so no kind carries GEMV code it never runs: a one-off task pays for every
+// instruction-cache miss of its body, and one copy per format and call site made the kernel's
+// text over a megabyte.  A weight whose path was not compiled in is reported, not skipped.
+template <int GEMV> __host__ __device__ constexpr bool has_path(int fmt, bool mma) { return (GEMV >> (fmt + (mma ? 4 : 0))) & 1; }
+
+template <int NB, int GEMV, class XRow, class Epi>
 TILERT_DEV void gemv_tile(Ctx& c, const Tile& tile, XRow xrow, Epi epi) {
   const WeightDesc& w = weight(c, tile.w);
   if (mma_ok(w)) {
     if constexpr (NB <= 4) {
-      switch (w.fmt) {
-#if TILERT_MMA_FORMATS & (1 << FMT_BF16)
-        case FMT_BF16: gemv_tile_mma<FMT_BF16, NB>(c, w, tile, xrow, epi); return;
-#endif
-#if TILERT_MMA_FORMATS & (1 << FMT_FP8)
-        case FMT_FP8: gemv_tile_mma<FMT_FP8, NB>(c, w, tile, xrow, epi); return;
-#endif
-#if TILERT_MMA_FORMATS & (1 << FMT_MXFP4)
-        case FMT_MXFP4: gemv_tile_mma<FMT_MXFP4, NB>(c, w, tile, xrow, epi); return;
-#endif
-        default: break;
-      }
+      if constexpr (has_path<GEMV>(FMT_BF16, true)) if (w.fmt == FMT_BF16) return gemv_tile_mma<FMT_BF16, NB>(c, w, tile, xrow, epi);
+      if constexpr (has_path<GEMV>(FMT_FP8, true)) if (w.fmt == FMT_FP8) return gemv_tile_mma<FMT_FP8, NB>(c, w, tile, xrow, epi);
+      if constexpr (has_path<GEMV>(FMT_MXFP4, true)) if (w.fmt == FMT_MXFP4) return gemv_tile_mma<FMT_MXFP4, NB>(c, w, tile, xrow, epi);
     }
+  } else {
+    if constexpr (has_path<GEMV>(FMT_FP32, false)) if (w.fmt == FMT_FP32) return gemv_tile_fmt<FMT_FP32, NB>(c, w, tile, xrow, epi);
+    if constexpr (has_path<GEMV>(FMT_BF16, false)) if (w.fmt == FMT_BF16) return gemv_tile_fmt<FMT_BF16, NB>(c, w, tile, xrow, epi);
+    if constexpr (has_path<GEMV>(FMT_FP8, false)) if (w.fmt == FMT_FP8) return gemv_tile_fmt<FMT_FP8, NB>(c, w, tile, xrow, epi);
+    if constexpr (has_path<GEMV>(FMT_MXFP4, false)) if (w.fmt == FMT_MXFP4) return gemv_tile_fmt<FMT_MXFP4, NB>(c, w, tile, xrow, epi);
   }
-  switch (w.fmt) {
-#if TILERT_FORMATS & (1 << FMT_FP32)
-    case FMT_FP32: gemv_tile_fmt<FMT_FP32, NB>(c, w, tile, xrow, epi); break;
-#endif
-#if TILERT_FORMATS & (1 << FMT_BF16)
-    case FMT_BF16: gemv_tile_fmt<FMT_BF16, NB>(c, w, tile, xrow, epi); break;
-#endif
-#if TILERT_FORMATS & (1 << FMT_FP8)
-    case FMT_FP8: gemv_tile_fmt<FMT_FP8, NB>(c, w, tile, xrow, epi); break;
-#endif
-#if TILERT_FORMATS & (1 << FMT_MXFP4)
-    case FMT_MXFP4: gemv_tile_fmt<FMT_MXFP4, NB>(c, w, tile, xrow, epi); break;
-#endif
-    default: break;  // the host refuses weights in formats the kernel was not built for
-  }
+  if (threadIdx.x == 0) record_error(c, ERR_GEMV_PATH, tile.w, (uint32_t)w.fmt, (uint32_t)GEMV, mma_ok(w));
 }
 
 // ---- loader side --------------------------------------------------------------------------------
 
 #if TILERT_LOADER
 // Wait (loader lane) until ring slot `issued % SLOTS` is free again.
-TILERT_DEV bool ring_wait_empty(Ctx& c, uint32_t issued, const volatile int* abort) {
+TILERT_DEV bool ring_wait_empty(uint8_t* smem, uint32_t issued, const volatile int* abort) {
   if (issued < TILERT_SLOTS) return true;
   const uint32_t parity = ((issued / TILERT_SLOTS) - 1) & 1;
   uint32_t spins = 0;
-  while (!mbar_try_wait(ring_empty(c.smem, issued % TILERT_SLOTS), parity)) {
+  while (!mbar_try_wait(ring_empty(smem, issued % TILERT_SLOTS), parity)) {
     if ((++spins & 255) == 0 && *abort) return false;
   }
   return true;
 }
 
-// Issue the pieces of one tile into the ring (loader lane only), in the compute warps' order
-// (row blocks, then column chunks): whole-row pieces as one bulk copy (two with MXFP4 scales),
-// column-chunked pieces one copy per row into padded slot rows.  `issued` counts pieces.
-// Returns false if the CTA aborted while waiting for a free slot.
-TILERT_DEV bool load_tile(Ctx& c, const Tile& tile, uint32_t& issued, const volatile int* abort) {
-  const WeightDesc& w = weight(c, tile.w);
+constexpr uint32_t kLoaderAborted = 0xffffffffu;
+
+// Issue the pieces of rows [r0, r1) of `expert` of `w` into the ring (loader lane only), in the
+// compute warps' order (row blocks, then column chunks): whole-row pieces as one bulk copy (two
+// with MXFP4 scales), column-chunked pieces one copy per row into padded slot rows.  `issued`
+// counts pieces; returns the new count, or kLoaderAborted if the CTA aborted while waiting for
+// a free slot.  Outlined (one copy for every kind's tiles), its arguments plain values.
+TILERT_OUTLINE uint32_t load_tile(uint8_t* smem, const WeightDesc& w, int expert, int r0, int r1, uint32_t issued,
+                                  const volatile int* abort) {
   const Pieces pc = pieces_of(w);
-  const int expert = tile_expert(tile);
   const uint8_t* gdata = tile_data(w, expert);
   const uint8_t* gscale = tile_scale(w, expert);
   const int rb = w.row_bytes, cbytes = pc.kc * fmt_bits(w.fmt) / 8;
   const bool ring_scales = scales_in_ring(w);
-  for (int ra = tile.r0; ra < tile.r1; ra += pc.rp) {
-    const int nr = min(pc.rp, tile.r1 - ra);
+  const uint64_t policy = stream_policy();
+  for (int ra = r0; ra < r1; ra += pc.rp) {
+    const int nr = min(pc.rp, r1 - ra);
     for (int kq = 0; kq < pc.nch; ++kq) {
-      if (!ring_wait_empty(c, issued, abort)) return false;
-      uint8_t* dst = ring_slot(c.smem, issued % TILERT_SLOTS);
-      uint64_t* full = ring_full(c.smem, issued % TILERT_SLOTS);
+      if (!ring_wait_empty(smem, issued, abort)) return kLoaderAborted;
+      uint8_t* dst = ring_slot(smem, issued % TILERT_SLOTS);
+      uint64_t* full = ring_full(smem, issued % TILERT_SLOTS);
       const uint32_t sbytes = ring_scales ? (uint32_t)(nr * w.scale_ld) : 0u;
       mbar_arrive_expect_tx(full, (uint32_t)(nr * cbytes) + sbytes);
       if (pc.nch == 1) {
-        bulk_copy_g2s(dst, gdata + (size_t)ra * rb, (uint32_t)(nr * rb), full);
-        if (sbytes) bulk_copy_g2s(dst + nr * rb, gscale + (size_t)ra * w.scale_ld, sbytes, full);
+        bulk_copy_g2s(dst, gdata + (size_t)ra * rb, (uint32_t)(nr * rb), full, policy);
+        if (sbytes) bulk_copy_g2s(dst + nr * rb, gscale + (size_t)ra * w.scale_ld, sbytes, full, policy);
       } else {
         for (int r = 0; r < nr; ++r)
-          bulk_copy_g2s(dst + r * pc.cstride, gdata + (size_t)(ra + r) * rb + (size_t)kq * cbytes, (uint32_t)cbytes, full);
+          bulk_copy_g2s(dst + r * pc.cstride, gdata + (size_t)(ra + r) * rb + (size_t)kq * cbytes, (uint32_t)cbytes,
+                        full, policy);
       }
       ++issued;
     }
   }
-  return true;
+  return issued;
 }
 #endif
 

@@ -62,11 +62,12 @@ TILERT_DEV void tiles_of(const Ctx&, const LinearParams& p, V&& v) {
   v(Tile{p.weight, nullptr, 0, p.r0, p.r1}, 0);
 }
 
+template <int GEMV>
 TILERT_DEV void k_linear(Ctx& c, const LinearParams& p) {
   const float* x = ref_ptr<float>(c, p.in);
   float* out = ref_ptr<float>(c, p.out);
   tiles_of(c, p, [&](const Tile& t, int) {
-    gemv_tile<kB>(c, t, [&](int b) { return x + b * p.in.ld; }, [&](int i, const float* v) {
+    gemv_tile<kB, GEMV>(c, t, [&](int b) { return x + b * p.in.ld; }, [&](int i, const float* v) {
 #pragma unroll
       for (int b = 0; b < kB; ++b) {
         float* o = out + b * p.out.ld + p.c0 + i;
@@ -361,13 +362,14 @@ TILERT_DEV void tiles_of(const Ctx&, const GateUpParams& p, V&& v) {
   v(Tile{p.up, nullptr, 0, p.r0, p.r1}, 1);
 }
 
+template <int GEMV>
 TILERT_DEV void k_gate_up(Ctx& c, const GateUpParams& p) {
   const float* x = ref_ptr<float>(c, p.in);
   float* out = ref_ptr<float>(c, p.out);
   float* g = reinterpret_cast<float*>(c.smem + TILERT_SMEM_SCRATCH);  // [B][rows] gate results
   const int n = p.r1 - p.r0;
   tiles_of(c, p, [&](const Tile& t, int which) {
-    gemv_tile<kB>(c, t, [&](int b) { return x + b * p.in.ld; }, [&](int i, const float* v) {
+    gemv_tile<kB, GEMV>(c, t, [&](int b) { return x + b * p.in.ld; }, [&](int i, const float* v) {
 #pragma unroll
       for (int b = 0; b < kB; ++b) {
         if (which == 0) g[b * n + i] = v[b];
@@ -441,12 +443,13 @@ TILERT_DEV void tiles_of(const Ctx& c, const ExpertGateUpParams& p, V&& v) {
   v(Tile{p.up, idx, pos, p.r0, p.r1}, 1);
 }
 
+template <int GEMV>
 TILERT_DEV void k_expert_gate_up(Ctx& c, const ExpertGateUpParams& p) {
   const float* x = ref_ptr<float>(c, p.in) + p.token * p.in.ld;
   float* out = ref_ptr<float>(c, p.out) + p.token * p.out.ld + p.slot * p.inter;
   float* g = reinterpret_cast<float*>(c.smem + TILERT_SMEM_SCRATCH);
   tiles_of(c, p, [&](const Tile& t, int which) {
-    gemv_tile<1>(c, t, [&](int) { return x; }, [&](int i, const float* v) {
+    gemv_tile<1, GEMV>(c, t, [&](int) { return x; }, [&](int i, const float* v) {
       if (which == 0) g[i] = v[0];
       else out[p.r0 + i] = silu(g[i]) * v[0];
     });
@@ -462,6 +465,7 @@ TILERT_DEV void tiles_of(const Ctx& c, const ExpertDownParams& p, V&& v) {
     for (int k = 0; k < p.k; ++k) v(Tile{p.down, idx, t * p.idx.ld + k, p.r0, p.r1}, t * p.k + k);
 }
 
+template <int GEMV>
 TILERT_DEV void k_expert_down(Ctx& c, const ExpertDownParams& p) {
   const float* act = ref_ptr<float>(c, p.act);
   const float* wts = ref_ptr<float>(c, p.weights);
@@ -471,7 +475,7 @@ TILERT_DEV void k_expert_down(Ctx& c, const ExpertDownParams& p) {
   tiles_of(c, p, [&](const Tile& tile, int i) {
     const int t = i / p.k, k = i % p.k;
     const float wk = wts[t * p.weights.ld + k];
-    gemv_tile<1>(c, tile, [&](int) { return act + t * p.act.ld + k * p.inter; }, [&](int r, const float* v) {
+    gemv_tile<1, GEMV>(c, tile, [&](int) { return act + t * p.act.ld + k * p.inter; }, [&](int r, const float* v) {
       const float y = wk * v[0];
       total[r] = k == 0 ? y : total[r] + y;  // the same thread owns row r in every slot's tile
     });
@@ -503,6 +507,7 @@ TILERT_DEV void tiles_of(const Ctx&, const LmHeadParams& p, V&& v) {
   v(Tile{p.weight, nullptr, 0, p.r0, p.r1}, 0);
 }
 
+template <int GEMV>
 TILERT_DEV void k_lm_head(Ctx& c, const LmHeadParams& p) {
   const float* x = ref_ptr<float>(c, p.in);
   float* logits = ref_ptr<float>(c, p.logits);
@@ -519,7 +524,7 @@ TILERT_DEV void k_lm_head(Ctx& c, const LmHeadParams& p) {
     bi[b] = 0x7fffffff;
   }
   tiles_of(c, p, [&](const Tile& t, int) {
-    gemv_tile<kB>(c, t, [&](int b) { return x + b * p.in.ld; }, [&](int i, const float* v) {
+    gemv_tile<kB, GEMV>(c, t, [&](int b) { return x + b * p.in.ld; }, [&](int i, const float* v) {
       const int r = p.r0 + i;
 #pragma unroll
       for (int b = 0; b < kB; ++b) {

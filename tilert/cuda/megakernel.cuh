@@ -133,11 +133,12 @@ TILERT_DEV void loader_loop(Ctx& c) {
           waited = true;
           if (!ok) return;
         }
-        ok = load_tile(c, tile, issued, abort);
+        issued = load_tile(c.smem, weight(c, tile.w), tile_expert(tile), tile.r0, tile.r1, issued, abort);
+        ok = issued != kLoaderAborted;
       });
     }
   }
-  ctrl(c)[CTRL_ISSUED] = (int)issued;
+  ctrl(c)[CTRL_ISSUED] = (int)issued;  // (only read after an abort)
 }
 #endif
 
