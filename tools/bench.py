@@ -99,6 +99,7 @@ def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma_f
     from tilert.build import build_cubin
     from tilert.codegen import generate
     from tilert.compiler import compile_steps
+    from tilert.diff import check_step_against_vm
     from tilert.gpu import MegakernelRuntime
     from tilert.lower import load_recipe
 
@@ -112,31 +113,11 @@ def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma_f
     compile_s = time.time() - t0
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=context + 8)
     rt.fill_cache(context, seed=1)
-    check = check_against_vm(cfg, schedules, weights, rt, context)
+    check = check_step_against_vm(cfg, schedules, weights, rt, context)
     step_s = median_seconds(lambda: rt.launch(1), reps)
     rt = None  # free the device memory before the baseline runs
     torch.cuda.empty_cache()
     return {"megakernel": step_s, "compile_s": compile_s, "ptxas": report, "check": check}
-
-
-def check_against_vm(cfg, schedules, weights, rt, context: int) -> dict:
-    """Same state in the VM (on the GPU, through torch) and the megakernel: compare the logits."""
-    from tilert.vm import VM
-
-    vm = VM(cfg, schedules, weights, max_seq_len=context + 8, device="cuda")
-    for name, t in vm.state.items():
-        t.copy_(rt.buffer(name).to(t.dtype))
-    vm.seq_len = rt.seq_len
-    token = 11
-    want, want_tok = vm.step([token])
-    got, got_tok = rt.step([token])
-    got = got.float()
-    err = float((got - want.to(got.device)).norm() / want.norm())
-    ok = bool(torch.isfinite(got).all()) and err < 1e-2
-    if not ok:
-        raise SystemExit(f"megakernel differs from the VM: rel err {err:.3e}, tokens {got_tok} vs {want_tok}")
-    rt.truncate(context)
-    return {"rel_err": err, "token_match": got_tok == want_tok}
 
 
 def main(argv=None) -> int:

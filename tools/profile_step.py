@@ -29,6 +29,7 @@ from tilert.codegen import generate, parse_mma_formats  # noqa: E402
 from tilert.compiler import compile_steps  # noqa: E402
 from tilert.cost import GPUS, task_time  # noqa: E402
 from tilert.device_weights import device_weights  # noqa: E402
+from tilert.diff import check_step_against_vm  # noqa: E402
 from tilert.gpu import MegakernelRuntime  # noqa: E402
 from tilert.lower import load_recipe  # noqa: E402
 from tilert.timing import median_seconds  # noqa: E402
@@ -99,6 +100,8 @@ def main(argv=None) -> int:
             prt.truncate(args.context)
         if args.plain_steps:
             return 0
+        check = check_step_against_vm(cfg, {1: schedule}, weights, prt, args.context)
+        print(f"plain kernel vs the VM on the GPU: {check}")
         plain_s = median_seconds(lambda: prt.launch(1))
         prt = None
     if args.cubin:
