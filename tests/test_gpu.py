@@ -30,9 +30,13 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 BUILD_DIR = Path(__file__).resolve().parent.parent / "build" / "cubins"
 MAX_SEQ = 320
 STEPS = 256
-# Kernel variants of mimo-tiny: the loader ring; direct 16-byte loads; a ring of 256-byte slots,
-# which cuts every tile into many pieces (ring wrap-around, rows reduced across warps).
-VARIANTS = {"loader": {}, "direct": {"loader": False}, "small-slots": {"slot_bytes": 256}}
+# Kernel variants of mimo-tiny: the loader ring (tiled weights on the tensor cores); direct
+# 16-byte loads (row-major, CUDA cores); a ring of 256-byte slots, too small for a step block, so
+# every weight stays row-major and every tile is cut into many pieces (ring wrap-around, rows
+# reduced across warps); 1 KiB slots, one step block each, so tiled rows of two or more steps are
+# cut into chunks (partial sums carried over a row block's pieces).
+VARIANTS = {"loader": {}, "direct": {"loader": False}, "small-slots": {"slot_bytes": 256},
+            "step-chunks": {"slot_bytes": 1024}}
 
 
 def rel_err(a, b) -> float:

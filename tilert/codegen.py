@@ -47,6 +47,7 @@ from tilert.ir import (
     Task,
 )
 from tilert.schedule import Schedule
+from tilert.tiling import ROW_BLOCK, step_block_bytes, tileable
 
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 KERNEL_NAME = "tilert_megakernel"
@@ -132,7 +133,7 @@ STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
 # Host-filled structs (natural C alignment; numpy's aligned dtype matches it).
 WEIGHT_DESC = (("data", "ptr"), ("scale", "ptr"), ("expert_bytes", "i64"), ("expert_scale_bytes", "i64"),
                ("fmt", "i32"), ("rows", "i32"), ("cols", "i32"), ("experts", "i32"), ("row_bytes", "i32"),
-               ("scale_ld", "i32"), ("pad0", "i32"), ("pad1", "i32"))
+               ("scale_ld", "i32"), ("tiled", "i32"), ("pad1", "i32"))
 KERNEL_ARGS = (("program", "ptr"), ("counters", "ptr"), ("act", "ptr"), ("state", "ptr"), ("consts", "ptr"),
                ("scratch", "ptr"), ("weights", "ptr"), ("errors", "ptr"), ("profile", "ptr"),
                ("timeout_ns", "u64"), ("step", "u32"), ("stop_after", "i32"))
@@ -216,6 +217,7 @@ class WeightSlot:
     fmt: str  # storage format the kernel was generated for
     shape: tuple[int, ...]
     row_bytes: int
+    tiled: bool = False  # uploaded in the tiled layout (tilert/tiling.py) rather than row-major
 
 
 @dataclass
@@ -275,7 +277,8 @@ class GeneratedKernel:
                 f"program={self.program.size * 4 / 1024:.0f} KiB smem={self.smem_bytes} "
                 f"ring={self.slots}x{self.slot_bytes} act={self.act_bytes} "
                 f"state={self.state_bytes} locals={'smem' if self.locals_in_smem else 'global'} "
-                f"mma={','.join(self.mma_formats) or 'none'}")
+                f"mma={','.join(self.mma_formats) or 'none'} tiled={sum(w.tiled for w in self.weights)}/"
+                f"{len(self.weights)}")
 
 
 def _row_bytes(fmt: str, cols: int) -> int:
@@ -599,15 +602,20 @@ def _scratch_floats(kind: str, values: dict, B: int) -> int:
     return 0
 
 
-ATTN_HEADS_PER_PASS = 8  # query heads per pass of k_attention (TILERT_ATTN_HEADS; its float4 loads fix 8)
+ATTN_CHUNK = 16  # keys per chunk of k_attention (TILERT_ATTN_CHUNK; a lane a key in its softmax step)
 
 
-def _attention_scratch_bytes(compute_warps: int, head_dim: int, v_head_dim: int) -> int:
-    """k_attention's shared memory: the pass's queries [heads][head_dim], then per warp
-    [32 keys][heads] softmax weights, reused after a barrier for the merge (per warp maxima,
-    sums and the values of the pass's heads)."""
-    hp = ATTN_HEADS_PER_PASS
-    return 4 * (hp * head_dim + max(compute_warps * 32 * hp, (compute_warps + 1) * hp + hp * v_head_dim))
+def _attention_group_max(stages_of) -> int:
+    """The most query heads one attention task serves (its KV head's group)."""
+    return max([0] + [v["group"] for stages in stages_of.values() for k, v in stages if k == "attention"])
+
+
+def _attention_smem_bytes(group: int, head_dim: int, v_head_dim: int) -> int:
+    """k_attention's shared memory, from TILERT_SMEM_XS on (the GEMVs' x staging and scratch):
+    the token's queries [group][hd], two chunk buffers of keys [chunk][hd + 4] and values
+    [chunk][vd], the chunk's scores [group][chunk] and the running max, sum and rescale per head."""
+    ch = ATTN_CHUNK
+    return 4 * (group * head_dim + 2 * ch * (head_dim + 4) + 2 * ch * v_head_dim + group * ch + 3 * group)
 
 
 def _slot_row_bytes(w: WeightSlot) -> int:
@@ -631,7 +639,6 @@ class _Encoded:
     """Every task's encoded stages for one placement of the task-local buffers."""
     stages: dict[int, list[tuple[str, dict]]]
     scratch_bytes: int  # smem beside the GEMV inputs (gate results, expert totals), max over tasks
-    max_row_bytes: int  # the largest weight row a GEMV streams (a ring slot must hold one)
     vector_views: list[dict]
 
 
@@ -639,9 +646,8 @@ def _encode_tasks(schedule: Schedule, plan: _Plan, cfg: MimoConfig, boxes_of: di
                   space: str) -> _Encoded:
     """Encode every task with its local buffers laid out one after another in `space`."""
     enc = _Encoder(plan, schedule, cfg)
-    by_index = list(plan.weights.values())
     B = schedule.graph.tokens
-    stages_of, scratch, max_row = {}, 0, 0
+    stages_of, scratch = {}, 0
     for t in schedule.graph.tasks:
         enc.views, enc.boxes, at = {}, boxes_of[t.id], 0
         for name, (r0, r1, c0, c1) in enc.boxes.items():
@@ -652,40 +658,106 @@ def _encode_tasks(schedule: Schedule, plan: _Plan, cfg: MimoConfig, boxes_of: di
             for kind, values in enc.stage(st):
                 stages.append((kind, values))
                 scratch = max(scratch, 4 * _scratch_floats(kind, values, B))
-                max_row = max([max_row] + [_slot_row_bytes(by_index[i]) for i in _gemv_weights(kind, values)])
         stages_of[t.id] = stages
-    return _Encoded(stages_of, scratch, max_row, enc.vector_views)
+    return _Encoded(stages_of, scratch, enc.vector_views)
 
 
-def _xs_bytes(w: WeightSlot, tokens: int, mma_formats) -> int:
-    """Shared memory the staged x of one mma GEMV over `w` needs (gemv.cuh, `xs_bytes`; 0 when
-    `w` stays on the CUDA-core loop), before the XS_LIMIT_BYTES cap."""
-    unit = {"mxfp4": 512, "fp8": 64, "bf16": 32}.get(w.fmt)  # mxfp4: 16-byte scale rows
-    cols = w.shape[-1]
-    if unit is None or w.fmt not in mma_formats or tokens > MMA_MAX_TOKENS or cols % unit:
-        return 0
+def _gemv_tiles(stages_of: dict[int, list[tuple[str, dict]]]):
+    """(weight index, first row, end row) of every GEMV tile of the encoded stages."""
+    for stages in stages_of.values():
+        for kind, values in stages:
+            for i in _gemv_weights(kind, values):
+                yield i, values["r0"], values["r1"]
+
+
+def _x_bytes(cols: int, tokens: int) -> int:
+    """Shared memory the staged x of one mma GEMV over `cols` columns takes (gemv.cuh, `xs_bytes`)."""
     return tokens * 2 * (2 * cols + 64)
 
 
+def _tiled_weights(stages_of, weights: list[WeightSlot], loader: bool, mma_formats, slot_bytes: int | None,
+                   ) -> tuple[set[int], list[str]]:
+    """The weights uploaded tiled (tilert/tiling.py), which the tensor-core GEMV reads wherever
+    the step's staged x fits: a format it handles, whole row blocks and steps, one token's staged
+    x within XS_LIMIT_BYTES, a step block that fits a ring slot, and every tile over the weight
+    starting and ending on a row block.  Also notes on the weights that could be tiled but for
+    their tiles.  Decided per weight, so one step size's kernel or another sees the same layout."""
+    if not loader:
+        return set(), []
+    streamed = {i for i, _, _ in _gemv_tiles(stages_of)}
+    tiled, notes = set(), []
+    for w in weights:
+        if not (w.index in streamed and w.fmt in mma_formats and tileable(w.fmt, w.shape[-2], w.shape[-1])):
+            continue
+        if _x_bytes(w.shape[-1], 1) > XS_LIMIT_BYTES:
+            notes.append(f"weight {w.name} ({w.fmt}, {w.shape[-1]} columns): CUDA-core GEMV, its staged x "
+                         f"({_x_bytes(w.shape[-1], 1)} B) exceeds the {XS_LIMIT_BYTES} B limit")
+        elif slot_bytes is None or step_block_bytes(w.fmt) <= slot_bytes:
+            tiled.add(w.index)
+    unaligned = {i for i, r0, r1 in _gemv_tiles(stages_of) if i in tiled and (r0 % ROW_BLOCK or r1 % ROW_BLOCK)}
+    notes += [f"weight {weights[i].name} stays row-major (CUDA-core GEMV): its tiles do not start and end on "
+              f"{ROW_BLOCK}-row blocks" for i in sorted(unaligned)]
+    return tiled - unaligned, notes
+
+
+def _check_gate_up_pairs(stages_of, weights: list[WeightSlot]) -> None:
+    """The up projection of a gate/up task reuses the x its gate staged (kinds.cuh): both must
+    share format, width and layout."""
+    for stages in stages_of.values():
+        for kind, values in stages:
+            if kind in ("gate_up", "expert_gate_up"):
+                gw, uw = weights[values["gate"]], weights[values["up"]]
+                if (gw.fmt, gw.shape[-1], gw.tiled) != (uw.fmt, uw.shape[-1], uw.tiled):
+                    raise UserError(f"{gw.name} and {uw.name} differ in format, width or layout "
+                                    f"({gw.fmt} {gw.shape} vs {uw.fmt} {uw.shape}): the GPU kernel needs them alike")
+
+
+def _xs_bytes(w: WeightSlot, tokens: int) -> int:
+    """Shared memory the staged x of one mma GEMV over `w` needs, 0 when `w` stays on the
+    CUDA-core loop at this step size (row-major, or more tokens than one mma holds), before the
+    XS_LIMIT_BYTES cap."""
+    return _x_bytes(w.shape[-1], tokens) if w.tiled and tokens <= MMA_MAX_TOKENS else 0
+
+
+def _on_mma(w: WeightSlot, tokens: int) -> bool:
+    return 0 < _xs_bytes(w, tokens) <= XS_LIMIT_BYTES
+
+
+def _slot_need(stages_of, weights: list[WeightSlot]) -> int:
+    """The largest unit a ring slot must hold: a step block of a tiled weight, a row (with its
+    MXFP4 scales) of a row-major one."""
+    return max([0] + [step_block_bytes(weights[i].fmt) if weights[i].tiled else _slot_row_bytes(weights[i])
+                      for i, _, _ in _gemv_tiles(stages_of)])
+
+
 def _gemv_masks(stages_of: dict[int, list[tuple[str, dict]]], weights: list[WeightSlot], tokens: int,
-                mma_formats) -> dict[str, int]:
+                ) -> dict[str, int]:
     """Per weight-streaming kind, the GEMV paths its weights take (gemv.cuh, `gemv_tile`): bit
-    1 << f for the CUDA-core loop over format f, 16 << f for the tensor cores.  The kernel
-    compiles each kind's GEMV for exactly these paths (TILERT_GEMV_<KIND>)."""
+    1 << f for the CUDA-core loop over row-major format f, 16 << f for the tensor cores, 256 << f
+    for the CUDA-core loop over tiled format f.  The kernel compiles each kind's GEMV for
+    exactly these paths (TILERT_GEMV_<KIND>)."""
     masks: dict[str, int] = {}
     for stages in stages_of.values():
         for kind, values in stages:
             for i in _gemv_weights(kind, values):
                 w = weights[i]
-                on_mma = 0 < _xs_bytes(w, tokens, mma_formats) <= XS_LIMIT_BYTES
-                masks[kind] = masks.get(kind, 0) | 1 << (FORMATS[w.fmt] + (4 if on_mma else 0))
+                path = 4 if _on_mma(w, tokens) else 8 if w.tiled else 0
+                masks[kind] = masks.get(kind, 0) | 1 << (FORMATS[w.fmt] + path)
     return masks
 
 
+def _record_words(schedule: Schedule, stages_of: dict[int, list[tuple[str, dict]]]) -> int:
+    """Words of the longest encoded task record (header, waits, signals, stages): the size of
+    the compute warps' shared-memory copy of a record (megakernel.cuh, TILERT_TASK_WORDS)."""
+    return max([4] + [4 + 2 * len(schedule.waits[t]) + len(schedule.signals[t]) + STAGE_WORDS * len(stages_of[t])
+                      for t in range(len(schedule.graph.tasks))])
+
+
 def _smem_layout(ring_slots: int, slot_bytes: int, red_bytes: int, scratch_bytes: int,
-                 locals_bytes: int, xs_bytes: int = 0) -> dict[str, int]:
+                 locals_bytes: int, xs_bytes: int = 0, task_words: int = 0) -> dict[str, int]:
     """Byte offsets of the shared-memory regions, after 16 bytes of control words."""
-    regions = (("bars", 2 * ring_slots * 8, 8),  # ring mbarriers: full[slots], empty[slots]
+    regions = (("tasks", 2 * task_words * 4, 16),  # two task records (the current one, the next)
+               ("bars", 2 * ring_slots * 8, 8),  # ring mbarriers: full[slots], empty[slots]
                ("red", red_bytes, 16),  # cross-warp reductions
                ("xs", xs_bytes, 16),  # x staged for the tensor-core GEMV
                ("scratch", scratch_bytes, 16),  # GEMV results kept for an epilogue
@@ -725,32 +797,40 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
                        for boxes in boxes_of.values())
     red_bytes = compute_warps * B * 16  # per warp and token: a (double score, int index) pair at most
     mma_formats = tuple(mma_formats) if loader else ()
-    xs_bytes = max([0] + [x for w in plan.weights.values()
-                          if 0 < (x := _xs_bytes(w, B, mma_formats)) <= XS_LIMIT_BYTES])
-    if xs_bytes:  # mma partials: two batches x warps x kRedRows (gemv.cuh) x tokens
-        red_bytes = max(red_bytes, 2 * compute_warps * max(16, 128 // B) * B * 4)
+    weights = list(plan.weights.values())
 
-    chosen = None
+    chosen, tiled_notes = None, None
     for space in (["smem"] if locals_space == "auto" else []) + ["scratch"]:
         enc = _encode_tasks(schedule, plan, cfg, boxes_of, space)
-        slot = slot_bytes or _align(max(compute_warps * MIN_SLOT_ROW_BYTES, enc.max_row_bytes), 128)
-        if slot < enc.max_row_bytes or slot % 128:
+        if tiled_notes is None:  # tiles do not depend on where locals live: decide once
+            tiled, tiled_notes = _tiled_weights(enc.stages, weights, loader, mma_formats, slot_bytes)
+            for w in weights:
+                w.tiled = w.index in tiled
+            xs_bytes = max([0] + [x for w in weights if 0 < (x := _xs_bytes(w, B)) <= XS_LIMIT_BYTES])
+            if xs_bytes:  # mma partials: two batches x warps x kRedRows (gemv.cuh) x tokens
+                red_bytes = max(red_bytes, 2 * compute_warps * max(16, 128 // B) * B * 4)
+            need = _slot_need(enc.stages, weights)
+            _check_gate_up_pairs(enc.stages, weights)
+            task_words = _align(_record_words(schedule, enc.stages), 4)
+        slot = slot_bytes or _align(max(compute_warps * MIN_SLOT_ROW_BYTES, need), 128)
+        if slot < need or slot % 128:
             raise UserError(f"slot_bytes {slot} must be a multiple of 128 and hold the largest weight row "
-                            f"({enc.max_row_bytes} B)")
+                            f"({need} B)")
         in_smem = locals_bytes if space == "smem" else 0
-        if any(k == "attention" for stages in enc.stages.values() for k, _ in stages):
-            enc.scratch_bytes = max(enc.scratch_bytes, _attention_scratch_bytes(compute_warps, cfg.head_dim,
-                                                                             cfg.v_head_dim))
+        if group_max := _attention_group_max(enc.stages):  # attention's area spans x staging + scratch
+            need_attn = _attention_smem_bytes(group_max, max(cfg.head_dim, 4), max(cfg.v_head_dim, 1))
+            enc.scratch_bytes = max(enc.scratch_bytes, _align(need_attn - xs_bytes, 16))
         for slots in (range(ring_slots, 1, -1) if loader else [0]):
             slot_here = slot
             if xs_bytes and not slot_bytes and slots:
                 # mma pieces are cut to the slot, so more, smaller slots keep more bytes in
                 # flight than fewer large ones: fill what the other regions leave.
-                room = smem_limit - _smem_layout(slots, 0, red_bytes, enc.scratch_bytes, in_smem, xs_bytes)["total"]
+                room = smem_limit - _smem_layout(slots, 0, red_bytes, enc.scratch_bytes, in_smem, xs_bytes,
+                                                 task_words)["total"]
                 slot_here = min(slot, room // slots // 128 * 128)
-                if slot_here < enc.max_row_bytes:
+                if slot_here < need:
                     continue
-            lay = _smem_layout(slots, slot_here, red_bytes, enc.scratch_bytes, in_smem, xs_bytes)
+            lay = _smem_layout(slots, slot_here, red_bytes, enc.scratch_bytes, in_smem, xs_bytes, task_words)
             if lay["total"] <= smem_limit:
                 chosen = (space, enc, slot_here, slots, lay)
                 break
@@ -758,27 +838,28 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
             break
     if chosen is None:
         raise UserError(f"the megakernel does not fit {smem_limit} B of shared memory even with task-local "
-                        f"buffers in global memory (largest weight row {enc.max_row_bytes} B)")
+                        f"buffers in global memory (largest weight row {need} B)")
     space, enc, slot, slots, lay = chosen
     _check_alignment(plan, enc.vector_views)
     scratch_stride = 0 if space == "smem" else _align(locals_bytes, 256)
     notes = [] if space == "smem" else [f"task-local buffers ({locals_bytes} B) live in global scratch"]
-    formats = {w.fmt for w in plan.weights.values()}
-    mma_used = sorted(set(mma_formats) & formats, key=FORMATS.get) if xs_bytes else []
-    for w in plan.weights.values():
-        x = _xs_bytes(w, B, mma_used)
+    notes += tiled_notes
+    formats = {w.fmt for w in weights}
+    mma_used = sorted({w.fmt for w in weights if _on_mma(w, B)}, key=FORMATS.get)
+    for w in weights:
+        x = _xs_bytes(w, B)
         if x > XS_LIMIT_BYTES:
             notes.append(f"weight {w.name} ({w.fmt}, {w.shape[-1]} columns): CUDA-core GEMV, its staged x "
                          f"({x} B) exceeds the {XS_LIMIT_BYTES} B limit")
     return GeneratedKernel(
         source=_source(schedule, cfg, B, compute_warps, loader, slots, slot, lay, formats, scratch_stride,
-                       set(mma_used), xs_bytes,
-                       _gemv_masks(enc.stages, list(plan.weights.values()), B, mma_used)),
-        program=_encode_program(schedule, enc.stages), tokens=B, num_workers=schedule.num_workers,
+                       set(mma_used), xs_bytes, _gemv_masks(enc.stages, weights, B), task_words,
+                       _attention_group_max(enc.stages)),
+        program=_encode_program(schedule, enc.stages, task_words), tokens=B, num_workers=schedule.num_workers,
         threads=32 * compute_warps + (32 if loader else 0), smem_bytes=lay["total"], loader=loader,
         slots=slots, slot_bytes=slot, act_bytes=plan.act_bytes, state_bytes=plan.state_bytes,
         scratch_stride=scratch_stride, consts=np.asarray(plan.consts or [0.0], dtype=np.float32),
-        buffers=plan.buffers, weights=list(plan.weights.values()),
+        buffers=plan.buffers, weights=weights,
         counter_targets=[c.target for c in schedule.counters],
         task_names=[f"{g.ops[t.op].name} ({t.kind})" for t in g.tasks], worker_of=list(schedule.worker_of),
         locals_in_smem=space == "smem", notes=notes, mma_formats=mma_used)
@@ -796,7 +877,10 @@ def _check_alignment(plan: _Plan, vector_views: list[dict]) -> None:
                             f"is not 16-byte aligned")
 
 
-def _encode_program(schedule: Schedule, encoded: dict[int, list[tuple[str, dict]]]) -> np.ndarray:
+def _encode_program(schedule: Schedule, encoded: dict[int, list[tuple[str, dict]]], pad_words: int = 0,
+                    ) -> np.ndarray:
+    """The program (layout in the module doc), followed by `pad_words` zeros: the compute warps
+    read a fixed TILERT_TASK_WORDS from a record's start, the last record's too."""
     words: list[int] = [0] * HEADER_WORDS
     words[PROG["magic"]], words[PROG["version"]] = MAGIC, VERSION
     words[PROG["workers"]], words[PROG["tasks"]] = schedule.num_workers, len(schedule.graph.tasks)
@@ -818,6 +902,7 @@ def _encode_program(schedule: Schedule, encoded: dict[int, list[tuple[str, dict]
             for kind, values in stages:
                 words.append(KIND_ID[kind])
                 words += pack_params(KINDS[KIND_ID[kind] - 1].struct, values)
+    words += [0] * pad_words
     if len(words) >= 2**31:
         raise UserError("the encoded program exceeds 2^31 words")
     return np.asarray(words, dtype=np.int64).astype(np.int32)
@@ -825,7 +910,7 @@ def _encode_program(schedule: Schedule, encoded: dict[int, list[tuple[str, dict]
 
 def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool, slots: int, slot_bytes: int,
             lay: dict, formats: set[str], scratch_stride: int, mma_formats: set[str], xs_bytes: int,
-            gemv_masks: dict[str, int]) -> str:
+            gemv_masks: dict[str, int], task_words: int, attn_group_max: int) -> str:
     kinds_used = sorted({k for t in schedule.graph.tasks for k in (s.kind for s in _stages(t))},
                         key=lambda k: KIND_ID[k])
     defines = {
@@ -836,9 +921,12 @@ def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool,
         "TILERT_SMEM_SCRATCH": lay["scratch"], "TILERT_SMEM_LOCALS": lay["locals"], "TILERT_SMEM_RING": lay["ring"],
         "TILERT_SMEM_BYTES": lay["total"], "TILERT_SCRATCH_STRIDE": f"{scratch_stride}ull",
         "TILERT_VD_MAX": max(cfg.v_head_dim, 1), "TILERT_HD_MAX": max(cfg.head_dim, 4), "TILERT_E_MAX": max(cfg.n_routed_experts, 1),
-        "TILERT_K_MAX": max(cfg.num_experts_per_tok, 1), "TILERT_ATTN_HEADS": ATTN_HEADS_PER_PASS,
+        "TILERT_H_MAX": max(cfg.hidden_size, 4),
+        "TILERT_K_MAX": max(cfg.num_experts_per_tok, 1), "TILERT_ATTN_CHUNK": ATTN_CHUNK,
+        "TILERT_ATTN_GROUP_MAX": max(attn_group_max, 1),
         "TILERT_MMA_FORMATS": sum(1 << FORMATS[f] for f in mma_formats & formats),
         "TILERT_SMEM_XS": lay["xs"], "TILERT_XS_BYTES": xs_bytes,
+        "TILERT_SMEM_TASKS": lay["tasks"], "TILERT_TASK_WORDS": task_words,
     }
     defines.update({f"TILERT_GEMV_{k.upper()}": gemv_masks.get(k, 0) for k in kinds_used
                     if KINDS[KIND_ID[k] - 1].streams_weights})

@@ -35,6 +35,7 @@ from tilert.codegen import (
     numpy_dtype,
 )
 from tilert.errors import HangError, UserError
+from tilert.tiling import ROW_BLOCK, STEP_BYTES, step_block_bytes, tile
 
 _TORCH = {"f32": torch.float32, "i32": torch.int32, "f64": torch.float64}
 _ERROR_NAMES = {v: k for k, v in ERRORS.items()}
@@ -150,6 +151,9 @@ class MegakernelRuntime:
         for g in gens:
             for slot in g.weights:
                 if slot.name in out:
+                    if bool(out[slot.name]["desc"]["tiled"]) != slot.tiled:
+                        raise UserError(f"weight {slot.name}: the kernels of different step sizes want it in "
+                                        f"different layouts (tiled and row-major); regenerate them together")
                     continue
                 t = weights.get(slot.name)
                 if t is None:
@@ -160,8 +164,8 @@ class MegakernelRuntime:
                                     f"{slot.fmt}: regenerate with weight_formats from these weights")
                 if tuple(t.shape) != tuple(slot.shape):
                     raise UserError(f"weight {slot.name} has shape {tuple(t.shape)}, the kernel expects {slot.shape}")
-                out[slot.name] = up = self._upload_one(t, fmt)
-                if t.data.device == self.device:
+                out[slot.name] = up = self._upload_one(t, fmt, slot.tiled)
+                if t.data.device == self.device and not slot.tiled:
                     # Already on this GPU: let the caller's tensor share the padded copy, so
                     # that the weights are held once (large models fill the card).
                     t.data = _view_like(up["data"], t.data)
@@ -175,18 +179,27 @@ class MegakernelRuntime:
         buf[:raw.numel()].copy_(raw)
         return buf
 
-    def _upload_one(self, t: StoredTensor, fmt: str) -> dict:
+    def _upload_one(self, t: StoredTensor, fmt: str, tiled: bool) -> dict:
+        """One weight on the device, row-major as stored or in the tiled layout (tilert/tiling.py:
+        MXFP4 scales then travel inside the data, FP8 block scales stay a table)."""
         shape = tuple(t.shape)
         experts = shape[0] if len(shape) == 3 else 1
         rows, cols = (shape[-2], shape[-1]) if len(shape) >= 2 else (1, shape[0])
-        data = self._device_bytes(t.data)
-        scale = self._device_bytes(t.scale) if t.scale is not None else None
         row_bytes = _row_bytes(fmt, cols)
-        scale_bytes = t.scale.numel() * t.scale.element_size() if t.scale is not None else 0
+        if tiled:
+            data = self._device_bytes(tile(t.data.to(self.device), fmt,
+                                           t.scale.to(self.device) if fmt == "mxfp4" else None))
+            expert_bytes = rows // ROW_BLOCK * (row_bytes // STEP_BYTES) * step_block_bytes(fmt)
+        else:
+            data = self._device_bytes(t.data)
+            expert_bytes = rows * row_bytes
+        keep_scale = t.scale is not None and not (tiled and fmt == "mxfp4")
+        scale = self._device_bytes(t.scale) if keep_scale else None
+        scale_bytes = t.scale.numel() * t.scale.element_size() if keep_scale else 0
         desc = {"data": data.data_ptr(), "scale": scale.data_ptr() if scale is not None else 0,
-                "expert_bytes": rows * row_bytes, "expert_scale_bytes": scale_bytes // experts,
+                "expert_bytes": expert_bytes, "expert_scale_bytes": scale_bytes // experts,
                 "fmt": FORMATS[fmt], "rows": rows, "cols": cols, "experts": experts, "row_bytes": row_bytes,
-                "scale_ld": int(t.scale.shape[-1]) if t.scale is not None else 0, "pad0": 0, "pad1": 0}
+                "scale_ld": int(t.scale.shape[-1]) if t.scale is not None else 0, "tiled": int(tiled), "pad1": 0}
         return {"data": data, "scale": scale, "desc": desc}
 
     def _state_arena(self, gens) -> torch.Tensor:

@@ -63,6 +63,8 @@ def footprint(gens: dict[int, Any], gpu: str | None = None) -> dict[str, Any]:
         for w in g.weights:
             if w.name not in weights:
                 data, scale = _weight_bytes(w.fmt, tuple(w.shape))
+                if w.tiled and w.fmt == "mxfp4":  # the scales travel inside the tiled data
+                    data, scale = data + scale, 0
                 weights[w.name] = data + WEIGHT_PAD + (scale + WEIGHT_PAD if scale else 0)
     desc = numpy_dtype(WEIGHT_DESC).itemsize
     per_step = {}

@@ -1,13 +1,14 @@
 // Weight streaming and the GEMV core.
 //
 // A task reads its weights as *tiles*: rows [r0, r1) of one matrix (of one expert).  A tile is
-// cut into *pieces* that fit one ring slot: whole rows, contiguous in global memory (row-major
-// storage), so one 1-D bulk copy moves them; only the tensor-core GEMV cuts rows too long for
-// that into column chunks (see `pieces_of`).  The loader warp and the compute warps enumerate
-// the very same tiles (the per-kind `tiles_of`) and cut them with the very same `pieces_of`,
-// so they agree on the piece sequence without talking: piece j lives in slot j % TILERT_SLOTS.
-// Without the loader (TILERT_LOADER 0) a piece is read straight from global memory with 16-byte
-// loads; the arithmetic is identical.
+// cut into *pieces* that fit one ring slot, each one contiguous range of global memory, so one
+// 1-D bulk copy moves it.  Weights the tensor-core GEMV reads are stored *tiled*
+// (tilert/tiling.py: 16-row blocks of 64-byte steps), where a piece is some whole row blocks, or
+// a run of steps of one block; the others are row-major and a piece is some whole rows.  The
+// loader warp and the compute warps enumerate the very same tiles (the per-kind `tiles_of`) and
+// cut them with the very same `pieces_of`, so they agree on the piece sequence without talking:
+// piece j lives in slot j % TILERT_SLOTS.  Without the loader (TILERT_LOADER 0) nothing is tiled
+// and a piece is read straight from global memory with 16-byte loads; the arithmetic is the same.
 #pragma once
 
 #include "common.cuh"
@@ -44,30 +45,41 @@ constexpr int kRedRows = 128 / kB < 16 ? 16 : 128 / kB;
 TILERT_DEV int fmt_bits(int fmt) { return fmt == FMT_MXFP4 ? 4 : fmt == FMT_FP8 ? 8 : fmt == FMT_BF16 ? 16 : 32; }
 TILERT_DEV int mma_step_cols(int fmt) { return fmt == FMT_MXFP4 ? 128 : fmt == FMT_FP8 ? 64 : 32; }
 
-// How a weight's tiles are cut into ring pieces: `rp` rows by `kc` columns, `nch` column chunks
-// per row block, rows `cstride` bytes apart in the slot.  The CUDA-core loop takes whole rows,
-// as many as fit (at most one per compute thread).  The tensor-core GEMV (gemv_tile_mma) takes
-// whole 16-row groups when 16 rows fit (at most one group per compute warp and kRedRows rows);
-// longer bf16 / fp8 rows (8-16 KiB) are cut into column chunks of 16 rows, one bulk copy per
-// row, each row padded by 64 bytes so the rows a warp reads at once fall on different banks
-// (whole rows conflict 2-way, which costs less than the ~100 ns of loader time a copy takes).
-// MXFP4 rows stay whole (their scales ride along).
+// The tiled layout (tilert/tiling.py): a step block holds 64 bytes of each of 16 rows, row after
+// row, then (MXFP4) their 4 E8M0 scale bytes each.
+constexpr int kRowBlock = 16, kStepBytes = 64;
+TILERT_DEV int step_block_bytes(const WeightDesc& w) { return 1024 + (w.fmt == FMT_MXFP4 ? 64 : 0); }
+TILERT_DEV int row_steps(const WeightDesc& w) { return w.row_bytes / kStepBytes; }
+
+// How a weight's tiles are cut into ring pieces.  Row-major: `rp` whole rows, as many as fit (at
+// most one per compute thread).  Tiled: `rp` rows of whole row blocks when a block fits a slot
+// (at most one block per compute warp and kRedRows rows), else one block in `nch` chunks of
+// `ns` steps (the last may have fewer).
 struct Pieces {
-  int rp, nch, kc, cstride;
+  int rp, nch, ns;
 };
 
 TILERT_OUTLINE Pieces pieces_of(const WeightDesc& w) {
-  const int fit = TILERT_SLOT_BYTES / piece_row_bytes(w);
-  if (!mma_ok(w)) return Pieces{min(kNCT, fit), 1, w.cols, w.row_bytes};
-  if (fit < 16 && w.fmt != FMT_MXFP4) {
-    const int bits = fmt_bits(w.fmt), step = mma_step_cols(w.fmt);
-    for (int nch = 2; nch <= 64 && w.cols % nch == 0 && (w.cols / nch) % step == 0; nch *= 2) {
-      const int kc = w.cols / nch, cstride = kc * bits / 8 + 64;
-      if (TILERT_SLOT_BYTES / cstride >= 16) return Pieces{16, nch, kc, cstride};
-    }
-  }
-  const int rp = fit < 16 ? fit : min(min(16 * kNCW, kRedRows), fit / 16 * 16);
-  return Pieces{rp, 1, w.cols, w.row_bytes};
+  if (!w.tiled) return Pieces{min(kNCT, TILERT_SLOT_BYTES / piece_row_bytes(w)), 1, 0};
+  const int nsteps = row_steps(w), fit = TILERT_SLOT_BYTES / step_block_bytes(w);
+  if (fit >= nsteps) return Pieces{kRowBlock * min(min(fit / nsteps, kRedRows / kRowBlock), kNCW), 1, nsteps};
+  const int nch = (nsteps + fit - 1) / fit;
+  return Pieces{kRowBlock, nch, (nsteps + nch - 1) / nch};
+}
+
+// Where the piece of rows [ra, ra + nr) (whole blocks), chunk kq lies in a tiled weight: its
+// first step, its steps and its bytes from the expert's start.
+struct Span {
+  int s_lo, ns;
+  size_t offset;
+  uint32_t bytes;
+};
+
+TILERT_DEV Span piece_span(const WeightDesc& w, const Pieces& pc, int ra, int nr, int kq) {
+  const int nsteps = row_steps(w), sb = step_block_bytes(w);
+  const int s_lo = kq * pc.ns, ns = min(pc.ns, nsteps - s_lo);
+  const int blocks = pc.nch == 1 ? (nr + kRowBlock - 1) / kRowBlock : 1;
+  return Span{s_lo, ns, ((size_t)(ra / kRowBlock) * nsteps + s_lo) * sb, (uint32_t)(blocks * ns * sb)};
 }
 
 // Threads that share one row of a piece: whole warps when there are fewer rows than warps
@@ -148,11 +160,10 @@ TILERT_DEV uint4 ld_unit(const uint8_t* p) {
 #endif
 }
 
-// Dequantized weights of unit `u` of row `row` (fp32: code value * block scale, like the VM).
-// `srow`: the row's MXFP4 scales (in the ring slot or in global memory); FP8 reads `gscale`.
+// Dequantized weights of one unit (fp32: code value * block scale, like the VM).  `fscale`: the
+// FP8 block's scale_inv; `e8m0`: the MXFP4 block's scale byte.
 template <int FMT>
-TILERT_DEV void decode_unit(const WeightDesc& w, const uint8_t* gscale, const uint8_t* srow, int row, int u,
-                            const uint4 raw, float* wv) {
+TILERT_DEV void decode_unit(const uint4 raw, float fscale, uint32_t e8m0, float* wv) {
   if constexpr (FMT == FMT_FP32) {
     wv[0] = __uint_as_float(raw.x); wv[1] = __uint_as_float(raw.y);
     wv[2] = __uint_as_float(raw.z); wv[3] = __uint_as_float(raw.w);
@@ -160,29 +171,76 @@ TILERT_DEV void decode_unit(const WeightDesc& w, const uint8_t* gscale, const ui
     wv[0] = __uint_as_float(raw.x << 16); wv[1] = __uint_as_float(raw.x & 0xffff0000u);
     wv[2] = __uint_as_float(raw.y << 16); wv[3] = __uint_as_float(raw.y & 0xffff0000u);
   } else if constexpr (FMT == FMT_FP8) {
-    // one scale_inv per 128x128 block: unit u holds columns 4u .. 4u+3
-    const float s = __ldg(reinterpret_cast<const float*>(gscale) + (size_t)(row >> 7) * w.scale_ld + (u >> 5));
     const float2 lo = fp8x2_to_f32((uint16_t)(raw.x & 0xffffu));
     const float2 hi = fp8x2_to_f32((uint16_t)(raw.x >> 16));
-    wv[0] = lo.x * s; wv[1] = lo.y * s; wv[2] = hi.x * s; wv[3] = hi.y * s;
-  } else {  // MXFP4: element 2k in the low nibble of byte k; one E8M0 scale per 32 = 4 units
-    const uint32_t e = srow[u >> 2];
-    if (e <= 128u) {
-      const float s = e8m0_to_f32_x2p126(e);
+    wv[0] = lo.x * fscale; wv[1] = lo.y * fscale; wv[2] = hi.x * fscale; wv[3] = hi.y * fscale;
+  } else {  // MXFP4: element 2k in the low nibble of byte k
+    if (e8m0 <= 128u) {
+      const float s = e8m0_to_f32_x2p126(e8m0);
       wv[0] = fp4_scaled<0>(raw.x, s); wv[1] = fp4_scaled<1>(raw.x, s);
       wv[2] = fp4_scaled<2>(raw.x, s); wv[3] = fp4_scaled<3>(raw.x, s);
       wv[4] = fp4_scaled<4>(raw.x, s); wv[5] = fp4_scaled<5>(raw.x, s);
       wv[6] = fp4_scaled<6>(raw.x, s); wv[7] = fp4_scaled<7>(raw.x, s);
     } else {  // scales above 2 (never in practice): the plain decode
-      const float s = e8m0_to_f32(e);
+      const float s = e8m0_to_f32(e8m0);
 #pragma unroll
       for (int j = 0; j < 8; ++j) wv[j] = fp4_value((raw.x >> (4 * j)) & 15u) * s;
     }
   }
 }
 
-// out_i = W[r0 + i] . x_b for b < NB, delivered to epi(i, float v[NB]) by one thread per row.
-// XRow(b) gives the fp32 input row b (16-byte aligned).  Every compute thread must call this.
+// acc[b] += the unit's weights . x_b at column `col` (XRow(b): token b's fp32 input row).
+template <int FMT, int NB, class XRow>
+TILERT_DEV void fma_unit(const float* wv, XRow xrow, int col, float* acc) {
+  constexpr int UE = Unit<FMT>::kElems;
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    const float4* xp = reinterpret_cast<const float4*>(xrow(b) + col);
+#pragma unroll
+    for (int j = 0; j < UE / 4; ++j) {
+      const float4 xv = xp[j];
+      acc[b] += wv[4 * j] * xv.x;
+      acc[b] += wv[4 * j + 1] * xv.y;
+      acc[b] += wv[4 * j + 2] * xv.z;
+      acc[b] += wv[4 * j + 3] * xv.w;
+    }
+  }
+}
+
+// The partial sums of a row group (G threads a row) gathered in the group's first thread:
+// shuffles within a warp, else each warp's sum through smem (`red`).  All compute threads.
+template <int NB>
+TILERT_DEV void reduce_rows(float* acc, int G, int lig, bool has_row, float* red) {
+  const int tid = threadIdx.x;
+  if (G <= 32) {
+    for (int o = G >> 1; o; o >>= 1) {
+#pragma unroll
+      for (int b = 0; b < NB; ++b) acc[b] += __shfl_xor_sync(kFull, acc[b], o);
+    }
+    return;
+  }
+#pragma unroll
+  for (int b = 0; b < NB; ++b) acc[b] = warp_sum(acc[b]);
+  if ((tid & 31) == 0) {
+#pragma unroll
+    for (int b = 0; b < NB; ++b) red[(tid >> 5) * NB + b] = acc[b];
+  }
+  compute_sync();
+  if (lig == 0 && has_row) {
+    const int w0 = tid >> 5, nw = G >> 5;
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      float s = 0.f;
+      for (int q = 0; q < nw; ++q) s += red[(w0 + q) * NB + b];
+      acc[b] = s;
+    }
+  }
+  compute_sync();
+}
+
+// out_i = W[r0 + i] . x_b for b < NB, delivered to epi(i, float v[NB]) by one thread per row, for
+// a row-major weight.  XRow(b) gives the fp32 input row b (16-byte aligned).  Every compute
+// thread must call this.
 template <int FMT, int NB, class XRow, class Epi>
 TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi) {
   constexpr int UB = Unit<FMT>::kBytes, UE = Unit<FMT>::kElems;
@@ -217,23 +275,14 @@ TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
     if (rl < nr) {
       const uint8_t* row = src + (size_t)rl * rb;
       const uint8_t* srow = ssrc + (size_t)rl * w.scale_ld;
-      const int r = ra + rl;
+      const float* fs = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rl) >> 7) * w.scale_ld;  // FP8
 #pragma unroll 4
       for (int u = lig; u < nu; u += G) {
         float wv[UE];
-        decode_unit<FMT>(w, gscale, srow, r, u, ld_unit<UB>(row + UB * u), wv);
-#pragma unroll
-        for (int b = 0; b < NB; ++b) {
-          const float4* xp = reinterpret_cast<const float4*>(xrow(b) + u * UE);
-#pragma unroll
-          for (int j = 0; j < UE / 4; ++j) {
-            const float4 xv = xp[j];
-            acc[b] += wv[4 * j] * xv.x;
-            acc[b] += wv[4 * j + 1] * xv.y;
-            acc[b] += wv[4 * j + 2] * xv.z;
-            acc[b] += wv[4 * j + 3] * xv.w;
-          }
-        }
+        // FP8: one scale_inv per 128 x 128 block; MXFP4: one E8M0 byte per 32 columns
+        decode_unit<FMT>(ld_unit<UB>(row + UB * u), FMT == FMT_FP8 ? __ldg(fs + (u * UE >> 7)) : 0.f,
+                         FMT == FMT_MXFP4 ? (uint32_t)srow[u * UE >> 5] : 0u, wv);
+        fma_unit<FMT, NB>(wv, xrow, u * UE, acc);
       }
     }
 #if TILERT_LOADER
@@ -242,30 +291,53 @@ TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
     if ((tid & 31) == 0) mbar_arrive(ring_empty(c.smem, slot));
     ++c.piece;
 #endif
-    if (G <= 32) {
-      for (int o = G >> 1; o; o >>= 1) {
+    reduce_rows<NB>(acc, G, lig, rl < nr, red);
+    if (lig == 0 && rl < nr) epi(ra + rl - tile.r0, acc);
+  }
+}
+
+// The same over a tiled weight (tilert/tiling.py) on the CUDA cores: the steps where the tensor
+// cores cannot take it (more tokens than one mma holds, or their staged x would not fit).  A
+// thread keeps one row of a piece; a row's 64-byte step slices lie one step block apart, and
+// its partial sums carry over the chunks of its row block.
+template <int FMT, int NB, class XRow, class Epi>
+TILERT_DEV void gemv_tile_tiled(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi) {
+  constexpr int UB = Unit<FMT>::kBytes, UE = Unit<FMT>::kElems, kUps = kStepBytes / UB;  // units per row step
+  const int tid = threadIdx.x;
+  const Pieces pc = pieces_of(w);
+  const int sb = step_block_bytes(w), step_cols = mma_step_cols(w.fmt);
+  const uint8_t* gscale = tile_scale(w, tile_expert(tile));
+  float* red = reinterpret_cast<float*>(c.smem + TILERT_SMEM_RED);
+  for (int ra = tile.r0; ra < tile.r1; ra += pc.rp) {
+    const int nr = min(pc.rp, tile.r1 - ra);
+    const int G = group_size(nr);
+    const int rl = tid / G, lig = tid % G;
+    const float* fs = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rl) >> 7) * w.scale_ld;  // FP8
+    float acc[NB];
 #pragma unroll
-        for (int b = 0; b < NB; ++b) acc[b] += __shfl_xor_sync(kFull, acc[b], o);
-      }
-    } else {  // a row spans several warps: reduce each warp, then across warps in smem
-#pragma unroll
-      for (int b = 0; b < NB; ++b) acc[b] = warp_sum(acc[b]);
-      if ((tid & 31) == 0) {
-#pragma unroll
-        for (int b = 0; b < NB; ++b) red[(tid >> 5) * NB + b] = acc[b];
-      }
-      compute_sync();
-      if (lig == 0 && rl < nr) {
-        const int w0 = tid >> 5, nw = G >> 5;
-#pragma unroll
-        for (int b = 0; b < NB; ++b) {
-          float s = 0.f;
-          for (int q = 0; q < nw; ++q) s += red[(w0 + q) * NB + b];
-          acc[b] = s;
+    for (int b = 0; b < NB; ++b) acc[b] = 0.f;
+    for (int kq = 0; kq < pc.nch; ++kq) {
+      const Span sp = piece_span(w, pc, ra, nr, kq);
+      const int slot = c.piece % TILERT_SLOTS;
+      ring_wait_full(c, c.piece);
+      if (rl < nr) {
+        const uint8_t* row = ring_slot(c.smem, slot) + (size_t)(rl / kRowBlock) * sp.ns * sb + (rl % kRowBlock) * kStepBytes;
+        const uint8_t* srow = row - (rl % kRowBlock) * kStepBytes + 1024 + 4 * (rl % kRowBlock);  // MXFP4 scales
+#pragma unroll 4
+        for (int u = lig; u < sp.ns * kUps; u += G) {
+          const int st = u / kUps, k = u % kUps;  // (kUps is a power of two)
+          const int col = (sp.s_lo + st) * step_cols + k * UE;
+          float wv[UE];
+          decode_unit<FMT>(ld_unit<UB>(row + st * sb + k * UB), FMT == FMT_FP8 ? __ldg(fs + (col >> 7)) : 0.f,
+                           FMT == FMT_MXFP4 ? (uint32_t)srow[st * sb + (k * UE >> 5)] : 0u, wv);
+          fma_unit<FMT, NB>(wv, xrow, col, acc);
         }
       }
-      compute_sync();
+      __syncwarp();
+      if ((tid & 31) == 0) mbar_arrive(ring_empty(c.smem, slot));
+      ++c.piece;
     }
+    reduce_rows<NB>(acc, G, lig, rl < nr, red);
     if (lig == 0 && rl < nr) epi(ra + rl - tile.r0, acc);
   }
 }
@@ -278,11 +350,12 @@ TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
 // or bf16 as stored), x the B operand split into hi + lo halves (columns 2b and 2b + 1 for token
 // b), so the fp32 accumulators see x to ~22 bits.
 //
-// Pieces: see `pieces_of` (whole rows where 16 fit a slot, else 16-row column chunks).  A warp
-// *step* covers 16 rows x kStep columns: lane (g, t) reads 16 bytes of rows g and g + 8 (columns
-// t * kStep / 4 ...), and every register it loads feeds the mma slots of those same columns, so
-// which column sits in which slot only fixes the order x is staged in.  Whole rows 2 KiB apart
-// share banks, so a warp's 16-byte reads conflict 2-way: well inside the shared-memory budget.
+// Weights are tiled (tilert/tiling.py).  A warp *step* covers 16 rows x kStep columns, one step
+// block: lane (g, t) reads 16 bytes of rows g and g + 8 (columns t * kStep / 4 ...), 512
+// consecutive bytes a warp (no bank conflicts), and every register it loads feeds the mma slots
+// of those same columns, so which column sits in which slot only fixes the order x is staged in.
+// Experiment switch TILERT_DIAG_SKIP_MMA (tools/profile_step.py --diag-skip-mma): the pieces are
+// streamed and reduced but the arithmetic skipped (wrong results; timing tells memory from compute).
 //
 // Scales: FP8 (one per 128 x 128 block) multiplies the step's fp32 partial.  MXFP4 has one per
 // 32 columns, i.e. a different one per lane in a step, so it scales the decoded weights instead:
@@ -298,8 +371,7 @@ TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
 #define TILERT_DIAG_SKIP_MMA 0
 #endif
 // Experiment switch (tools/profile_step.py --define TILERT_MMA_NOINLINE=1): gemv_tile_mma
-// compiled as its own function, where ptxas gives it all 128 registers (0 spills) instead of
-// sharing them with the rest of the inlined kernel; unmeasured so far.
+// compiled as its own function (measured on an H200, 2026-12-04: 14% slower steps).
 #ifndef TILERT_MMA_NOINLINE
 #define TILERT_MMA_NOINLINE 0
 #endif
@@ -320,10 +392,8 @@ TILERT_DEV int xs_bytes(int cols) { return 2 * (2 * cols + 64); }
 
 // Whether weight `w`'s GEMVs run on the tensor cores.
 TILERT_DEV bool mma_ok(const WeightDesc& w) {
-  if (!TILERT_LOADER || !((TILERT_MMA_FORMATS >> w.fmt) & 1) || kB > 4) return false;
-  if (w.fmt != FMT_MXFP4 && w.fmt != FMT_FP8 && w.fmt != FMT_BF16) return false;
-  if (w.cols % mma_step_cols(w.fmt) || kB * xs_bytes(w.cols) > TILERT_XS_BYTES) return false;
-  return w.fmt != FMT_MXFP4 || scales_in_ring(w);
+  return TILERT_LOADER && w.tiled && kB <= 4 && ((TILERT_MMA_FORMATS >> w.fmt) & 1) &&
+         kB * xs_bytes(w.cols) <= TILERT_XS_BYTES;
 }
 
 TILERT_DEV void mma_f16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
@@ -462,14 +532,31 @@ TILERT_DEV void mma_step_fp4(const uint4 qa, const uint4 qb, const uint32_t* bx,
 // takes group w * ng / kNCW).
 TILERT_DEV int group_first_warp(int gi, int ng) { return (gi * kNCW + ng - 1) / ng; }
 
-// out_i = W[r0 + i] . x_b for b < NB (NB <= 4) on the tensor cores; same contract as
-// gemv_tile_fmt: epi(i, v[NB]) once per row, by one thread, the same thread for row i of every
-// tile of this shape.
+// A warp's share of a piece of `ng` 16-row groups and `ns` steps: warps split the groups, then
+// each group's steps (contiguous ranges).  Pieces of a tile share one shape but for the last
+// ones, so it is computed per shape, not per piece (the divisions cost a piece's worth of
+// issue slots otherwise).
+struct WarpShare {
+  int ng, ns, gi, s0, s1;
+};
+
+TILERT_DEV WarpShare warp_share(int ng, int ns) {
+  const int wid = threadIdx.x >> 5;
+  const int gi = wid * ng / kNCW;
+  const int first = group_first_warp(gi, ng), nj = group_first_warp(gi + 1, ng) - first;
+  const int j = wid - first;
+  return WarpShare{ng, ns, gi, j * ns / nj, (j + 1) * ns / nj};
+}
+
+// out_i = W[r0 + i] . x_b for b < NB (NB <= 4) on the tensor cores, for a tiled weight; same
+// contract as gemv_tile_fmt: epi(i, v[NB]) once per row, by one thread, the same thread for row
+// i of every tile of this shape.  `x_staged`: the previous GEMV of this task staged this very x
+// for a weight of this format and width (gate then up), so it is not staged again.
 template <int FMT, int NB, class XRow, class Epi>
-TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi) {
+TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi, bool x_staged) {
   static_assert(NB <= 4, "one n8 mma tile holds hi/lo of 4 tokens");
   constexpr int kStep = MmaFmt<FMT>::kStep, kRegs = 2 * MmaFmt<FMT>::kMmas;
-  stage_x<FMT, NB>(c, w.cols, xrow);
+  if (!x_staged) stage_x<FMT, NB>(c, w.cols, xrow);
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wid = threadIdx.x >> 5;
   const uint8_t* xs = c.smem + TILERT_SMEM_XS;
   const int plane = xs_bytes(w.cols) / 2;
@@ -477,7 +564,8 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
   const uint8_t* gscale = tile_scale(w, tile_expert(tile));
   float* red = reinterpret_cast<float*>(c.smem + TILERT_SMEM_RED);
   const Pieces pc = pieces_of(w);
-  const int rb = w.row_bytes, scale_ld = w.scale_ld, rpp = pc.rp, nsteps = pc.kc / kStep;
+  const int scale_ld = w.scale_ld, rpp = pc.rp, sb = step_block_bytes(w);
+  WarpShare sh{0, 0, 0, 0, 0};
   // Pieces are gathered in batches of up to kRedRows rows: each warp writes its partials for
   // the batch to red[buf][warp][row][token], and one barrier per batch lets the batch's rows be
   // summed (one thread a row) while the warps stream the next batch into the other buffer.
@@ -486,55 +574,50 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
   for (int ba = tile.r0; ba < tile.r1; ba += batch_rows) {
     const int bn = min(batch_rows, tile.r1 - ba);
     for (int ra = ba; ra < ba + bn; ra += rpp) {
-      const int nr = min(rpp, tile.r1 - ra);
-      // Warps split the piece's 16-row groups, then each group's steps (contiguous ranges).
-      const int ng = (nr + 15) / 16;
-      const int gi = wid * ng / kNCW;
-      const int first = group_first_warp(gi, ng), nj = group_first_warp(gi + 1, ng) - first;
-      const int j = wid - first;
-      const int s0 = j * nsteps / nj, s1 = (j + 1) * nsteps / nj;
-      const int rA = min(16 * gi + g, nr - 1), rB = min(16 * gi + g + 8, nr - 1);  // rows past nr: ignored
-      const float* fsA = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rA) >> 7) * scale_ld;  // FP8 only
-      const float* fsB = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rB) >> 7) * scale_ld;
+      const int nr = min(rpp, tile.r1 - ra), ng = (nr + 15) / 16;
       float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f}, acc[2] = {0.f, 0.f};
       for (int kq = 0; kq < pc.nch; ++kq) {
+        const Span sp = piece_span(w, pc, ra, nr, kq);
+        if (sh.ng != ng || sh.ns != sp.ns) sh = warp_share(ng, sp.ns);
+        const int rA = 16 * sh.gi + g;  // and rB = rA + 8 (tiles are whole row blocks)
+        const float* fsA = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rA) >> 7) * scale_ld;  // FP8
+        const float* fsB = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rA + 8) >> 7) * scale_ld;
         const int slot = c.piece % TILERT_SLOTS;
         ring_wait_full(c, c.piece);
-        const uint8_t* src = ring_slot(c.smem, slot);
-        const uint8_t* rowA = src + rA * pc.cstride + 16 * t;
-        const uint8_t* rowB = src + rB * pc.cstride + 16 * t;
-        const uint32_t* sA = reinterpret_cast<const uint32_t*>(src + nr * rb + rA * scale_ld);  // MXFP4 only (nch 1)
-        const uint32_t* sB = reinterpret_cast<const uint32_t*>(src + nr * rb + rB * scale_ld);
-        const int sq = kq * nsteps;  // the chunk's first step within the row
+        // this warp's row block: a step block a step, lane 4g + t at byte 16 lane (rows g), rows
+        // g + 8 512 bytes on, MXFP4 scales (4 bytes a row) after the 1024 code bytes
+        const uint8_t* blk = ring_slot(c.smem, slot) + (size_t)sh.gi * sp.ns * sb + 16 * lane;
+        const uint8_t* sblk = blk - 16 * lane + 1024 + 4 * g;
         // FP8: the next step's block scales are loaded a step ahead (global memory, L2 latency).
         float nsa = 0.f, nsb = 0.f;
-        if (FMT == FMT_FP8 && s0 < s1) {
-          nsa = __ldg(fsA + ((kStep * (sq + s0)) >> 7));
-          nsb = __ldg(fsB + ((kStep * (sq + s0)) >> 7));
+        if (FMT == FMT_FP8 && sh.s0 < sh.s1) {
+          nsa = __ldg(fsA + ((kStep * (sp.s_lo + sh.s0)) >> 7));
+          nsb = __ldg(fsB + ((kStep * (sp.s_lo + sh.s0)) >> 7));
         }
 #pragma unroll 2
-        for (int st = s0; st < (TILERT_DIAG_SKIP_MMA ? s0 : s1); ++st) {
-          const uint4 qa = *reinterpret_cast<const uint4*>(rowA + 64 * st);
-          const uint4 qb = *reinterpret_cast<const uint4*>(rowB + 64 * st);
+        for (int st = sh.s0; st < (TILERT_DIAG_SKIP_MMA ? sh.s0 : sh.s1); ++st) {
+          const uint4 qa = *reinterpret_cast<const uint4*>(blk + st * sb);
+          const uint4 qb = *reinterpret_cast<const uint4*>(blk + st * sb + 512);
           uint32_t bx[kRegs];
 #pragma unroll
           for (int q = 0; q < kRegs / 4; ++q) {
             uint4 v = make_uint4(0u, 0u, 0u, 0u);
-            if (g < 2 * NB) v = *reinterpret_cast<const uint4*>(xlane + 2 * kStep * (sq + st) + 16 * q);
+            if (g < 2 * NB) v = *reinterpret_cast<const uint4*>(xlane + 2 * kStep * (sp.s_lo + st) + 16 * q);
             bx[4 * q] = v.x; bx[4 * q + 1] = v.y; bx[4 * q + 2] = v.z; bx[4 * q + 3] = v.w;
           }
           if constexpr (FMT == FMT_MXFP4) {
-            mma_step_fp4(qa, qb, bx, sA[st], sB[st], t, acc);
+            const uint32_t* sc = reinterpret_cast<const uint32_t*>(sblk + st * sb);
+            mma_step_fp4(qa, qb, bx, sc[0], sc[8], t, acc);
           } else if constexpr (FMT == FMT_FP8) {  // scale_inv of the 128 x 128 block
-            const float sa = nsa, sb = nsb;
-            if (st + 1 < s1) {
-              nsa = __ldg(fsA + ((kStep * (sq + st + 1)) >> 7));
-              nsb = __ldg(fsB + ((kStep * (sq + st + 1)) >> 7));
+            const float sa = nsa, sb_ = nsb;
+            if (st + 1 < sh.s1) {
+              nsa = __ldg(fsA + ((kStep * (sp.s_lo + st + 1)) >> 7));
+              nsb = __ldg(fsB + ((kStep * (sp.s_lo + st + 1)) >> 7));
             }
             float e0[4] = {0.f, 0.f, 0.f, 0.f}, e1[4] = {0.f, 0.f, 0.f, 0.f};
             mma_step<FMT>(qa, qb, bx, e0, e1);
             acc[0] += (e0[0] + e0[1] + e1[0] + e1[1]) * sa;
-            acc[1] += (e0[2] + e0[3] + e1[2] + e1[3]) * sb;
+            acc[1] += (e0[2] + e0[3] + e1[2] + e1[3]) * sb_;
           } else {
             mma_step<FMT>(qa, qb, bx, d0, d1);
           }
@@ -542,15 +625,15 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
         __syncwarp();
         if (lane == 0) mbar_arrive(ring_empty(c.smem, slot));
         ++c.piece;
-      }  // column chunks
+      }  // chunks
       if constexpr (FMT == FMT_BF16) {
         acc[0] = d0[0] + d0[1] + d1[0] + d1[1];
         acc[1] = d0[2] + d0[3] + d1[2] + d1[3];
       }
       // Partials of this warp for rows 16 gi .. 16 gi + 15 of the piece; lanes t < NB hold token t.
-      float* part = red + ((buf * kNCW + wid) * kRedRows + (ra - ba) + 16 * gi) * NB;
-      if (t < NB && 16 * gi + g < nr) part[g * NB + t] = acc[0];  // (rows past nr would spill
-      if (t < NB && 16 * gi + g + 8 < nr) part[(g + 8) * NB + t] = acc[1];  // into the next warp's)
+      float* part = red + ((buf * kNCW + wid) * kRedRows + (ra - ba) + 16 * sh.gi) * NB;
+      if (t < NB && 16 * sh.gi + g < nr) part[g * NB + t] = acc[0];  // (rows past nr would spill
+      if (t < NB && 16 * sh.gi + g + 8 < nr) part[(g + 8) * NB + t] = acc[1];  // into the next warp's)
     }
     compute_sync();
     for (int i = (int)threadIdx.x; i < bn; i += kNCT) {
@@ -571,30 +654,35 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
   compute_sync();  // every reader of red and xs is done before the next GEMV
 }
 
-// The GEMV paths one call site is compiled for (`GEMV` bits: 1 << f = the CUDA-core loop for format
-// f, 16 << f = the tensor cores).  The generated prelude gives every weight-streaming kind the
-// mask of exactly the paths its weights take (TILERT_GEMV_<KIND>, tilert/codegen.py
-// `_gemv_masks`), so no kind carries GEMV code it never runs: a one-off task pays for every
-// instruction-cache miss of its body, and one copy per format and call site made the kernel's
-// text over a megabyte.  A weight whose path was not compiled in is reported, not skipped.
-template <int GEMV> __host__ __device__ constexpr bool has_path(int fmt, bool mma) { return (GEMV >> (fmt + (mma ? 4 : 0))) & 1; }
+// The GEMV paths one call site is compiled for (`GEMV` bits: 1 << f = the CUDA-core loop over a
+// row-major weight of format f, 16 << f = the tensor cores, 256 << f = the CUDA-core loop over a
+// tiled weight).  The generated prelude gives every weight-streaming kind the mask of exactly
+// the paths its weights take (TILERT_GEMV_<KIND>, tilert/codegen.py `_gemv_masks`), so no kind
+// carries GEMV code it never runs (one copy per format and call site made the kernel's text over
+// a megabyte).  A weight whose path was not compiled in is reported, not skipped.
+enum GemvPath { kRowsPath = 0, kMmaPath = 4, kTiledPath = 8 };
+template <int GEMV> __host__ __device__ constexpr bool has_path(int fmt, GemvPath path) { return (GEMV >> (fmt + path)) & 1; }
 
 template <int NB, int GEMV, class XRow, class Epi>
-TILERT_DEV void gemv_tile(Ctx& c, const Tile& tile, XRow xrow, Epi epi) {
+TILERT_DEV void gemv_tile(Ctx& c, const Tile& tile, XRow xrow, Epi epi, bool x_staged = false) {
   const WeightDesc& w = weight(c, tile.w);
   if (mma_ok(w)) {
     if constexpr (NB <= 4) {
-      if constexpr (has_path<GEMV>(FMT_BF16, true)) if (w.fmt == FMT_BF16) return gemv_tile_mma<FMT_BF16, NB>(c, w, tile, xrow, epi);
-      if constexpr (has_path<GEMV>(FMT_FP8, true)) if (w.fmt == FMT_FP8) return gemv_tile_mma<FMT_FP8, NB>(c, w, tile, xrow, epi);
-      if constexpr (has_path<GEMV>(FMT_MXFP4, true)) if (w.fmt == FMT_MXFP4) return gemv_tile_mma<FMT_MXFP4, NB>(c, w, tile, xrow, epi);
+      if constexpr (has_path<GEMV>(FMT_BF16, kMmaPath)) if (w.fmt == FMT_BF16) return gemv_tile_mma<FMT_BF16, NB>(c, w, tile, xrow, epi, x_staged);
+      if constexpr (has_path<GEMV>(FMT_FP8, kMmaPath)) if (w.fmt == FMT_FP8) return gemv_tile_mma<FMT_FP8, NB>(c, w, tile, xrow, epi, x_staged);
+      if constexpr (has_path<GEMV>(FMT_MXFP4, kMmaPath)) if (w.fmt == FMT_MXFP4) return gemv_tile_mma<FMT_MXFP4, NB>(c, w, tile, xrow, epi, x_staged);
     }
+  } else if (w.tiled) {
+    if constexpr (has_path<GEMV>(FMT_BF16, kTiledPath)) if (w.fmt == FMT_BF16) return gemv_tile_tiled<FMT_BF16, NB>(c, w, tile, xrow, epi);
+    if constexpr (has_path<GEMV>(FMT_FP8, kTiledPath)) if (w.fmt == FMT_FP8) return gemv_tile_tiled<FMT_FP8, NB>(c, w, tile, xrow, epi);
+    if constexpr (has_path<GEMV>(FMT_MXFP4, kTiledPath)) if (w.fmt == FMT_MXFP4) return gemv_tile_tiled<FMT_MXFP4, NB>(c, w, tile, xrow, epi);
   } else {
-    if constexpr (has_path<GEMV>(FMT_FP32, false)) if (w.fmt == FMT_FP32) return gemv_tile_fmt<FMT_FP32, NB>(c, w, tile, xrow, epi);
-    if constexpr (has_path<GEMV>(FMT_BF16, false)) if (w.fmt == FMT_BF16) return gemv_tile_fmt<FMT_BF16, NB>(c, w, tile, xrow, epi);
-    if constexpr (has_path<GEMV>(FMT_FP8, false)) if (w.fmt == FMT_FP8) return gemv_tile_fmt<FMT_FP8, NB>(c, w, tile, xrow, epi);
-    if constexpr (has_path<GEMV>(FMT_MXFP4, false)) if (w.fmt == FMT_MXFP4) return gemv_tile_fmt<FMT_MXFP4, NB>(c, w, tile, xrow, epi);
+    if constexpr (has_path<GEMV>(FMT_FP32, kRowsPath)) if (w.fmt == FMT_FP32) return gemv_tile_fmt<FMT_FP32, NB>(c, w, tile, xrow, epi);
+    if constexpr (has_path<GEMV>(FMT_BF16, kRowsPath)) if (w.fmt == FMT_BF16) return gemv_tile_fmt<FMT_BF16, NB>(c, w, tile, xrow, epi);
+    if constexpr (has_path<GEMV>(FMT_FP8, kRowsPath)) if (w.fmt == FMT_FP8) return gemv_tile_fmt<FMT_FP8, NB>(c, w, tile, xrow, epi);
+    if constexpr (has_path<GEMV>(FMT_MXFP4, kRowsPath)) if (w.fmt == FMT_MXFP4) return gemv_tile_fmt<FMT_MXFP4, NB>(c, w, tile, xrow, epi);
   }
-  if (threadIdx.x == 0) record_error(c, ERR_GEMV_PATH, tile.w, (uint32_t)w.fmt, (uint32_t)GEMV, mma_ok(w));
+  if (threadIdx.x == 0) record_error(c, ERR_GEMV_PATH, tile.w, (uint32_t)w.fmt, (uint32_t)GEMV, mma_ok(w) ? 1 : w.tiled ? 2 : 0);
 }
 
 // ---- loader side --------------------------------------------------------------------------------
@@ -614,16 +702,16 @@ TILERT_DEV bool ring_wait_empty(uint8_t* smem, uint32_t issued, const volatile i
 constexpr uint32_t kLoaderAborted = 0xffffffffu;
 
 // Issue the pieces of rows [r0, r1) of `expert` of `w` into the ring (loader lane only), in the
-// compute warps' order (row blocks, then column chunks): whole-row pieces as one bulk copy (two
-// with MXFP4 scales), column-chunked pieces one copy per row into padded slot rows.  `issued`
-// counts pieces; returns the new count, or kLoaderAborted if the CTA aborted while waiting for
-// a free slot.  Outlined (one copy for every kind's tiles), its arguments plain values.
+// compute warps' order (row blocks, then chunks): one bulk copy a piece (a second one for the
+// E8M0 scales of a row-major MXFP4 piece).  `issued` counts pieces; returns the new count, or
+// kLoaderAborted if the CTA aborted while waiting for a free slot.  Outlined (one copy for
+// every kind's tiles), its arguments plain values.
 TILERT_OUTLINE uint32_t load_tile(uint8_t* smem, const WeightDesc& w, int expert, int r0, int r1, uint32_t issued,
                                   const volatile int* abort) {
   const Pieces pc = pieces_of(w);
   const uint8_t* gdata = tile_data(w, expert);
   const uint8_t* gscale = tile_scale(w, expert);
-  const int rb = w.row_bytes, cbytes = pc.kc * fmt_bits(w.fmt) / 8;
+  const int rb = w.row_bytes;
   const bool ring_scales = scales_in_ring(w);
   const uint64_t policy = stream_policy();
   for (int ra = r0; ra < r1; ra += pc.rp) {
@@ -632,15 +720,15 @@ TILERT_OUTLINE uint32_t load_tile(uint8_t* smem, const WeightDesc& w, int expert
       if (!ring_wait_empty(smem, issued, abort)) return kLoaderAborted;
       uint8_t* dst = ring_slot(smem, issued % TILERT_SLOTS);
       uint64_t* full = ring_full(smem, issued % TILERT_SLOTS);
-      const uint32_t sbytes = ring_scales ? (uint32_t)(nr * w.scale_ld) : 0u;
-      mbar_arrive_expect_tx(full, (uint32_t)(nr * cbytes) + sbytes);
-      if (pc.nch == 1) {
+      if (w.tiled) {
+        const Span sp = piece_span(w, pc, ra, nr, kq);
+        mbar_arrive_expect_tx(full, sp.bytes);
+        bulk_copy_g2s(dst, gdata + sp.offset, sp.bytes, full, policy);
+      } else {
+        const uint32_t sbytes = ring_scales ? (uint32_t)(nr * w.scale_ld) : 0u;
+        mbar_arrive_expect_tx(full, (uint32_t)(nr * rb) + sbytes);
         bulk_copy_g2s(dst, gdata + (size_t)ra * rb, (uint32_t)(nr * rb), full, policy);
         if (sbytes) bulk_copy_g2s(dst + nr * rb, gscale + (size_t)ra * w.scale_ld, sbytes, full, policy);
-      } else {
-        for (int r = 0; r < nr; ++r)
-          bulk_copy_g2s(dst + r * pc.cstride, gdata + (size_t)(ra + r) * rb + (size_t)kq * cbytes, (uint32_t)cbytes,
-                        full, policy);
       }
       ++issued;
     }

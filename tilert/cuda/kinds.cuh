@@ -28,17 +28,42 @@ TILERT_DEV void k_embed(Ctx& c, const EmbedParams& p) {
 // ---- rmsnorm: out = x * rsqrt(mean(x^2) + eps) * w, rows [r0, r1), written cols [c0, c1) ----------
 // The whole CTA works on every row (a decode step has 1..8 rows): independent loads spread over
 // all compute threads, then one cross-warp sum, instead of one warp walking a 4096-wide row.
+// Every projection task recomputes its norm, so the common case (16-byte aligned rows, an fp32
+// or bf16 weight) loads x and the weight as vectors, all of a thread's loads of a row in flight
+// at once: one memory round trip per pass instead of one per few elements.
+constexpr int kNormVecs = (TILERT_H_MAX / 4 + kNCT - 1) / kNCT;  // float4s of a row per thread
+
+TILERT_DEV float4 norm_weight4(const WeightDesc& w, int col) {
+  if (w.fmt == FMT_FP32) return __ldg(reinterpret_cast<const float4*>(w.data) + col / 4);
+  const uint2 b = __ldg(reinterpret_cast<const uint2*>(w.data) + col / 4);  // 4 bf16
+  return make_float4(__uint_as_float(b.x << 16), __uint_as_float(b.x & 0xffff0000u), __uint_as_float(b.y << 16),
+                     __uint_as_float(b.y & 0xffff0000u));
+}
+
 TILERT_DEV void k_rmsnorm(Ctx& c, const RmsnormParams& p) {
   const float* in = ref_ptr<float>(c, p.in);
   float* out = ref_ptr<float>(c, p.out);
-  const WeightDesc w = weight(c, p.weight);
+  const WeightDesc& w = weight(c, p.weight);
   float* red = reinterpret_cast<float*>(c.smem + TILERT_SMEM_RED);  // [NCW][rows]
   const int rows = p.r1 - p.r0;
+  const bool vec = ((p.in.offset | p.in.ld | p.out.offset | p.out.ld | p.cols | p.c0 | p.c1) & 3) == 0 &&
+                   p.cols <= TILERT_H_MAX && (w.fmt == FMT_FP32 || w.fmt == FMT_BF16);
   for (int r = 0; r < rows; ++r) {
     const float* x = in + (p.r0 + r) * p.in.ld;
     float ss = 0.f;
+    if (vec) {
+      float4 v[kNormVecs];
+#pragma unroll
+      for (int k = 0; k < kNormVecs; ++k) {
+        const int q = ctid() + k * kNCT;
+        v[k] = 4 * q < p.cols ? *reinterpret_cast<const float4*>(x + 4 * q) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int k = 0; k < kNormVecs; ++k) ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z + v[k].w * v[k].w;
+    } else {
 #pragma unroll 4
-    for (int col = ctid(); col < p.cols; col += kNCT) ss += x[col] * x[col];
+      for (int col = ctid(); col < p.cols; col += kNCT) ss += x[col] * x[col];
+    }
     ss = warp_sum(ss);
     if (lane() == 0) red[cwarp() * kB + r] = ss;
   }
@@ -49,9 +74,22 @@ TILERT_DEV void k_rmsnorm(Ctx& c, const RmsnormParams& p) {
     float ss = 0.f;
     for (int q = 0; q < kNCW; ++q) ss += red[q * kB + r];
     const float rs = 1.0f / sqrtf(ss / (float)p.cols + p.eps);  // torch.rsqrt rounds like 1/sqrt
+    if (vec) {
+#pragma unroll
+      for (int k = 0; k < kNormVecs; ++k) {
+        const int col = p.c0 + 4 * (ctid() + k * kNCT);
+        if (col < p.c1) {
+          const float4 xv = *reinterpret_cast<const float4*>(x + col), wv = norm_weight4(w, col);
+          *reinterpret_cast<float4*>(out + row * p.out.ld + col) =
+              make_float4(__fmul_rn(xv.x * rs, wv.x), __fmul_rn(xv.y * rs, wv.y), __fmul_rn(xv.z * rs, wv.z),
+                          __fmul_rn(xv.w * rs, wv.w));
+        }
+      }
+    } else {
 #pragma unroll 4
-    for (int col = p.c0 + ctid(); col < p.c1; col += kNCT)
-      out[row * p.out.ld + col] = __fmul_rn(x[col] * rs, weight_elem(w, 0, col));
+      for (int col = p.c0 + ctid(); col < p.c1; col += kNCT)
+        out[row * p.out.ld + col] = __fmul_rn(x[col] * rs, weight_elem(w, 0, col));
+    }
   }
 }
 
@@ -120,18 +158,62 @@ TILERT_DEV void k_kv_write(Ctx& c, const KvWriteParams& p) {
 // ---- attention: split-KV partials (max, sum, acc) per query head of one KV head's group ------------------
 TILERT_DEV int visible_lo(int position, int window) { return window ? max(0, position - window + 1) : 0; }
 
-// A task owns one KV head's split of the keys for the query heads of its group.  The keys are
-// read once per pass of kAttnHeads query heads (not once per head): warp w takes the chunks of
-// 32 keys lo + 32 w, lo + 32 (w + NCW), ... with one key per lane for the scores and one value
-// row per step for the weighted sum (lanes over value dims), keeping an online softmax per head.
-// Then the warps' (max, sum, values) merge through shared memory in warp order (deterministic).
-// The pass width comes from tilert/codegen.py (ATTN_HEADS_PER_PASS), which sizes the scratch.
-constexpr int kAttnHeads = TILERT_ATTN_HEADS;
-static_assert(kAttnHeads == 8, "the softmax weights are read as two float4 per key");
+// A task owns one KV head's split of the keys for the query heads of its group.  The keys come
+// in chunks of kAttnChunk: the whole CTA copies a chunk's key and value rows into shared memory
+// with coalesced 16-byte loads (the next chunk's loads are in flight while this one is
+// computed), then (1) a thread per (head, key) takes the score from shared memory, (2) a warp per
+// head turns its chunk of scores into softmax weights against the running maximum, (3) every
+// thread owns 4 value dims of one head and adds the chunk's weighted values into registers
+// (rescaled when the maximum moves).  No thread waits on a dependent global load inside a
+// chunk, every warp has work, and the heads' partials never meet across warps: their owners
+// write them out at the end.  The shared-memory area (TILERT_SMEM_XS onwards, the GEMVs' x
+// staging and scratch, which attention does not use) is sized by tilert/codegen.py
+// (`_attention_smem_bytes`).
+constexpr int kAttnChunk = TILERT_ATTN_CHUNK;
+constexpr int kAttnOwn = (TILERT_ATTN_GROUP_MAX * TILERT_VD_MAX / 4 + kNCT - 1) / kNCT;  // float4 outputs a thread
+constexpr int kAttnLoads = (kAttnChunk * (TILERT_HD_MAX + TILERT_VD_MAX) / 4 + kNCT - 1) / kNCT;
+
+struct AttnChunk {
+  float4 v[kAttnLoads];
+};
+
+// This thread's share of the key and value rows of keys [j0, j0 + n) (float4 item i: key row
+// items first, then value row items).
+TILERT_DEV AttnChunk attn_load(const AttentionParams& p, const float* kc, const float* vc, int j0, int n) {
+  AttnChunk r;
+  const int k4 = p.hd / 4, v4 = p.vd / 4, nk = kAttnChunk * k4;
+#pragma unroll
+  for (int q = 0; q < kAttnLoads; ++q) {
+    const int i = ctid() + q * kNCT;
+    r.v[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (i < nk) {
+      const int j = i / k4, f = i % k4;
+      if (j < n) r.v[q] = *reinterpret_cast<const float4*>(kc + cache_slot(j0 + j, p.window, p.slots) * p.k_cache.ld + 4 * f);
+    } else if (i < nk + kAttnChunk * v4) {
+      const int j = (i - nk) / v4, f = (i - nk) % v4;
+      if (j < n) r.v[q] = *reinterpret_cast<const float4*>(vc + cache_slot(j0 + j, p.window, p.slots) * p.v_cache.ld + 4 * f);
+    }
+  }
+  return r;
+}
+
+// ... stored into a chunk buffer: key rows padded to hd + 4 floats (rows 4 banks apart), then
+// the value rows.
+TILERT_DEV void attn_store(const AttentionParams& p, float* kbuf, float* vbuf, const AttnChunk& r) {
+  const int k4 = p.hd / 4, v4 = p.vd / 4, nk = kAttnChunk * k4;
+#pragma unroll
+  for (int q = 0; q < kAttnLoads; ++q) {
+    const int i = ctid() + q * kNCT;
+    if (i < nk) {
+      *reinterpret_cast<float4*>(kbuf + (i / k4) * (p.hd + 4) + 4 * (i % k4)) = r.v[q];
+    } else if (i < nk + kAttnChunk * v4) {
+      *reinterpret_cast<float4*>(vbuf + (i - nk) * 4) = r.v[q];
+    }
+  }
+}
 
 TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
-  constexpr int HP = kAttnHeads;
-  constexpr int VF4 = (TILERT_VD_MAX + 127) / 128;  // float4s of a value row per lane
+  constexpr int CH = kAttnChunk;
   const float* q = ref_ptr<float>(c, p.q);
   const float* kc = ref_ptr<float>(c, p.k_cache);
   const float* vc = ref_ptr<float>(c, p.v_cache);
@@ -139,16 +221,19 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
   float* mx = ref_ptr<float>(c, p.mx);
   float* sm = ref_ptr<float>(c, p.sm);
   float* acc = ref_ptr<float>(c, p.acc);
-  float* qs = reinterpret_cast<float*>(c.smem + TILERT_SMEM_SCRATCH);  // [HP][hd]: the pass's queries
-  float* scratch = qs + HP * TILERT_HD_MAX;
-  float* ebuf = scratch + cwarp() * 32 * HP;  // [32 keys][HP]: this warp's softmax weights
+  const int G = p.group, hd = p.hd, v4 = p.vd / 4;
+  float* qs = reinterpret_cast<float*>(c.smem + TILERT_SMEM_XS);  // [G][hd] this token's queries
+  float* kbuf = qs + TILERT_ATTN_GROUP_MAX * TILERT_HD_MAX;        // [2][CH][hd + 4]
+  float* vbuf = kbuf + 2 * CH * (TILERT_HD_MAX + 4);               // [2][CH][vd]
+  float* ps = vbuf + 2 * CH * TILERT_VD_MAX;                       // [G][CH] scores, then weights
+  float* run_m = ps + TILERT_ATTN_GROUP_MAX * CH;                  // [G] running maximum
+  float* run_l = run_m + TILERT_ATTN_GROUP_MAX;                    // [G] running sum
+  float* corr = run_l + TILERT_ATTN_GROUP_MAX;                     // [G] this chunk's rescale
   // This split's share of the step's whole visible key range (tilert.kernels.split_range).
   const int all_lo = visible_lo(pos[0], p.window), all_hi = pos[kB - 1] + 1;
-  const int chunk = (all_hi - all_lo + p.splits - 1) / p.splits;
-  const int s_lo = all_lo + p.split * chunk, s_hi = min(all_hi, all_lo + (p.split + 1) * chunk);
-  const int hd4 = p.hd / 4;
-  // Pull this split's keys and values into L2 at once: the warps' loops below then wait on L2,
-  // not on HBM, for each of their dependent loads.
+  const int span = (all_hi - all_lo + p.splits - 1) / p.splits;
+  const int s_lo = all_lo + p.split * span, s_hi = min(all_hi, all_lo + (p.split + 1) * span);
+  // Pull this split's keys and values into L2 at once: the chunk copies below then wait on L2.
   {
     const int klines = (p.hd * 4 + 127) / 128, vlines = (p.vd * 4 + 127) / 128, per = klines + vlines;
     for (int i = ctid(); i < (s_hi - s_lo) * per; i += kNCT) {
@@ -158,144 +243,97 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
       asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
     }
   }
-
   for (int b = 0; b < kB; ++b) {
     const int lo = max(visible_lo(pos[b], p.window), s_lo), hi = min(pos[b] + 1, s_hi);
     if (hi <= lo) {  // empty split: every head of the group gets the neutral partial
-      for (int i = ctid(); i < p.group * p.vd; i += kNCT) {
+      for (int i = ctid(); i < G * p.vd; i += kNCT) {
         const int h = p.h0 + i / p.vd, d = i % p.vd;
         acc[b * p.acc.ld + (h * p.ms + p.split) * p.vd + d] = 0.f;
         if (d == 0) { mx[b * p.mx.ld + h * p.ms + p.split] = -INFINITY; sm[b * p.sm.ld + h * p.ms + p.split] = 0.f; }
       }
       continue;
     }
-    const int active = min(kNCW, (hi - lo + 31) / 32);  // warps that get keys
-    for (int hp = 0; hp < p.group; hp += HP) {
-      const int nh = min(HP, p.group - hp), hb = p.h0 + hp;
-      for (int i = ctid(); i < nh * p.hd; i += kNCT) qs[i] = q[b * p.q.ld + hb * p.hd + i];
-      compute_sync();
-      const float4* qb = reinterpret_cast<const float4*>(qs);
-      float m[HP], l[HP];
-      float4 av[HP][VF4];
+    const int chunks = (hi - lo + CH - 1) / CH;
+    AttnChunk next = attn_load(p, kc, vc, lo, min(CH, hi - lo));
+    for (int i = ctid(); i < G * hd / 4; i += kNCT)
+      reinterpret_cast<float4*>(qs)[i] = *reinterpret_cast<const float4*>(q + b * p.q.ld + p.h0 * hd + 4 * i);
+    for (int h = ctid(); h < G; h += kNCT) { run_m[h] = -INFINITY; run_l[h] = 0.f; }
+    float4 o[kAttnOwn];
 #pragma unroll
-      for (int h = 0; h < HP; ++h) {
-        m[h] = -INFINITY;
-        l[h] = 0.f;
-#pragma unroll
-        for (int i = 0; i < VF4; ++i) av[h][i] = make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-      for (int j0 = lo + 32 * cwarp(); j0 < hi; j0 += 32 * kNCW) {
-        const int j = j0 + lane();
-        float s[HP];
-#pragma unroll
-        for (int h = 0; h < HP; ++h) s[h] = 0.f;
-        if (j < hi) {
-          const float4* kr = reinterpret_cast<const float4*>(kc + cache_slot(j, p.window, p.slots) * p.k_cache.ld);
+    for (int k = 0; k < kAttnOwn; ++k) o[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+    attn_store(p, kbuf, vbuf, next);
+    for (int ch = 0; ch < chunks; ++ch) {
+      const int j0 = lo + ch * CH, n = min(CH, hi - j0);
+      float* kb = kbuf + (ch & 1) * CH * (TILERT_HD_MAX + 4);
+      float* vb = vbuf + (ch & 1) * CH * TILERT_VD_MAX;
+      compute_sync();  // chunk ch (and the queries, the running state) in shared memory
+      if (ch + 1 < chunks) next = attn_load(p, kc, vc, j0 + CH, min(CH, hi - j0 - CH));
+      // (1) scores of (head, key) pairs
+      for (int pr = ctid(); pr < G * CH; pr += kNCT) {
+        const int h = pr / CH, j = pr % CH;
+        float s = -INFINITY;
+        if (j < n) {
+          const float4* qa = reinterpret_cast<const float4*>(qs + h * hd);
+          const float4* ka = reinterpret_cast<const float4*>(kb + j * (hd + 4));
+          float d = 0.f;
 #pragma unroll 8
-          for (int d = 0; d < hd4; ++d) {
-            const float4 k4 = kr[d];
-#pragma unroll
-            for (int h = 0; h < HP; ++h) {
-              if (h < nh) {
-                const float4 a = qb[h * hd4 + d];
-                s[h] += a.x * k4.x; s[h] += a.y * k4.y; s[h] += a.z * k4.z; s[h] += a.w * k4.w;
-              }
-            }
+          for (int k = 0; k < hd / 4; ++k) {
+            const float4 x = qa[k], y = ka[k];
+            d += x.x * y.x; d += x.y * y.y; d += x.z * y.z; d += x.w * y.w;
           }
+          s = __fmul_rn(d, p.scale);
         }
-#pragma unroll
-        for (int h = 0; h < HP; ++h) {
-          if (h >= nh) continue;
-          const float sv = j < hi ? __fmul_rn(s[h], p.scale) : -INFINITY;
-          const float nm = fmaxf(m[h], warp_max(sv));  // finite: the chunk has a visible key
-          const float corr = expf(m[h] - nm);  // 0 on this warp's first chunk (m = -inf)
-          const float e = j < hi ? expf(sv - nm) : 0.f;
-          l[h] = l[h] * corr + warp_sum(e);
-#pragma unroll
-          for (int i = 0; i < VF4; ++i) {
-            av[h][i].x *= corr; av[h][i].y *= corr; av[h][i].z *= corr; av[h][i].w *= corr;
-          }
-          m[h] = nm;
-          ebuf[lane() * HP + h] = e;
-        }
-        __syncwarp();
-        const int n = min(32, hi - j0);
-#pragma unroll 8
-        for (int jj = 0; jj < n; ++jj) {
-          const float* vr = vc + cache_slot(j0 + jj, p.window, p.slots) * p.v_cache.ld;
-          float4 v4[VF4];
-#pragma unroll
-          for (int i = 0; i < VF4; ++i) {
-            const int d = 4 * lane() + 128 * i;
-            v4[i] = d < p.vd ? *reinterpret_cast<const float4*>(vr + d) : make_float4(0.f, 0.f, 0.f, 0.f);
-          }
-          const float4 e0 = *reinterpret_cast<const float4*>(ebuf + jj * HP);
-          const float4 e1 = *reinterpret_cast<const float4*>(ebuf + jj * HP + 4);
-          const float ev[HP] = {e0.x, e0.y, e0.z, e0.w, e1.x, e1.y, e1.z, e1.w};
-#pragma unroll
-          for (int h = 0; h < HP; ++h) {
-#pragma unroll
-            for (int i = 0; i < VF4; ++i) {
-              av[h][i].x += ev[h] * v4[i].x; av[h][i].y += ev[h] * v4[i].y;
-              av[h][i].z += ev[h] * v4[i].z; av[h][i].w += ev[h] * v4[i].w;
-            }
-          }
-        }
-        __syncwarp();  // before the next chunk overwrites ebuf
-      }
-      // Merge the warps (the merge area aliases the ebufs: wait until every warp is done).
-      float* mw = scratch;                 // [NCW][HP] each warp's maxima
-      float* lsum = scratch + kNCW * HP;   // [HP]
-      float* asum = lsum + HP;             // [HP][VD_MAX]
-      compute_sync();
-      if (lane() == 0) {
-#pragma unroll
-        for (int h = 0; h < HP; ++h) mw[cwarp() * HP + h] = m[h];
+        ps[pr] = s;
       }
       compute_sync();
-      float top[HP];
-#pragma unroll
-      for (int h = 0; h < HP; ++h) {
-        top[h] = -INFINITY;
-        for (int w = 0; w < active; ++w) top[h] = fmaxf(top[h], mw[w * HP + h]);
+      // (2) softmax weights against the running maximum, a warp a head, a lane a key
+      for (int h = cwarp(); h < G; h += kNCW) {
+        const float s = lane() < CH ? ps[h * CH + lane()] : -INFINITY;
+        const float m_old = run_m[h], m_new = fmaxf(m_old, warp_max(s));  // finite: n >= 1
+        const float e = lane() < CH ? expf(s - m_new) : 0.f;  // exp(-inf) = 0 past n
+        const float total = warp_sum(e);
+        if (lane() < CH) ps[h * CH + lane()] = e;
+        if (lane() == 0) {
+          const float f = expf(m_old - m_new);  // 0 on the first chunk (m_old = -inf)
+          corr[h] = f;
+          run_l[h] = run_l[h] * f + total;
+          run_m[h] = m_new;
+        }
       }
-      for (int w = 0; w < active; ++w) {
-        if (cwarp() == w) {
+      compute_sync();
+      // (3) the weighted values, a float4 of one head's value dims a thread
 #pragma unroll
-          for (int h = 0; h < HP; ++h) {
-            if (h >= nh) continue;
-            const float sc = expf(m[h] - top[h]);  // this warp has keys: m[h] is finite
-            if (lane() == 0) lsum[h] = w == 0 ? l[h] * sc : lsum[h] + l[h] * sc;
-#pragma unroll
-            for (int i = 0; i < VF4; ++i) {
-              const int d = 4 * lane() + 128 * i;
-              if (d >= p.vd) continue;
-              float4* o = reinterpret_cast<float4*>(asum + h * TILERT_VD_MAX + d);
-              const float4 a = av[h][i];
-              if (w == 0) {
-                *o = make_float4(a.x * sc, a.y * sc, a.z * sc, a.w * sc);
-              } else {
-                float4 t = *o;
-                t.x += a.x * sc; t.y += a.y * sc; t.z += a.z * sc; t.w += a.w * sc;
-                *o = t;
-              }
-            }
+      for (int k = 0; k < kAttnOwn; ++k) {
+        const int own = ctid() + k * kNCT, h = own / v4, d4 = own % v4;
+        if (h < G) {
+          const float f = corr[h];
+          float4 a = o[k];
+          a.x *= f; a.y *= f; a.z *= f; a.w *= f;
+          for (int j = 0; j < n; ++j) {
+            const float e = ps[h * CH + j];
+            const float4 v = reinterpret_cast<const float4*>(vb + j * p.vd)[d4];
+            a.x += e * v.x; a.y += e * v.y; a.z += e * v.z; a.w += e * v.w;
           }
-        }
-        compute_sync();
-      }
-      for (int i = ctid(); i < nh * p.vd; i += kNCT) {
-        const int h = i / p.vd, d = i % p.vd;
-        acc[b * p.acc.ld + ((hb + h) * p.ms + p.split) * p.vd + d] = asum[h * TILERT_VD_MAX + d];
-        if (d == 0) {
-          float t = -INFINITY;  // (recomputed: indexing top[] with h would put it in local memory)
-          for (int w = 0; w < active; ++w) t = fmaxf(t, mw[w * HP + h]);
-          mx[b * p.mx.ld + (hb + h) * p.ms + p.split] = t;
-          sm[b * p.sm.ld + (hb + h) * p.ms + p.split] = lsum[h];
+          o[k] = a;
         }
       }
-      compute_sync();  // the next pass writes the ebufs again
+      // The next chunk goes to the other buffer: its last readers (chunk ch - 1) are past the
+      // barriers above.
+      if (ch + 1 < chunks) attn_store(p, kbuf + ((ch + 1) & 1) * CH * (TILERT_HD_MAX + 4),
+                                      vbuf + ((ch + 1) & 1) * CH * TILERT_VD_MAX, next);
     }
+#pragma unroll
+    for (int k = 0; k < kAttnOwn; ++k) {
+      const int own = ctid() + k * kNCT, h = own / v4, d4 = own % v4;
+      if (h < G) {
+        *reinterpret_cast<float4*>(acc + b * p.acc.ld + ((p.h0 + h) * p.ms + p.split) * p.vd + 4 * d4) = o[k];
+        if (d4 == 0) {
+          mx[b * p.mx.ld + (p.h0 + h) * p.ms + p.split] = run_m[h];
+          sm[b * p.sm.ld + (p.h0 + h) * p.ms + p.split] = run_l[h];
+        }
+      }
+    }
+    compute_sync();  // the next token overwrites the queries, buffers and running state
   }
 }
 
@@ -375,7 +413,7 @@ TILERT_DEV void k_gate_up(Ctx& c, const GateUpParams& p) {
         if (which == 0) g[b * n + i] = v[b];
         else out[b * p.out.ld + p.r0 + i] = silu(g[b * n + i]) * v[b];
       }
-    });
+    }, which == 1);  // up reads the x gate staged (codegen checks they match in format and width)
     compute_sync();  // gate and up rows may land on different threads
   });
 }
@@ -452,7 +490,7 @@ TILERT_DEV void k_expert_gate_up(Ctx& c, const ExpertGateUpParams& p) {
     gemv_tile<1, GEMV>(c, t, [&](int) { return x; }, [&](int i, const float* v) {
       if (which == 0) g[i] = v[0];
       else out[p.r0 + i] = silu(g[i]) * v[0];
-    });
+    }, which == 1);  // up reads the x gate staged
     compute_sync();
   });
 }

@@ -79,11 +79,52 @@ TILERT_DEV TaskView first_task(const Ctx& c, int& n) {
   return TaskView{s + 1};
 }
 
+// The compute warps read their task records (waits, signals, stage parameters) from shared
+// memory: each record is fetched into registers while the previous task runs and stored into
+// one of two buffers (tilert/codegen.py sizes them: TILERT_TASK_WORDS, the longest record).
+// Read straight from global memory, a one-off task waited for several dependent L2 round trips
+// (the record's header, then its parameters, then the pointers they name) before any work.
+constexpr int kTaskLoads = (TILERT_TASK_WORDS + kNCT - 1) / kNCT;
+
+TILERT_DEV int32_t* task_buffer(const Ctx& c, int i) {
+  return reinterpret_cast<int32_t*>(c.smem + TILERT_SMEM_TASKS) + (i & 1) * TILERT_TASK_WORDS;
+}
+
+struct RecordWords {
+  int32_t w[kTaskLoads];
+};
+
+// This thread's words of the TILERT_TASK_WORDS starting at `rec` (the program is padded so
+// that the read never leaves it).
+TILERT_DEV RecordWords load_record(const int32_t* rec) {
+  RecordWords r;
+#pragma unroll
+  for (int k = 0; k < kTaskLoads; ++k) {
+    const int j = ctid() + k * kNCT;
+    r.w[k] = j < TILERT_TASK_WORDS ? __ldg(rec + j) : 0;
+  }
+  return r;
+}
+
+TILERT_DEV void store_record(int32_t* buf, const RecordWords& r) {
+#pragma unroll
+  for (int k = 0; k < kTaskLoads; ++k) {
+    const int j = ctid() + k * kNCT;
+    if (j < TILERT_TASK_WORDS) buf[j] = r.w[k];
+  }
+}
+
 TILERT_DEV void compute_loop(Ctx& c) {
   int n;
-  TaskView t = first_task(c, n);
-  for (int i = 0; i < n; ++i, t = t.next()) {
+  const int32_t* rec = first_task(c, n).p;  // the current record in global memory
+  store_record(task_buffer(c, 0), load_record(rec));
+  compute_sync();
+  for (int i = 0; i < n; ++i) {
+    const TaskView t{task_buffer(c, i)};
     if (stopped(c, t)) break;
+    const int32_t* next_rec = rec + (t.next().p - t.p);
+    RecordWords next = {};
+    if (i + 1 < n) next = load_record(next_rec);  // lands while this task runs
     c.task = t.id();
     if (ctid() == 0) {
       profile(c, 0);
@@ -92,10 +133,18 @@ TILERT_DEV void compute_loop(Ctx& c) {
     }
     compute_sync();
     if (ctrl(c)[CTRL_ABORT]) break;  // uniform: every compute thread reads it after the barrier
-    for (int s = 0; s < t.n_stages(); ++s) {
+    const int stages = t.n_stages();
+    for (int s = 0; s < stages; ++s) {
       const int32_t* st = t.stage(s);
       run_stage(c, st[0], st + 1);
+      // The next record goes to the other buffer (the previous task's, read by nobody now)
+      // before the last barrier, which then also publishes it.
+      if (s == stages - 1) store_record(task_buffer(c, i + 1), next);
       compute_sync();  // the next stage (or the signal) sees everything this one wrote
+    }
+    if (stages == 0) {
+      store_record(task_buffer(c, i + 1), next);
+      compute_sync();
     }
     if (ctid() == 0) {
       __threadfence();  // release: the task's writes, gathered by the barrier, before the signal
@@ -105,6 +154,7 @@ TILERT_DEV void compute_loop(Ctx& c) {
       profile(c, 2);
       profile(c, 3);
     }
+    rec = next_rec;
   }
 }
 
