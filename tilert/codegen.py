@@ -756,7 +756,8 @@ def _record_words(schedule: Schedule, stages_of: dict[int, list[tuple[str, dict]
 def _smem_layout(ring_slots: int, slot_bytes: int, red_bytes: int, scratch_bytes: int,
                  locals_bytes: int, xs_bytes: int = 0, task_words: int = 0) -> dict[str, int]:
     """Byte offsets of the shared-memory regions, after 16 bytes of control words."""
-    regions = (("tasks", 2 * task_words * 4, 16),  # two task records (the current one, the next)
+    regions = (("bases", 8 * len(SPACES), 16),  # the base pointer of every space (common.cuh, ref_ptr)
+               ("tasks", 2 * task_words * 4, 16),  # two task records (the current one, the next)
                ("bars", 2 * ring_slots * 8, 8),  # ring mbarriers: full[slots], empty[slots]
                ("red", red_bytes, 16),  # cross-warp reductions
                ("xs", xs_bytes, 16),  # x staged for the tensor-core GEMV
@@ -926,7 +927,7 @@ def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool,
         "TILERT_ATTN_GROUP_MAX": max(attn_group_max, 1),
         "TILERT_MMA_FORMATS": sum(1 << FORMATS[f] for f in mma_formats & formats),
         "TILERT_SMEM_XS": lay["xs"], "TILERT_XS_BYTES": xs_bytes,
-        "TILERT_SMEM_TASKS": lay["tasks"], "TILERT_TASK_WORDS": task_words,
+        "TILERT_SMEM_TASKS": lay["tasks"], "TILERT_TASK_WORDS": task_words, "TILERT_SMEM_BASES": lay["bases"],
     }
     defines.update({f"TILERT_GEMV_{k.upper()}": gemv_masks.get(k, 0) for k in kinds_used
                     if KINDS[KIND_ID[k] - 1].streams_weights})

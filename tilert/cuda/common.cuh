@@ -34,17 +34,22 @@ struct Ctx {
 };
 
 // A buffer view: element (row, col) of a 2-D view lives at base(space) + offset + row * ld + col.
+// The bases are a table in shared memory (set_space_bases, at kernel start): a lookup, not a
+// switch, so a view costs no branch on the loaded space id.
+TILERT_DEV uint8_t** space_bases(const Ctx& c) { return reinterpret_cast<uint8_t**>(c.smem + TILERT_SMEM_BASES); }
+
+TILERT_DEV void set_space_bases(const Ctx& c) {
+  uint8_t** b = space_bases(c);
+  b[SPACE_ACT] = reinterpret_cast<uint8_t*>(c.a->act);
+  b[SPACE_STATE] = reinterpret_cast<uint8_t*>(c.a->state);
+  b[SPACE_CONST] = reinterpret_cast<uint8_t*>(c.a->consts);
+  b[SPACE_SMEM] = c.smem + TILERT_SMEM_LOCALS;
+  b[SPACE_SCRATCH] = reinterpret_cast<uint8_t*>(c.a->scratch) + (size_t)c.worker * TILERT_SCRATCH_STRIDE;
+}
+
 template <class T>
 TILERT_DEV T* ref_ptr(const Ctx& c, const Ref& r) {
-  uint8_t* base;
-  switch (r.space) {
-    case SPACE_ACT: base = reinterpret_cast<uint8_t*>(c.a->act); break;
-    case SPACE_STATE: base = reinterpret_cast<uint8_t*>(c.a->state); break;
-    case SPACE_CONST: base = reinterpret_cast<uint8_t*>(c.a->consts); break;
-    case SPACE_SMEM: base = c.smem + TILERT_SMEM_LOCALS; break;
-    default: base = reinterpret_cast<uint8_t*>(c.a->scratch) + (size_t)c.worker * TILERT_SCRATCH_STRIDE; break;
-  }
-  return reinterpret_cast<T*>(base) + r.offset;
+  return reinterpret_cast<T*>(space_bases(c)[r.space]) + r.offset;
 }
 
 TILERT_DEV const WeightDesc& weight(const Ctx& c, int id) {

@@ -699,15 +699,19 @@ TILERT_DEV bool ring_wait_empty(uint8_t* smem, uint32_t issued, const volatile i
   return true;
 }
 
-constexpr uint32_t kLoaderAborted = 0xffffffffu;
+// Pieces issued so far, and whether the CTA aborted while the loader waited for a free slot.
+struct Issued {
+  uint32_t pieces;
+  bool aborted;
+};
 
 // Issue the pieces of rows [r0, r1) of `expert` of `w` into the ring (loader lane only), in the
 // compute warps' order (row blocks, then chunks): one bulk copy a piece (a second one for the
-// E8M0 scales of a row-major MXFP4 piece).  `issued` counts pieces; returns the new count, or
-// kLoaderAborted if the CTA aborted while waiting for a free slot.  Outlined (one copy for
-// every kind's tiles), its arguments plain values.
-TILERT_OUTLINE uint32_t load_tile(uint8_t* smem, const WeightDesc& w, int expert, int r0, int r1, uint32_t issued,
-                                  const volatile int* abort) {
+// E8M0 scales of a row-major MXFP4 piece).  `issued` counts pieces (after an abort too: the
+// CTA lets every issued piece land before it exits).  Outlined (one copy for every kind's
+// tiles), its arguments plain values.
+TILERT_OUTLINE Issued load_tile(uint8_t* smem, const WeightDesc& w, int expert, int r0, int r1, uint32_t issued,
+                                const volatile int* abort) {
   const Pieces pc = pieces_of(w);
   const uint8_t* gdata = tile_data(w, expert);
   const uint8_t* gscale = tile_scale(w, expert);
@@ -717,7 +721,7 @@ TILERT_OUTLINE uint32_t load_tile(uint8_t* smem, const WeightDesc& w, int expert
   for (int ra = r0; ra < r1; ra += pc.rp) {
     const int nr = min(pc.rp, r1 - ra);
     for (int kq = 0; kq < pc.nch; ++kq) {
-      if (!ring_wait_empty(smem, issued, abort)) return kLoaderAborted;
+      if (!ring_wait_empty(smem, issued, abort)) return Issued{issued, true};
       uint8_t* dst = ring_slot(smem, issued % TILERT_SLOTS);
       uint64_t* full = ring_full(smem, issued % TILERT_SLOTS);
       if (w.tiled) {
@@ -733,7 +737,7 @@ TILERT_OUTLINE uint32_t load_tile(uint8_t* smem, const WeightDesc& w, int expert
       ++issued;
     }
   }
-  return issued;
+  return Issued{issued, false};
 }
 #endif
 

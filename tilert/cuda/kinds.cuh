@@ -275,13 +275,13 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
         if (j < n) {
           const float4* qa = reinterpret_cast<const float4*>(qs + h * hd);
           const float4* ka = reinterpret_cast<const float4*>(kb + j * (hd + 4));
-          float d = 0.f;
+          float4 d = make_float4(0.f, 0.f, 0.f, 0.f);  // four chains, not one 192-long one
 #pragma unroll 8
           for (int k = 0; k < hd / 4; ++k) {
             const float4 x = qa[k], y = ka[k];
-            d += x.x * y.x; d += x.y * y.y; d += x.z * y.z; d += x.w * y.w;
+            d.x += x.x * y.x; d.y += x.y * y.y; d.z += x.z * y.z; d.w += x.w * y.w;
           }
-          s = __fmul_rn(d, p.scale);
+          s = __fmul_rn((d.x + d.y) + (d.z + d.w), p.scale);
         }
         ps[pr] = s;
       }
@@ -309,10 +309,19 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
           const float f = corr[h];
           float4 a = o[k];
           a.x *= f; a.y *= f; a.z *= f; a.w *= f;
-          for (int j = 0; j < n; ++j) {
-            const float e = ps[h * CH + j];
-            const float4 v = reinterpret_cast<const float4*>(vb + j * p.vd)[d4];
-            a.x += e * v.x; a.y += e * v.y; a.z += e * v.z; a.w += e * v.w;
+          const float* e = ps + h * CH;
+          const float4* v = reinterpret_cast<const float4*>(vb) + d4;
+          if (n == CH) {  // a whole chunk: every load of the loop in flight at once
+#pragma unroll
+            for (int j = 0; j < CH; ++j) {
+              const float4 vj = v[j * v4];
+              a.x += e[j] * vj.x; a.y += e[j] * vj.y; a.z += e[j] * vj.z; a.w += e[j] * vj.w;
+            }
+          } else {
+            for (int j = 0; j < n; ++j) {
+              const float4 vj = v[j * v4];
+              a.x += e[j] * vj.x; a.y += e[j] * vj.y; a.z += e[j] * vj.z; a.w += e[j] * vj.w;
+            }
           }
           o[k] = a;
         }
@@ -368,6 +377,7 @@ TILERT_DEV void k_attn_combine(Ctx& c, const AttnCombineParams& p) {
       const float wk = k < p.splits ? expf(m[k] - top) : 0.f;  // exp(-inf) = 0: empty splits
       denom += k < p.splits ? s[k] * wk : 0.f;
       const int n = min(32, p.splits - k0);
+#pragma unroll 8
       for (int kk = 0; kk < n; ++kk) {
         const float w = __shfl_sync(kFull, wk, kk);
 #pragma unroll
@@ -424,8 +434,17 @@ TILERT_DEV void k_topk(Ctx& c, const TopkParams& p) {
   const float* logits = ref_ptr<float>(c, p.logits);
   int* idx = ref_ptr<int>(c, p.idx);
   float* wts = ref_ptr<float>(c, p.weights);
-  const WeightDesc bias = weight(c, p.bias);
+  const WeightDesc& bias = weight(c, p.bias);
+  const bool bias32 = bias.fmt == FMT_FP32;
   for (int b = cwarp(); b < kB; b += kNCW) {
+    // Every load first (logits from L2, the bias from wherever it is), then the arithmetic.
+    float lg[EPL], bv[EPL];
+#pragma unroll
+    for (int j = 0; j < EPL; ++j) {
+      const int e = lane() + 32 * j;
+      lg[j] = e < p.experts ? logits[b * p.logits.ld + e] : 0.f;
+      bv[j] = e < p.experts && bias32 ? __ldg(reinterpret_cast<const float*>(bias.data) + e) : 0.f;
+    }
     float score[EPL], choice[EPL];
 #pragma unroll
     for (int j = 0; j < EPL; ++j) {
@@ -433,8 +452,8 @@ TILERT_DEV void k_topk(Ctx& c, const TopkParams& p) {
       score[j] = 0.f;
       choice[j] = -INFINITY;
       if (e < p.experts) {
-        score[j] = 1.0f / (1.0f + expf(-logits[b * p.logits.ld + e]));
-        choice[j] = score[j] + weight_elem(bias, 0, e);
+        score[j] = 1.0f / (1.0f + expf(-lg[j]));
+        choice[j] = score[j] + (bias32 ? bv[j] : weight_elem(bias, 0, e));
       }
     }
     // Lane k keeps the k-th choice; the selection loop stays rolled (small code: a one-off task

@@ -183,12 +183,13 @@ TILERT_DEV void loader_loop(Ctx& c) {
           waited = true;
           if (!ok) return;
         }
-        issued = load_tile(c.smem, weight(c, tile.w), tile_expert(tile), tile.r0, tile.r1, issued, abort);
-        ok = issued != kLoaderAborted;
+        const Issued r = load_tile(c.smem, weight(c, tile.w), tile_expert(tile), tile.r0, tile.r1, issued, abort);
+        issued = r.pieces;
+        ok = !r.aborted;
       });
     }
   }
-  ctrl(c)[CTRL_ISSUED] = (int)issued;  // (only read after an abort)
+  ctrl(c)[CTRL_ISSUED] = (int)issued;  // the pieces thread 0 lets land before the CTA exits
 }
 #endif
 
@@ -198,6 +199,7 @@ TILERT_DEV void cta_sync_all() { asm volatile("barrier.sync 0;" ::: "memory"); }
 TILERT_DEV void run(const KernelArgs* a, uint8_t* smem) {
   Ctx c{a, smem, (int)blockIdx.x, -1, 0};
   if (threadIdx.x == 0) {
+    set_space_bases(c);
     ctrl(c)[CTRL_ABORT] = 0;
     ctrl(c)[CTRL_ISSUED] = 0;
     ctrl(c)[CTRL_DONE] = 0;
