@@ -610,23 +610,12 @@ def _attention_group_max(stages_of) -> int:
     return max([0] + [v["group"] for stages in stages_of.values() for k, v in stages if k == "attention"])
 
 
-def _attention_smem_bytes(head_dim: int, v_head_dim: int) -> int:
+def _attention_smem_bytes(group: int, head_dim: int, v_head_dim: int) -> int:
     """k_attention's shared memory, from TILERT_SMEM_XS on (the GEMVs' x staging and scratch):
-    the token's queries [16][hd + 4], two chunk buffers of keys [chunk][hd + 4] and values
-    [chunk][vd + 8], the partial scores of 4 head-dim ranges [4][16][chunk], the weights
-    [16][chunk + 4] and the running max, sum and rescale per head (kinds.cuh)."""
+    the token's queries [group][hd], two chunk buffers of keys [chunk][hd + 4] and values
+    [chunk][vd], the chunk's scores [group][chunk] and the running max, sum and rescale per head."""
     ch = ATTN_CHUNK
-    return 4 * (3 * 16 * (head_dim + 4) + 2 * ch * (v_head_dim + 8) + 4 * 16 * ch + 16 * (ch + 4) + 3 * 16)
-
-
-def _check_attention(stages_of) -> None:
-    """k_attention runs m16n8k8 tiles: at most 16 query heads a KV head, head dims in 8s."""
-    for stages in stages_of.values():
-        for kind, v in stages:
-            if kind == "attention" and (v["group"] > 16 or v["hd"] % 8 or v["vd"] % 8):
-                raise UserError(f"attention with {v['group']} query heads per KV head and head dims "
-                                f"{v['hd']} / {v['vd']}: the GPU kernel takes at most 16 heads per KV head "
-                                f"and head dims that are multiples of 8")
+    return 4 * (group * head_dim + 2 * ch * (head_dim + 4) + 2 * ch * v_head_dim + group * ch + 3 * group)
 
 
 def _slot_row_bytes(w: WeightSlot) -> int:
@@ -690,9 +679,10 @@ def _tiled_weights(stages_of, weights: list[WeightSlot], loader: bool, mma_forma
                    ) -> tuple[set[int], list[str]]:
     """The weights uploaded tiled (tilert/tiling.py), which the tensor-core GEMV reads wherever
     the step's staged x fits (elsewhere the tiled CUDA-core loop): a format the tensor cores
-    handle, whole row blocks and steps, a step block that fits a ring slot, and every tile over
-    the weight starting and ending on a row block.  Also notes on the weights that could be
-    tiled but for their tiles.  Decided per weight, so every step size's kernel sees one layout."""
+    handle, whole row blocks and steps, one token's staged x within XS_LIMIT_BYTES, a step block
+    that fits a ring slot, and every tile over the weight starting and ending on a row block.
+    Also notes on the weights left row-major.  Decided per weight, so every step size's kernel
+    sees one layout."""
     if not loader:
         return set(), []
     streamed = {i for i, _, _ in _gemv_tiles(stages_of)}
@@ -700,8 +690,13 @@ def _tiled_weights(stages_of, weights: list[WeightSlot], loader: bool, mma_forma
     for w in weights:
         if not (w.index in streamed and w.fmt in mma_formats and tileable(w.fmt, w.shape[-2], w.shape[-1])):
             continue
-        if slot_bytes is None or step_block_bytes(w.fmt) <= slot_bytes:
-            tiled.add(w.index)  # (rows whose staged x would not fit take the tiled CUDA-core loop)
+        if _x_bytes(w.shape[-1], 1) > XS_LIMIT_BYTES:
+            # Its x never fits: the row-major CUDA-core loop (measured on an H200, 2026-12-04, the
+            # dense FFN's 16384-column down projection: 78 us a layer row-major, 120 us tiled).
+            notes.append(f"weight {w.name} ({w.fmt}, {w.shape[-1]} columns): CUDA-core GEMV, its staged x "
+                         f"({_x_bytes(w.shape[-1], 1)} B) exceeds the {XS_LIMIT_BYTES} B limit")
+        elif slot_bytes is None or step_block_bytes(w.fmt) <= slot_bytes:
+            tiled.add(w.index)
     unaligned = {i for i, r0, r1 in _gemv_tiles(stages_of) if i in tiled and (r0 % ROW_BLOCK or r1 % ROW_BLOCK)}
     notes += [f"weight {weights[i].name} stays row-major (CUDA-core GEMV): its tiles do not start and end on "
               f"{ROW_BLOCK}-row blocks" for i in sorted(unaligned)]
@@ -826,9 +821,8 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
             raise UserError(f"slot_bytes {slot} must be a multiple of 128 and hold the largest weight row "
                             f"({need} B)")
         in_smem = locals_bytes if space == "smem" else 0
-        if _attention_group_max(enc.stages):  # attention's area spans x staging + scratch
-            _check_attention(enc.stages)
-            need_attn = _attention_smem_bytes(max(cfg.head_dim, 4), max(cfg.v_head_dim, 1))
+        if group_max := _attention_group_max(enc.stages):  # attention's area spans x staging + scratch
+            need_attn = _attention_smem_bytes(group_max, max(cfg.head_dim, 4), max(cfg.v_head_dim, 1))
             enc.scratch_bytes = max(enc.scratch_bytes, _align(need_attn - xs_bytes, 16))
         for slots in (range(ring_slots, 1, -1) if loader else [0]):
             slot_here = slot

@@ -337,10 +337,12 @@ def _lower_attn_output(b: _Builder, prefix: str, layer, kv_heads: int, group: in
                        sink: str | None, partials: tuple[Buffer, Buffer, Buffer], ao: Buffer, x: Buffer,
                        o_weight: str) -> None:
     """Merge the attention splits (the sink joins the denominator) into `ao`, `combine_heads`
-    query heads a task (default 4: a KV group of 16 heads in one task kept the merge of 32
-    splits on one SM for ~12 us), then add the O-projection of `ao` into the residual `x`."""
+    query heads a task (default 8: a KV group of 16 heads in one task kept the merge of 32
+    splits on one SM for ~12 us; measured on an H200, tasks of 4 heads took 9 us there but
+    made the sliding-window layers' combine slower), then add the O-projection of `ao` into
+    the residual `x`."""
     B = b.tokens
-    per_task = b.recipe.get("combine_heads", 4)
+    per_task = b.recipe.get("combine_heads", 8)
     op = b.op("attn_combine", f"{prefix}.attn_combine", layer)
     for g in range(kv_heads):
         for h0, h1 in _tiles(group, per_task):

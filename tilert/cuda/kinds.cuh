@@ -158,37 +158,30 @@ TILERT_DEV void k_kv_write(Ctx& c, const KvWriteParams& p) {
 // ---- attention: split-KV partials (max, sum, acc) per query head of one KV head's group ------------------
 TILERT_DEV int visible_lo(int position, int window) { return window ? max(0, position - window + 1) : 0; }
 
-// A task owns one KV head's split of the keys for the query heads of its group (at most 16).
-// The keys come in chunks of kAttnChunk = 16: the whole CTA copies a chunk's key and value rows
-// into shared memory with coalesced 16-byte loads (the next chunk's loads are in flight while
-// this one is computed).  The two products run on the tensor cores (mma.sync m16n8k8 tf32,
-// each fp32 operand split into tf32 hi + lo and multiplied as hi*hi + hi*lo + lo*hi, which
-// keeps fp32's accuracy): S = Q K^T with the heads as M (the group's rows, zero-padded to 16),
-// 8 keys as N and 8 head dims as K, on 8 warps (2 key tiles x 4 ranges of head dims, the
-// query fragments held in registers across chunks); a warp a head turns the chunk's scores
-// into softmax weights against the running maximum; then O += P V with 8 value dims as N and
-// 8 keys as K, each of the 8 warps keeping its value tiles' accumulators in registers
-// (rescaled when the maximum moves).  Shared memory is read once per product per chunk, not
-// once per (head, key).  The area from TILERT_SMEM_XS on (the GEMVs' x staging and scratch,
-// which attention does not use) is sized by tilert/codegen.py (`_attention_smem_bytes`).
+// A task owns one KV head's split of the keys for the query heads of its group.  The keys come
+// in chunks of kAttnChunk: the whole CTA copies a chunk's key and value rows into shared memory
+// with coalesced 16-byte loads (the next chunk's loads are in flight while this one is
+// computed), then (1) a thread per (head, key) takes the score from shared memory, (2) a warp per
+// head turns its chunk of scores into softmax weights against the running maximum, (3) every
+// thread owns 4 value dims of one head and adds the chunk's weighted values into registers
+// (rescaled when the maximum moves).  No thread waits on a dependent global load inside a
+// chunk, every warp has work, and the heads' partials never meet across warps: their owners
+// write them out at the end.  The shared-memory area (TILERT_SMEM_XS onwards, the GEMVs' x
+// staging and scratch, which attention does not use) is sized by tilert/codegen.py
+// (`_attention_smem_bytes`).
+#ifndef TILERT_ATTN_PREFETCH
+#define TILERT_ATTN_PREFETCH 1
+#endif
 constexpr int kAttnChunk = TILERT_ATTN_CHUNK;
-static_assert(kAttnChunk == 16, "two 8-key mma tiles a chunk");
-static_assert(TILERT_ATTN_GROUP_MAX <= 16, "one m16 tile of query heads");
-constexpr int kQkRanges = kNCW >= 8 ? 4 : kNCW / 2;  // head-dim ranges of S = Q K^T (x 2 key tiles)
-constexpr int kAttnWarps = 2 * kQkRanges;               // warps doing the mma work (8 of 15)
-static_assert(kQkRanges >= 1, "attention wants 2 compute warps at least");
-constexpr int kQkSteps = (TILERT_HD_MAX / 8 + kQkRanges - 1) / kQkRanges;  // k8 steps a warp, at most
-constexpr int kPvTiles = (TILERT_VD_MAX / 8 + kAttnWarps - 1) / kAttnWarps;  // n8 value tiles a warp
+constexpr int kAttnOwn = (TILERT_ATTN_GROUP_MAX * TILERT_VD_MAX / 4 + kNCT - 1) / kNCT;  // float4 outputs a thread
 constexpr int kAttnLoads = (kAttnChunk * (TILERT_HD_MAX + TILERT_VD_MAX) / 4 + kNCT - 1) / kNCT;
-constexpr int kKRow = TILERT_HD_MAX + 4, kVRow = TILERT_VD_MAX + 8, kPRow = kAttnChunk + 4;  // padded rows
-// (strides 4, 8 and 20 words apart put a fragment's 32 lanes on 32 banks)
 
 struct AttnChunk {
   float4 v[kAttnLoads];
 };
 
 // This thread's share of the key and value rows of keys [j0, j0 + n) (float4 item i: key row
-// items first, then value row items); keys past n read as zeros.
+// items first, then value row items).
 TILERT_DEV AttnChunk attn_load(const AttentionParams& p, const float* kc, const float* vc, int j0, int n) {
   AttnChunk r;
   const int k4 = p.hd / 4, v4 = p.vd / 4, nk = kAttnChunk * k4;
@@ -207,61 +200,19 @@ TILERT_DEV AttnChunk attn_load(const AttentionParams& p, const float* kc, const 
   return r;
 }
 
-// ... stored into a chunk buffer: key rows [16][kKRow], value rows [16][kVRow].
+// ... stored into a chunk buffer: key rows padded to hd + 4 floats (rows 4 banks apart), then
+// the value rows.
 TILERT_DEV void attn_store(const AttentionParams& p, float* kbuf, float* vbuf, const AttnChunk& r) {
   const int k4 = p.hd / 4, v4 = p.vd / 4, nk = kAttnChunk * k4;
 #pragma unroll
   for (int q = 0; q < kAttnLoads; ++q) {
     const int i = ctid() + q * kNCT;
     if (i < nk) {
-      *reinterpret_cast<float4*>(kbuf + (i / k4) * kKRow + 4 * (i % k4)) = r.v[q];
+      *reinterpret_cast<float4*>(kbuf + (i / k4) * (p.hd + 4) + 4 * (i % k4)) = r.v[q];
     } else if (i < nk + kAttnChunk * v4) {
-      const int e = i - nk;
-      *reinterpret_cast<float4*>(vbuf + (e / v4) * kVRow + 4 * (e % v4)) = r.v[q];
+      *reinterpret_cast<float4*>(vbuf + (i - nk) * 4) = r.v[q];
     }
   }
-}
-
-// fp32 -> tf32 hi + lo (x = hi + lo to ~22 bits).
-TILERT_DEV void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(hi) : "f"(x));
-  const float rest = x - __uint_as_float(hi);
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(lo) : "f"(rest));
-}
-
-TILERT_DEV void mma_tf32(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// D += A B in three tf32 products: ahi.bhi + ahi.blo + alo.bhi.
-TILERT_DEV void mma_3xtf32(float* d, const uint32_t* ahi, const uint32_t* alo, float b0, float b1) {
-  uint32_t bh0, bl0, bh1, bl1;
-  split_tf32(b0, bh0, bl0);
-  split_tf32(b1, bh1, bl1);
-  mma_tf32(d, alo, bh0, bh1);
-  mma_tf32(d, ahi, bl0, bl1);
-  mma_tf32(d, ahi, bh0, bh1);
-}
-
-// The m16n8k8 A fragment of lane (g, t) from a row-major [16][ld] smem matrix at column k0: rows
-// g, g + 8 at columns k0 + t, k0 + t + 4.
-TILERT_DEV void a_fragment(const float* m, int ld, int k0, int g, int t, float* a) {
-  a[0] = m[g * ld + k0 + t];
-  a[1] = m[(g + 8) * ld + k0 + t];
-  a[2] = m[g * ld + k0 + t + 4];
-  a[3] = m[(g + 8) * ld + k0 + t + 4];
-}
-
-// D += A B, A as fp32 fragment values (split here), B as two fp32 values.
-TILERT_DEV void mma_3xtf32_f(float* d, const float* a, float b0, float b1) {
-  uint32_t hi[4], lo[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) split_tf32(a[i], hi[i], lo[i]);
-  mma_3xtf32(d, hi, lo, b0, b1);
 }
 
 TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
@@ -273,25 +224,21 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
   float* mx = ref_ptr<float>(c, p.mx);
   float* sm = ref_ptr<float>(c, p.sm);
   float* acc = ref_ptr<float>(c, p.acc);
-  const int G = p.group, hd = p.hd;
-  const int w = cwarp(), g = lane() >> 2, t = lane() & 3;
-  float* qs = reinterpret_cast<float*>(c.smem + TILERT_SMEM_XS);  // [16][kKRow] this token's queries
-  float* kbuf = qs + 16 * kKRow;                                   // [2][CH][kKRow]
-  float* vbuf = kbuf + 2 * CH * kKRow;                             // [2][CH][kVRow]
-  float* part = vbuf + 2 * CH * kVRow;                             // [kQkRanges][16][CH] partial scores
-  float* ps = part + kQkRanges * 16 * CH;                          // [16][kPRow] softmax weights
-  float* run_m = ps + 16 * kPRow;                                  // [16] running maximum
-  float* run_l = run_m + 16;                                       // [16] running sum
-  float* corr = run_l + 16;                                        // [16] this chunk's rescale
-  // This warp's share: S key tile and head-dim range, P V value tiles.
-  const int ks_all = hd / 8, n_tile = w & 1, range = w >> 1;
-  const int ks0 = range * ks_all / kQkRanges, ks1 = (range + 1) * ks_all / kQkRanges;
+  const int G = p.group, hd = p.hd, v4 = p.vd / 4;
+  float* qs = reinterpret_cast<float*>(c.smem + TILERT_SMEM_XS);  // [G][hd] this token's queries
+  float* kbuf = qs + TILERT_ATTN_GROUP_MAX * TILERT_HD_MAX;        // [2][CH][hd + 4]
+  float* vbuf = kbuf + 2 * CH * (TILERT_HD_MAX + 4);               // [2][CH][vd]
+  float* ps = vbuf + 2 * CH * TILERT_VD_MAX;                       // [G][CH] scores, then weights
+  float* run_m = ps + TILERT_ATTN_GROUP_MAX * CH;                  // [G] running maximum
+  float* run_l = run_m + TILERT_ATTN_GROUP_MAX;                    // [G] running sum
+  float* corr = run_l + TILERT_ATTN_GROUP_MAX;                     // [G] this chunk's rescale
   // This split's share of the step's whole visible key range (tilert.kernels.split_range).
   const int all_lo = visible_lo(pos[0], p.window), all_hi = pos[kB - 1] + 1;
   const int span = (all_hi - all_lo + p.splits - 1) / p.splits;
   const int s_lo = all_lo + p.split * span, s_hi = min(all_hi, all_lo + (p.split + 1) * span);
   // Pull this split's keys and values into L2 at once: the chunk copies below then wait on L2.
-  {
+  // (TILERT_ATTN_PREFETCH=0 leaves it out: an A/B switch for tools/profile_step.py --define.)
+  if (TILERT_ATTN_PREFETCH) {
     const int klines = (p.hd * 4 + 127) / 128, vlines = (p.vd * 4 + 127) / 128, per = klines + vlines;
     for (int i = ctid(); i < (s_hi - s_lo) * per; i += kNCT) {
       const int j = s_lo + i / per, l = i % per;
@@ -312,57 +259,44 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
     }
     const int chunks = (hi - lo + CH - 1) / CH;
     AttnChunk next = attn_load(p, kc, vc, lo, min(CH, hi - lo));
-    for (int i = ctid(); i < 16 * hd / 4; i += kNCT) {  // heads past G: zeros
-      const int h = i / (hd / 4), f = i % (hd / 4);
-      reinterpret_cast<float4*>(qs + h * kKRow)[f] =
-          h < G ? *reinterpret_cast<const float4*>(q + b * p.q.ld + (p.h0 + h) * hd + 4 * f) : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-    for (int h = ctid(); h < 16; h += kNCT) { run_m[h] = -INFINITY; run_l[h] = 0.f; }
+    for (int i = ctid(); i < G * hd / 4; i += kNCT)
+      reinterpret_cast<float4*>(qs)[i] = *reinterpret_cast<const float4*>(q + b * p.q.ld + p.h0 * hd + 4 * i);
+    for (int h = ctid(); h < G; h += kNCT) { run_m[h] = -INFINITY; run_l[h] = 0.f; }
+    float4 o[kAttnOwn];
+#pragma unroll
+    for (int k = 0; k < kAttnOwn; ++k) o[k] = make_float4(0.f, 0.f, 0.f, 0.f);
     attn_store(p, kbuf, vbuf, next);
-    compute_sync();
-    // The query fragments of this warp's head-dim range, kept for every chunk (as fp32: split
-    // per use, which costs fewer registers than keeping hi and lo).
-    float qf[kQkSteps][4];
-#pragma unroll
-    for (int k = 0; k < kQkSteps; ++k)
-      if (w < kAttnWarps && ks0 + k < ks1) a_fragment(qs, kKRow, 8 * (ks0 + k), g, t, qf[k]);
-    float o[kPvTiles][4];
-#pragma unroll
-    for (int k = 0; k < kPvTiles; ++k) o[k][0] = o[k][1] = o[k][2] = o[k][3] = 0.f;
     for (int ch = 0; ch < chunks; ++ch) {
       const int j0 = lo + ch * CH, n = min(CH, hi - j0);
-      const float* kb = kbuf + (ch & 1) * CH * kKRow;
-      const float* vb = vbuf + (ch & 1) * CH * kVRow;
-      if (ch > 0) compute_sync();  // chunk ch in shared memory; the last chunk's readers are done
+      float* kb = kbuf + (ch & 1) * CH * (TILERT_HD_MAX + 4);
+      float* vb = vbuf + (ch & 1) * CH * TILERT_VD_MAX;
+      compute_sync();  // chunk ch (and the queries, the running state) in shared memory
       if (ch + 1 < chunks) next = attn_load(p, kc, vc, j0 + CH, min(CH, hi - j0 - CH));
-      // (1) partial scores: this warp's key tile over its head dims
-      if (w < kAttnWarps) {
-        float d[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int k = 0; k < kQkSteps; ++k) {
-          if (ks0 + k < ks1) {
-            const float* kr = kb + (8 * n_tile + g) * kKRow + 8 * (ks0 + k) + t;  // B: K^T[dim][key]
-            mma_3xtf32_f(d, qf[k], kr[0], kr[4]);
+      // (1) scores of (head, key) pairs
+      for (int pr = ctid(); pr < G * CH; pr += kNCT) {
+        const int h = pr / CH, j = pr % CH;
+        float s = -INFINITY;
+        if (j < n) {
+          const float4* qa = reinterpret_cast<const float4*>(qs + h * hd);
+          const float4* ka = reinterpret_cast<const float4*>(kb + j * (hd + 4));
+          float4 d = make_float4(0.f, 0.f, 0.f, 0.f);  // four chains, not one 192-long one
+#pragma unroll 8
+          for (int k = 0; k < hd / 4; ++k) {
+            const float4 x = qa[k], y = ka[k];
+            d.x += x.x * y.x; d.y += x.y * y.y; d.z += x.z * y.z; d.w += x.w * y.w;
           }
+          s = __fmul_rn((d.x + d.y) + (d.z + d.w), p.scale);
         }
-        float* pr = part + (range * 16) * CH + 8 * n_tile + 2 * t;  // D rows g, g + 8, keys 2t, 2t + 1
-        pr[g * CH] = d[0]; pr[g * CH + 1] = d[1];
-        pr[(g + 8) * CH] = d[2]; pr[(g + 8) * CH + 1] = d[3];
+        ps[pr] = s;
       }
       compute_sync();
       // (2) softmax weights against the running maximum, a warp a head, a lane a key
-      for (int h = w; h < G; h += kNCW) {
-        float s = -INFINITY;
-        if (lane() < n) {
-          float tot = 0.f;
-#pragma unroll
-          for (int r = 0; r < kQkRanges; ++r) tot += part[(r * 16 + h) * CH + lane()];
-          s = __fmul_rn(tot, p.scale);
-        }
+      for (int h = cwarp(); h < G; h += kNCW) {
+        const float s = lane() < CH ? ps[h * CH + lane()] : -INFINITY;
         const float m_old = run_m[h], m_new = fmaxf(m_old, warp_max(s));  // finite: n >= 1
-        const float e = lane() < n ? expf(s - m_new) : 0.f;
+        const float e = lane() < CH ? expf(s - m_new) : 0.f;  // exp(-inf) = 0 past n
         const float total = warp_sum(e);
-        if (lane() < CH) ps[h * kPRow + lane()] = e;
+        if (lane() < CH) ps[h * CH + lane()] = e;
         if (lane() == 0) {
           const float f = expf(m_old - m_new);  // 0 on the first chunk (m_old = -inf)
           corr[h] = f;
@@ -370,54 +304,47 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
           run_m[h] = m_new;
         }
       }
-      for (int i = ctid(); i < (16 - G) * CH; i += kNCT) ps[(G + i / CH) * kPRow + i % CH] = 0.f;  // padding heads
       compute_sync();
-      // (3) O += P V over this warp's value tiles, rescaled first
-      if (w < kAttnWarps) {
-        const float fa = corr[g] , fb = corr[g + 8];
-        float pf[2][4];
-        a_fragment(ps, kPRow, 0, g, t, pf[0]);
-        a_fragment(ps, kPRow, 8, g, t, pf[1]);
-        uint32_t phi[2][4], plo[2][4];
+      // (3) the weighted values, a float4 of one head's value dims a thread
 #pragma unroll
-        for (int kk = 0; kk < 2; ++kk)
+      for (int k = 0; k < kAttnOwn; ++k) {
+        const int own = ctid() + k * kNCT, h = own / v4, d4 = own % v4;
+        if (h < G) {
+          const float f = corr[h];
+          float4 a = o[k];
+          a.x *= f; a.y *= f; a.z *= f; a.w *= f;
+          const float* e = ps + h * CH;
+          const float4* v = reinterpret_cast<const float4*>(vb) + d4;
+          if (n == CH) {  // a whole chunk: every load of the loop in flight at once
 #pragma unroll
-          for (int i = 0; i < 4; ++i) split_tf32(pf[kk][i], phi[kk][i], plo[kk][i]);
-#pragma unroll
-        for (int k = 0; k < kPvTiles; ++k) {
-          const int nt = w + k * kAttnWarps;
-          if (8 * nt < p.vd) {
-            o[k][0] *= fa; o[k][1] *= fa; o[k][2] *= fb; o[k][3] *= fb;
-#pragma unroll
-            for (int kk = 0; kk < 2; ++kk) {
-              const float* vr = vb + (8 * kk + t) * kVRow + 8 * nt + g;  // B: V[key][dim]
-              mma_3xtf32(o[k], phi[kk], plo[kk], vr[0], vr[4 * kVRow]);
+            for (int j = 0; j < CH; ++j) {
+              const float4 vj = v[j * v4];
+              a.x += e[j] * vj.x; a.y += e[j] * vj.y; a.z += e[j] * vj.z; a.w += e[j] * vj.w;
+            }
+          } else {
+            for (int j = 0; j < n; ++j) {
+              const float4 vj = v[j * v4];
+              a.x += e[j] * vj.x; a.y += e[j] * vj.y; a.z += e[j] * vj.z; a.w += e[j] * vj.w;
             }
           }
+          o[k] = a;
         }
       }
       // The next chunk goes to the other buffer: its last readers (chunk ch - 1) are past the
       // barriers above.
-      if (ch + 1 < chunks) attn_store(p, kbuf + ((ch + 1) & 1) * CH * kKRow, vbuf + ((ch + 1) & 1) * CH * kVRow, next);
+      if (ch + 1 < chunks) attn_store(p, kbuf + ((ch + 1) & 1) * CH * (TILERT_HD_MAX + 4),
+                                      vbuf + ((ch + 1) & 1) * CH * TILERT_VD_MAX, next);
     }
-    // D of value tile nt: lane (g, t) holds heads g, g + 8 at dims 8 nt + 2t, 8 nt + 2t + 1.
-    if (w < kAttnWarps) {
 #pragma unroll
-      for (int k = 0; k < kPvTiles; ++k) {
-        const int nt = w + k * kAttnWarps;
-        if (8 * nt >= p.vd) continue;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int h = g + 8 * half;
-          if (h < G)
-            *reinterpret_cast<float2*>(acc + b * p.acc.ld + ((p.h0 + h) * p.ms + p.split) * p.vd + 8 * nt + 2 * t) =
-                make_float2(o[k][2 * half], o[k][2 * half + 1]);
+    for (int k = 0; k < kAttnOwn; ++k) {
+      const int own = ctid() + k * kNCT, h = own / v4, d4 = own % v4;
+      if (h < G) {
+        *reinterpret_cast<float4*>(acc + b * p.acc.ld + ((p.h0 + h) * p.ms + p.split) * p.vd + 4 * d4) = o[k];
+        if (d4 == 0) {
+          mx[b * p.mx.ld + (p.h0 + h) * p.ms + p.split] = run_m[h];
+          sm[b * p.sm.ld + (p.h0 + h) * p.ms + p.split] = run_l[h];
         }
       }
-    }
-    for (int h = ctid(); h < G; h += kNCT) {
-      mx[b * p.mx.ld + (p.h0 + h) * p.ms + p.split] = run_m[h];
-      sm[b * p.sm.ld + (p.h0 + h) * p.ms + p.split] = run_l[h];
     }
     compute_sync();  // the next token overwrites the queries, buffers and running state
   }
