@@ -167,8 +167,14 @@ def test_planted_hang_names_worker_and_counter(tiny):
 
 # ---- the real geometry: mimo-v2-flash rows, 132 workers ------------------------------------------
 
-def flash2_config():
-    return dataclasses.replace(preset("mimo-v2-flash").with_layers(2), vocab_size=16384, n_routed_experts=32)
+# The experts as the V2-Flash hub stores them (fp8), and in MXFP4 (tiled, scales inside the step
+# blocks): B = 1 takes the tensor cores, B = 8 the tiled CUDA-core loop.
+FLASH2_EXPERTS = ("fp8", "mxfp4")
+
+
+def flash2_config(expert_format: str = "fp8"):
+    return dataclasses.replace(preset("mimo-v2-flash").with_layers(2), vocab_size=16384, n_routed_experts=32,
+                               expert_format=expert_format)
 
 
 def flash2_schedules(cfg, workers: int | None = None):
@@ -183,29 +189,33 @@ def kernel_sources() -> list[str]:
     cfg = preset("mimo-tiny")
     tiny = compile_steps(cfg, load_recipe("mimo-tiny", "h100"), [1, 8], max_seq_len=MAX_SEQ)
     out = [generate(s, cfg, **kw).source for kw in VARIANTS.values() for s in tiny.values()]
-    f2 = flash2_config()
-    return out + [generate(s, f2).source for s in flash2_schedules(f2).values()]
+    flash = [flash2_config(f) for f in FLASH2_EXPERTS]
+    return out + [generate(s, f2).source for f2 in flash for s in flash2_schedules(f2).values()]
 
 
-@pytest.fixture(scope="module")
-def flash2():
+@pytest.fixture(scope="module", params=FLASH2_EXPERTS)
+def flash2(request):
     """mimo-v2-flash cut to 2 layers (GA + dense FFN, SWA + MoE), with 32 experts and a 16k
     vocabulary so the weights (1.3 GB, hub formats) build in seconds; every row size, head count
-    and tile of the real model is kept, on as many workers as the recipe (or the GPU) has."""
+    and tile of the real model is kept, on as many workers as the recipe (or the GPU) has.  The
+    MXFP4 variant draws its weights on the GPU (quantizing them on the CPU would take a minute)."""
     from model.checkpoint import synthetic_tensor
     from model.weights import StoredTensor, expected_tensors
+    from tilert.device_weights import device_weights
 
-    cfg = flash2_config()
+    cfg = flash2_config(request.param)
+    schedules = flash2_schedules(cfg, torch.cuda.get_device_properties(0).multi_processor_count)
+    if request.param == "mxfp4":
+        return cfg, schedules, device_weights(cfg, seed=7)
     weights = {spec.name: StoredTensor.from_float(synthetic_tensor(spec, 7), spec.fmt)
                for spec in expected_tensors(cfg)}
-    schedules = flash2_schedules(cfg, torch.cuda.get_device_properties(0).multi_processor_count)
     return cfg, schedules, runtime_weights(cfg, weights)
 
 
 def test_flash_geometry_matches_the_vm(flash2):
     cfg, schedules, weights = flash2
+    vm = VM(cfg, schedules, weights, 64, device=next(iter(weights.values())).data.device.type)  # where they live
     rt = make_runtime(cfg, schedules, weights, max_seq=64)
-    vm = VM(cfg, schedules, weights, 64)
     prompt = [1, 17, 300, 5, 42, 7, 99, 100]
     ref_logits, ref_next = vm.step(prompt)
     logits, nxt = rt.step(prompt, poison=True)

@@ -4,16 +4,17 @@
 #     bash tools/device_check.sh            (logs under $OUT, else build/device-check)
 #
 # 1. prints the GPU, driver and toolchain; checks the Python imports the runtime needs;
-# 2. builds every cubin the tests use (mimo-tiny B = 1, 8 with the loader ring, direct loads and
-#    small ring slots; a 2-layer mimo-v2-flash geometry) in parallel, reusing build/cubins when
-#    it was carried from the development machine;
+# 2. builds every cubin the tests use (mimo-tiny B = 1, 8 with the loader ring, direct loads,
+#    256-byte and 1 KiB ring slots; a 2-layer mimo-v2-flash geometry with fp8 and with MXFP4
+#    experts) in parallel, reusing build/cubins when it was carried from the development machine;
 # 3. greps the SASS of one cubin for what ptxas -v cannot show (acquire loads invalidating L1,
 #    bulk copies, local memory);
 # 4. runs tests/test_gpu.py: per-task prefix diff against the VM (names the first differing
 #    task), 256 greedy tokens, sampling, a planted hang caught by the watchdog, and the
-#    2-layer mimo-v2-flash geometry against the VM with a timing line.  pytest stops after 4
-#    failures rather than the first, so one call tells which variants (loader / direct /
-#    small slots) fail; no test can hang: the kernel's watchdog and `timeout` bound them.
+#    2-layer mimo-v2-flash geometry (fp8 and MXFP4 experts) against the VM with a timing
+#    line.  pytest stops after 4 failures rather than the first, so one call tells which
+#    variants (loader / direct / small slots) fail; no test can hang: the kernel's watchdog
+#    and `timeout` bound them.
 # Takes about 2-3 minutes; the last lines are a summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
