@@ -42,7 +42,6 @@ TILERT_DEV bool mma_ok(const WeightDesc& w);
 // barrier once per this many rows, not once per piece.  Mirrored by tilert/codegen.py.
 constexpr int kRedRows = 128 / kB < 16 ? 16 : 128 / kB;
 
-TILERT_DEV int fmt_bits(int fmt) { return fmt == FMT_MXFP4 ? 4 : fmt == FMT_FP8 ? 8 : fmt == FMT_BF16 ? 16 : 32; }
 TILERT_DEV int mma_step_cols(int fmt) { return fmt == FMT_MXFP4 ? 128 : fmt == FMT_FP8 ? 64 : 32; }
 
 // The tiled layout (tilert/tiling.py): a step block holds 64 bytes of each of 16 rows, row after
