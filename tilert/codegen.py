@@ -663,11 +663,11 @@ def _encode_tasks(schedule: Schedule, plan: _Plan, cfg: MimoConfig, boxes_of: di
 
 
 def _gemv_tiles(stages_of: dict[int, list[tuple[str, dict]]]):
-    """(weight index, first row, end row) of every GEMV tile of the encoded stages."""
+    """(kind, weight index, first row, end row) of every GEMV tile of the encoded stages."""
     for stages in stages_of.values():
         for kind, values in stages:
             for i in _gemv_weights(kind, values):
-                yield i, values["r0"], values["r1"]
+                yield kind, i, values["r0"], values["r1"]
 
 
 def _x_bytes(cols: int, tokens: int) -> int:
@@ -685,7 +685,7 @@ def _tiled_weights(stages_of, weights: list[WeightSlot], loader: bool, mma_forma
     sees one layout."""
     if not loader:
         return set(), []
-    streamed = {i for i, _, _ in _gemv_tiles(stages_of)}
+    streamed = {i for _, i, _, _ in _gemv_tiles(stages_of)}
     tiled, notes = set(), []
     for w in weights:
         if not (w.index in streamed and w.fmt in mma_formats and tileable(w.fmt, w.shape[-2], w.shape[-1])):
@@ -697,7 +697,7 @@ def _tiled_weights(stages_of, weights: list[WeightSlot], loader: bool, mma_forma
                          f"({_x_bytes(w.shape[-1], 1)} B) exceeds the {XS_LIMIT_BYTES} B limit")
         elif slot_bytes is None or step_block_bytes(w.fmt) <= slot_bytes:
             tiled.add(w.index)
-    unaligned = {i for i, r0, r1 in _gemv_tiles(stages_of) if i in tiled and (r0 % ROW_BLOCK or r1 % ROW_BLOCK)}
+    unaligned = {i for _, i, r0, r1 in _gemv_tiles(stages_of) if i in tiled and (r0 % ROW_BLOCK or r1 % ROW_BLOCK)}
     notes += [f"weight {weights[i].name} stays row-major (CUDA-core GEMV): its tiles do not start and end on "
               f"{ROW_BLOCK}-row blocks" for i in sorted(unaligned)]
     return tiled - unaligned, notes
@@ -730,7 +730,7 @@ def _slot_need(stages_of, weights: list[WeightSlot]) -> int:
     """The largest unit a ring slot must hold: a step block of a tiled weight, a row (with its
     MXFP4 scales) of a row-major one."""
     return max([0] + [step_block_bytes(weights[i].fmt) if weights[i].tiled else _slot_row_bytes(weights[i])
-                      for i, _, _ in _gemv_tiles(stages_of)])
+                      for _, i, _, _ in _gemv_tiles(stages_of)])
 
 
 def _gemv_masks(stages_of: dict[int, list[tuple[str, dict]]], weights: list[WeightSlot], tokens: int,
@@ -740,12 +740,10 @@ def _gemv_masks(stages_of: dict[int, list[tuple[str, dict]]], weights: list[Weig
     for the CUDA-core loop over tiled format f.  The kernel compiles each kind's GEMV for
     exactly these paths (TILERT_GEMV_<KIND>)."""
     masks: dict[str, int] = {}
-    for stages in stages_of.values():
-        for kind, values in stages:
-            for i in _gemv_weights(kind, values):
-                w = weights[i]
-                path = 4 if _on_mma(w, tokens) else 8 if w.tiled else 0
-                masks[kind] = masks.get(kind, 0) | 1 << (FORMATS[w.fmt] + path)
+    for kind, i, _, _ in _gemv_tiles(stages_of):
+        w = weights[i]
+        path = 4 if _on_mma(w, tokens) else 8 if w.tiled else 0
+        masks[kind] = masks.get(kind, 0) | 1 << (FORMATS[w.fmt] + path)
     return masks
 
 
@@ -821,7 +819,8 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
             raise UserError(f"slot_bytes {slot} must be a multiple of 128 and hold the largest weight row "
                             f"({need} B)")
         in_smem = locals_bytes if space == "smem" else 0
-        if group_max := _attention_group_max(enc.stages):  # attention's area spans x staging + scratch
+        group_max = _attention_group_max(enc.stages)
+        if group_max:  # attention's area spans x staging + scratch
             need_attn = _attention_smem_bytes(group_max, max(cfg.head_dim, 4), max(cfg.v_head_dim, 1))
             enc.scratch_bytes = max(enc.scratch_bytes, _align(need_attn - xs_bytes, 16))
         for slots in (range(ring_slots, 1, -1) if loader else [0]):
@@ -858,7 +857,7 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     return GeneratedKernel(
         source=_source(schedule, cfg, B, compute_warps, loader, slots, slot, lay, formats, scratch_stride,
                        set(mma_used), xs_bytes, _gemv_masks(enc.stages, weights, B), task_words,
-                       _attention_group_max(enc.stages)),
+                       group_max),
         program=_encode_program(schedule, enc.stages, task_words), tokens=B, num_workers=schedule.num_workers,
         threads=32 * compute_warps + (32 if loader else 0), smem_bytes=lay["total"], loader=loader,
         slots=slots, slot_bytes=slot, act_bytes=plan.act_bytes, state_bytes=plan.state_bytes,

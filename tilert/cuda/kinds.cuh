@@ -165,7 +165,7 @@ TILERT_DEV int visible_lo(int position, int window) { return window ? max(0, pos
 // head turns its chunk of scores into softmax weights against the running maximum, (3) every
 // thread owns 4 value dims of one head and adds the chunk's weighted values into registers
 // (rescaled when the maximum moves).  No thread waits on a dependent global load inside a
-// chunk, every warp has work, and the heads' partials never meet across warps: their owners
+// chunk, the value sums use every warp, and the heads' partials never meet across warps: their owners
 // write them out at the end.  The shared-memory area (TILERT_SMEM_XS onwards, the GEMVs' x
 // staging and scratch, which attention does not use) is sized by tilert/codegen.py
 // (`_attention_smem_bytes`).
