@@ -528,11 +528,14 @@ def _define(source: str, name: str) -> int:
 def test_mma_gemv_setup_follows_formats_tokens_and_row_lengths():
     """The tensor-core GEMV (gemv.cuh) is compiled in for the formats asked, only for steps of
     at most 4 tokens (one n8 mma holds hi/lo of 4), and shared memory is set aside for the
-    staged x of the longest row that qualifies; rows whose staged x exceeds the limit (the
-    flash dense FFN's 16384 columns) stay on the CUDA-core loop."""
+    staged x of the longest row that qualifies (the flash dense FFN's 16384 columns); rows whose
+    staged x exceeds the limit (a dense FFN made 24576 wide here) stay on the CUDA-core loop."""
     from tilert.codegen import FORMATS, SMEM_LIMIT, XS_LIMIT_BYTES
 
-    cfg = dataclasses.replace(preset("mimo-v2-flash").with_layers(2), vocab_size=16384, n_routed_experts=32)
+    flash = dataclasses.replace(preset("mimo-v2-flash").with_layers(2), vocab_size=16384, n_routed_experts=32)
+    assert _define(generate(compile_steps(flash, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=64)[1],
+                            flash).source, "TILERT_XS_BYTES") == 2 * (2 * 16384 + 64)
+    cfg = dataclasses.replace(flash, intermediate_size=24576)
     s = compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1, 8], max_seq_len=64)
     gen = generate(s[1], cfg)
     bits = _define(gen.source, "TILERT_MMA_FORMATS")

@@ -75,10 +75,12 @@ MIN_SLOT_ROW_BYTES = 4096  # a ring slot holds one 4 KiB row (an fp8 row of 4096
 RING_SLOTS = 4
 # GEMVs on the tensor cores (gemv.cuh, gemv_tile_mma) for these storage formats, at steps of up
 # to 4 tokens; x is staged in shared memory (hi/lo halves), so rows longer than XS_LIMIT_BYTES
-# per step stay on the CUDA-core loop.
+# per step stay on the CUDA-core loop.  The limit admits one token's x of 16384 columns (the
+# dense FFN's down projection: 23 instead of 81 us a layer on the tensor cores, measured on an
+# H200, 2026-12-04); attention reuses that area for its chunk buffers.
 MMA_FORMATS = ("mxfp4", "fp8", "bf16")
 MMA_MAX_TOKENS = 4
-XS_LIMIT_BYTES = 36 * 1024
+XS_LIMIT_BYTES = 2 * (2 * 16384 + 64)
 
 
 def parse_mma_formats(arg: str) -> tuple[str, ...]:
@@ -603,6 +605,7 @@ def _scratch_floats(kind: str, values: dict, B: int) -> int:
 
 
 ATTN_CHUNK = 16  # keys per chunk of k_attention (TILERT_ATTN_CHUNK; a lane a key in its softmax step)
+ATTN_STAGES = 2  # chunk buffers in k_attention's cp.async ring (TILERT_ATTN_STAGES): copies of chunk ch + 1 in flight while ch is computed
 
 
 def _attention_group_max(stages_of) -> int:
@@ -612,10 +615,11 @@ def _attention_group_max(stages_of) -> int:
 
 def _attention_smem_bytes(group: int, head_dim: int, v_head_dim: int) -> int:
     """k_attention's shared memory, from TILERT_SMEM_XS on (the GEMVs' x staging and scratch):
-    the token's queries [group][hd], two chunk buffers of keys [chunk][hd + 4] and values
-    [chunk][vd], the chunk's scores [group][chunk] and the running max, sum and rescale per head."""
+    the token's queries [group][hd], ATTN_STAGES chunk buffers of keys [chunk][hd + 4] and
+    values [chunk][vd], the chunk's scores [group][chunk] and the running max, sum and rescale
+    per head."""
     ch = ATTN_CHUNK
-    return 4 * (group * head_dim + 2 * ch * (head_dim + 4) + 2 * ch * v_head_dim + group * ch + 3 * group)
+    return 4 * (group * head_dim + ATTN_STAGES * ch * (head_dim + 4 + v_head_dim) + group * ch + 3 * group)
 
 
 def _slot_row_bytes(w: WeightSlot) -> int:
@@ -782,8 +786,9 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     weights the kernel will run with are stored (default: the formats the schedule declares);
     the runtime refuses weights in other formats.  `loader=False` gives the simpler kernel
     whose compute warps read weights straight from global memory.  Task-local buffers go to
-    shared memory when they fit beside a ring of at least 2 slots (`locals_space` "auto"), else
-    to a per-worker global scratch area ("global" forces that).  `slot_bytes` overrides the ring
+    shared memory when they fit beside a ring of at least 2 slots and global scratch would not
+    give the ring larger slots (`locals_space` "auto"), else to a per-worker global scratch area
+    ("global" forces that).  `slot_bytes` overrides the ring
     slot size (tests use small slots to cut tiles into many pieces).  `mma_formats`: the weight
     formats whose GEMVs run on the tensor cores (the rest on the CUDA-core loop)."""
     g = schedule.graph
@@ -835,10 +840,13 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
                     continue
             lay = _smem_layout(slots, slot_here, red_bytes, enc.scratch_bytes, in_smem, xs_bytes, task_words)
             if lay["total"] <= smem_limit:
-                chosen = (space, enc, slot_here, slots, lay)
+                # Locals in shared memory unless global scratch leaves the ring larger slots: a
+                # piece cut smaller costs the GEMVs more than the locals' trips to L2 (measured on
+                # an H200, 2026-12-04: 33 KB slots cut MXFP4 row blocks (34 KB) in two, 1395 vs
+                # 1374 us per 6-layer step with 37 KB slots).
+                if chosen is None or slot_here > chosen[2]:
+                    chosen = (space, enc, slot_here, slots, lay)
                 break
-        if chosen:
-            break
     if chosen is None:
         raise UserError(f"the megakernel does not fit {smem_limit} B of shared memory even with task-local "
                         f"buffers in global memory (largest weight row {need} B)")
@@ -925,7 +933,7 @@ def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool,
         "TILERT_SMEM_BYTES": lay["total"], "TILERT_SCRATCH_STRIDE": f"{scratch_stride}ull",
         "TILERT_VD_MAX": max(cfg.v_head_dim, 1), "TILERT_HD_MAX": max(cfg.head_dim, 4), "TILERT_E_MAX": max(cfg.n_routed_experts, 1),
         "TILERT_H_MAX": max(cfg.hidden_size, 4),
-        "TILERT_K_MAX": max(cfg.num_experts_per_tok, 1), "TILERT_ATTN_CHUNK": ATTN_CHUNK,
+        "TILERT_K_MAX": max(cfg.num_experts_per_tok, 1), "TILERT_ATTN_CHUNK": ATTN_CHUNK, "TILERT_ATTN_STAGES": ATTN_STAGES,
         "TILERT_ATTN_GROUP_MAX": max(attn_group_max, 1),
         "TILERT_MMA_FORMATS": sum(1 << FORMATS[f] for f in mma_formats & formats),
         "TILERT_SMEM_XS": lay["xs"], "TILERT_XS_BYTES": xs_bytes,

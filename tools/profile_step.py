@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.config import preset  # noqa: E402
 from tilert.build import build_cubin  # noqa: E402
+from tilert import codegen  # noqa: E402
 from tilert.codegen import generate, parse_mma_formats  # noqa: E402
 from tilert.compiler import compile_steps  # noqa: E402
 from tilert.cost import GPUS, task_time  # noqa: E402
@@ -57,6 +58,11 @@ def main(argv=None) -> int:
     ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
                     help="a preprocessor switch of the device code for an experiment (repeatable), e.g. "
                          "TILERT_MMA_NOINLINE=1")
+    ap.add_argument("--codegen", action="append", default=[], metavar="NAME=INT",
+                    help="override an integer constant of tilert/codegen.py for an experiment (repeatable), "
+                         "e.g. ATTN_STAGES=4 or XS_LIMIT_BYTES=70000")
+    ap.add_argument("--locals-global", action="store_true",
+                    help="task-local buffers in global scratch even where they fit in shared memory (bigger ring slots)")
     ap.add_argument("--cubin", default=None,
                     help="run this prebuilt profiling cubin (e.g. of an older commit, for an A/B) instead of "
                          "building the generated source; it must come from the same schedule and program")
@@ -80,11 +86,17 @@ def main(argv=None) -> int:
         if key not in recipe or not value:
             raise SystemExit(f"--set {kv}: expected KEY=VALUE with KEY one of {', '.join(sorted(recipe))}")
         recipe[key] = json.loads(value)
+    for kv in args.codegen:
+        name, _, value = kv.partition("=")
+        if not isinstance(getattr(codegen, name, None), int) or not re.fullmatch(r"-?\d+", value):
+            raise SystemExit(f"--codegen {kv}: expected NAME=INT with NAME an integer constant of tilert/codegen.py")
+        setattr(codegen, name, int(value))
     schedule = compile_steps(cfg, recipe, [1], max_seq_len=args.context + 8)[1]
     gen = generate(schedule, cfg, weight_formats={n: t.fmt for n, t in weights.items()}, loader=bool(args.loader),
                    **({"compute_warps": args.compute_warps} if args.compute_warps else {}),
                    **({"mma_formats": parse_mma_formats(args.mma)} if args.mma else {}),
-                   **({"ring_slots": args.ring_slots} if args.ring_slots else {}))
+                   **({"ring_slots": args.ring_slots} if args.ring_slots else {}),
+                   **({"locals_space": "global"} if args.locals_global else {}))
     defines = list(args.define) + (["TILERT_DIAG_SKIP_MMA=1"] if args.diag_skip_mma else [])
     for d in defines:
         if not re.fullmatch(r"TILERT_[A-Z0-9_]+=-?\w+", d):

@@ -251,6 +251,17 @@ TILERT_DEV void bulk_copy_g2s(void* dst, const void* src, uint32_t bytes, uint64
       : "memory");
 }
 
+// 16-byte copy global -> shared through L2 only (Ampere-style cp.async: no register on the
+// way, completes per thread with cp_async_wait); `bytes` 0 fills the 16 bytes with zeros.
+TILERT_DEV void cp_async16(void* dst, const void* src, uint32_t bytes = 16) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(bytes)
+               : "memory");
+}
+TILERT_DEV void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+TILERT_DEV void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
 TILERT_DEV uint4 ld_global_nc_v4(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
 TILERT_DEV uint4 ld_shared_v4(const void* p) {

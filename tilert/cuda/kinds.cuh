@@ -159,64 +159,90 @@ TILERT_DEV void k_kv_write(Ctx& c, const KvWriteParams& p) {
 TILERT_DEV int visible_lo(int position, int window) { return window ? max(0, position - window + 1) : 0; }
 
 // A task owns one KV head's split of the keys for the query heads of its group.  The keys come
-// in chunks of kAttnChunk: the whole CTA copies a chunk's key and value rows into shared memory
-// with coalesced 16-byte loads (the next chunk's loads are in flight while this one is
-// computed), then (1) a thread per (head, key) takes the score from shared memory, (2) a warp per
-// head turns its chunk of scores into softmax weights against the running maximum, (3) every
-// thread owns 4 value dims of one head and adds the chunk's weighted values into registers
-// (rescaled when the maximum moves).  No thread waits on a dependent global load inside a
-// chunk, the value sums use every warp, and the heads' partials never meet across warps: their owners
-// write them out at the end.  The shared-memory area (TILERT_SMEM_XS onwards, the GEMVs' x
-// staging and scratch, which attention does not use) is sized by tilert/codegen.py
-// (`_attention_smem_bytes`).
-#ifndef TILERT_ATTN_PREFETCH
-#define TILERT_ATTN_PREFETCH 1
-#endif
+// in chunks of kAttnChunk = 16 through a ring of kAttnStages chunk buffers in shared memory:
+// every thread copies its 16-byte pieces of a chunk's key and value rows with cp.async
+// (straight to shared memory, no register on the way) while the chunk before is computed.
+// Shared-memory bandwidth, not arithmetic, bounds the chunk (measured on an H200: the query and
+// key reads of the score step took most of it), so every operand read from shared memory is
+// used twice: per chunk (1) a warp per pair of heads takes the scores, each lane two heads x two
+// keys over a quarter of the head dims (lanes 8 apart share the keys, so 8 lanes of one
+// quarter-warp read 8 different key rows 4 banks apart and one query: no bank conflict), summed
+// across the quarters with shuffles; (2) half a warp per head turns the chunk's scores into
+// softmax weights against the running maximum; (3) a thread per pair of heads and 4 value dims
+// adds the chunk's weighted values into registers (rescaled when the maximum moves).  The
+// heads' partials never meet across warps: their owners write them out at the end.  The
+// shared-memory area (TILERT_SMEM_XS onwards, the GEMVs' x staging and scratch, which attention
+// does not use) is sized by tilert/codegen.py (`_attention_smem_bytes`).
 constexpr int kAttnChunk = TILERT_ATTN_CHUNK;
-constexpr int kAttnOwn = (TILERT_ATTN_GROUP_MAX * TILERT_VD_MAX / 4 + kNCT - 1) / kNCT;  // float4 outputs a thread
-constexpr int kAttnLoads = (kAttnChunk * (TILERT_HD_MAX + TILERT_VD_MAX) / 4 + kNCT - 1) / kNCT;
+static_assert(kAttnChunk == 16, "the score step pairs keys j and j + 8; the softmax takes a key a lane of a half-warp");
+constexpr int kAttnStages = TILERT_ATTN_STAGES;
+constexpr int kAttnPairs = (TILERT_ATTN_GROUP_MAX + 1) / 2;                                 // pairs of heads
+constexpr int kAttnOwn = (kAttnPairs * (TILERT_VD_MAX / 4) + kNCT - 1) / kNCT;  // (head pair, 4 value dims) a thread
+constexpr int kAttnKRow = TILERT_HD_MAX + 4;  // floats a key row takes in a chunk buffer (rows 4 banks apart)
+constexpr int kAttnStage = kAttnChunk * (kAttnKRow + TILERT_VD_MAX);  // floats of one chunk buffer
 
-struct AttnChunk {
-  float4 v[kAttnLoads];
-};
-
-// This thread's share of the key and value rows of keys [j0, j0 + n) (float4 item i: key row
-// items first, then value row items).
-TILERT_DEV AttnChunk attn_load(const AttentionParams& p, const float* kc, const float* vc, int j0, int n) {
-  AttnChunk r;
-  const int k4 = p.hd / 4, v4 = p.vd / 4, nk = kAttnChunk * k4;
-#pragma unroll
-  for (int q = 0; q < kAttnLoads; ++q) {
-    const int i = ctid() + q * kNCT;
-    r.v[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+// Start this thread's copies of the key and value rows of keys [j0, j0 + n) into chunk buffer
+// `buf` (key rows first, then value rows; the value rows of a short chunk filled up with zeros,
+// which the value step multiplies by its zero weights) and commit them as one group.  Every
+// thread commits a group per call, copies or not, so cp_async_wait counts chunks alike everywhere.
+TILERT_DEV void attn_issue(const AttentionParams& p, const float* kc, const float* vc, float* buf, int j0, int n) {
+  const int k4 = p.hd / 4, v4 = p.vd / 4, nk = n * k4;
+  float* vb = buf + kAttnChunk * kAttnKRow;
+  for (int i = ctid(); i < (n ? nk + kAttnChunk * v4 : 0); i += kNCT) {
     if (i < nk) {
-      const int j = i / k4, f = i % k4;
-      if (j < n) r.v[q] = *reinterpret_cast<const float4*>(kc + cache_slot(j0 + j, p.window, p.slots) * p.k_cache.ld + 4 * f);
-    } else if (i < nk + kAttnChunk * v4) {
-      const int j = (i - nk) / v4, f = (i - nk) % v4;
-      if (j < n) r.v[q] = *reinterpret_cast<const float4*>(vc + cache_slot(j0 + j, p.window, p.slots) * p.v_cache.ld + 4 * f);
+      const int j = i / k4, f = i - j * k4;
+      cp_async16(buf + j * kAttnKRow + 4 * f, kc + cache_slot(j0 + j, p.window, p.slots) * p.k_cache.ld + 4 * f);
+    } else {
+      const int j = (i - nk) / v4, f = (i - nk) - j * v4;
+      const float* src = j < n ? vc + cache_slot(j0 + j, p.window, p.slots) * p.v_cache.ld + 4 * f : vc;
+      cp_async16(vb + j * p.vd + 4 * f, src, j < n ? 16u : 0u);
     }
   }
-  return r;
+  cp_async_commit();
 }
 
-// ... stored into a chunk buffer: key rows padded to hd + 4 floats (rows 4 banks apart), then
-// the value rows.
-TILERT_DEV void attn_store(const AttentionParams& p, float* kbuf, float* vbuf, const AttnChunk& r) {
-  const int k4 = p.hd / 4, v4 = p.vd / 4, nk = kAttnChunk * k4;
-#pragma unroll
-  for (int q = 0; q < kAttnLoads; ++q) {
-    const int i = ctid() + q * kNCT;
-    if (i < nk) {
-      *reinterpret_cast<float4*>(kbuf + (i / k4) * (p.hd + 4) + 4 * (i % k4)) = r.v[q];
-    } else if (i < nk + kAttnChunk * v4) {
-      *reinterpret_cast<float4*>(vbuf + (i - nk) * 4) = r.v[q];
-    }
+TILERT_DEV float dot4(float4 a, float4 b, float acc) { return fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, fmaf(a.x, b.x, acc)))); }
+
+// (1) The chunk's scores into ps[G][16] (-inf past the chunk's n keys): warp w takes heads 2w and
+// 2w + 1; lane = 8 * quarter + kp takes keys kp and kp + 8 over head-dim float4s quarter + 4i.
+TILERT_DEV void attn_scores(const AttentionParams& p, const float* qs, const float* kb, float* ps, int n) {
+  const int w = cwarp(), kp = lane() & 7, qt = lane() >> 3, k4 = p.hd / 4;
+  if (w >= (p.group + 1) / 2) return;
+  const int h0 = 2 * w, h1 = min(2 * w + 1, p.group - 1);
+  const float4* q0 = reinterpret_cast<const float4*>(qs + h0 * p.hd);
+  const float4* q1 = reinterpret_cast<const float4*>(qs + h1 * p.hd);
+  const float4* ka = reinterpret_cast<const float4*>(kb + kp * kAttnKRow);
+  const float4* kz = reinterpret_cast<const float4*>(kb + (kp + 8) * kAttnKRow);
+  float s00 = 0.f, s01 = 0.f, s10 = 0.f, s11 = 0.f;  // (head, key)
+#pragma unroll 2
+  for (int f = qt; f < k4; f += 4) {
+    const float4 a = q0[f], b = q1[f], x = ka[f], y = kz[f];
+    s00 = dot4(a, x, s00); s01 = dot4(a, y, s01); s10 = dot4(b, x, s10); s11 = dot4(b, y, s11);
   }
+#pragma unroll
+  for (int o = 8; o < 32; o <<= 1) {
+    s00 += __shfl_xor_sync(kFull, s00, o); s01 += __shfl_xor_sync(kFull, s01, o);
+    s10 += __shfl_xor_sync(kFull, s10, o); s11 += __shfl_xor_sync(kFull, s11, o);
+  }
+  // Quarter qt writes one of the four (head, key) scores.
+  const int h = qt < 2 ? h0 : h1, j = kp + 8 * (qt & 1);
+  const float v = qt == 0 ? s00 : qt == 1 ? s01 : qt == 2 ? s10 : s11;
+  if (qt < 2 || 2 * w + 1 < p.group) ps[h * kAttnChunk + j] = j < n ? __fmul_rn(v, p.scale) : -INFINITY;
+}
+
+TILERT_DEV float half_warp_max(float v) {
+#pragma unroll
+  for (int o = 8; o; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+TILERT_DEV float half_warp_sum(float v) {
+#pragma unroll
+  for (int o = 8; o; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
 }
 
 TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
-  constexpr int CH = kAttnChunk;
+  constexpr int CH = kAttnChunk, S = kAttnStages;
   const float* q = ref_ptr<float>(c, p.q);
   const float* kc = ref_ptr<float>(c, p.k_cache);
   const float* vc = ref_ptr<float>(c, p.v_cache);
@@ -226,9 +252,8 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
   float* acc = ref_ptr<float>(c, p.acc);
   const int G = p.group, hd = p.hd, v4 = p.vd / 4;
   float* qs = reinterpret_cast<float*>(c.smem + TILERT_SMEM_XS);  // [G][hd] this token's queries
-  float* kbuf = qs + TILERT_ATTN_GROUP_MAX * TILERT_HD_MAX;        // [2][CH][hd + 4]
-  float* vbuf = kbuf + 2 * CH * (TILERT_HD_MAX + 4);               // [2][CH][vd]
-  float* ps = vbuf + 2 * CH * TILERT_VD_MAX;                       // [G][CH] scores, then weights
+  float* ring = qs + TILERT_ATTN_GROUP_MAX * TILERT_HD_MAX;        // [S] chunk buffers
+  float* ps = ring + S * kAttnStage;                               // [G][CH] scores, then weights
   float* run_m = ps + TILERT_ATTN_GROUP_MAX * CH;                  // [G] running maximum
   float* run_l = run_m + TILERT_ATTN_GROUP_MAX;                    // [G] running sum
   float* corr = run_l + TILERT_ATTN_GROUP_MAX;                     // [G] this chunk's rescale
@@ -236,17 +261,6 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
   const int all_lo = visible_lo(pos[0], p.window), all_hi = pos[kB - 1] + 1;
   const int span = (all_hi - all_lo + p.splits - 1) / p.splits;
   const int s_lo = all_lo + p.split * span, s_hi = min(all_hi, all_lo + (p.split + 1) * span);
-  // Pull this split's keys and values into L2 at once: the chunk copies below then wait on L2.
-  // (TILERT_ATTN_PREFETCH=0 leaves it out: an A/B switch for tools/profile_step.py --define.)
-  if (TILERT_ATTN_PREFETCH) {
-    const int klines = (p.hd * 4 + 127) / 128, vlines = (p.vd * 4 + 127) / 128, per = klines + vlines;
-    for (int i = ctid(); i < (s_hi - s_lo) * per; i += kNCT) {
-      const int j = s_lo + i / per, l = i % per;
-      const int slot = cache_slot(j, p.window, p.slots);
-      const float* a = l < klines ? kc + slot * p.k_cache.ld + 32 * l : vc + slot * p.v_cache.ld + 32 * (l - klines);
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
-    }
-  }
   for (int b = 0; b < kB; ++b) {
     const int lo = max(visible_lo(pos[b], p.window), s_lo), hi = min(pos[b] + 1, s_hi);
     if (hi <= lo) {  // empty split: every head of the group gets the neutral partial
@@ -258,46 +272,38 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
       continue;
     }
     const int chunks = (hi - lo + CH - 1) / CH;
-    AttnChunk next = attn_load(p, kc, vc, lo, min(CH, hi - lo));
+    // The first S - 1 chunks on their way (a group per stage, empty past the last chunk).
+#pragma unroll
+    for (int st = 0; st < S - 1; ++st)
+      attn_issue(p, kc, vc, ring + st * kAttnStage, lo + st * CH, st < chunks ? min(CH, hi - lo - st * CH) : 0);
     for (int i = ctid(); i < G * hd / 4; i += kNCT)
       reinterpret_cast<float4*>(qs)[i] = *reinterpret_cast<const float4*>(q + b * p.q.ld + p.h0 * hd + 4 * i);
     for (int h = ctid(); h < G; h += kNCT) { run_m[h] = -INFINITY; run_l[h] = 0.f; }
-    float4 o[kAttnOwn];
+    float4 o[kAttnOwn][2];  // (head pair, value float4) items of this thread: heads 2 hp and 2 hp + 1
 #pragma unroll
-    for (int k = 0; k < kAttnOwn; ++k) o[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-    attn_store(p, kbuf, vbuf, next);
+    for (int k = 0; k < kAttnOwn; ++k) o[k][0] = o[k][1] = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int ch = 0; ch < chunks; ++ch) {
       const int j0 = lo + ch * CH, n = min(CH, hi - j0);
-      float* kb = kbuf + (ch & 1) * CH * (TILERT_HD_MAX + 4);
-      float* vb = vbuf + (ch & 1) * CH * TILERT_VD_MAX;
-      compute_sync();  // chunk ch (and the queries, the running state) in shared memory
-      if (ch + 1 < chunks) next = attn_load(p, kc, vc, j0 + CH, min(CH, hi - j0 - CH));
-      // (1) scores of (head, key) pairs
-      for (int pr = ctid(); pr < G * CH; pr += kNCT) {
-        const int h = pr / CH, j = pr % CH;
-        float s = -INFINITY;
-        if (j < n) {
-          const float4* qa = reinterpret_cast<const float4*>(qs + h * hd);
-          const float4* ka = reinterpret_cast<const float4*>(kb + j * (hd + 4));
-          float4 d = make_float4(0.f, 0.f, 0.f, 0.f);  // four chains, not one 192-long one
-#pragma unroll 8
-          for (int k = 0; k < hd / 4; ++k) {
-            const float4 x = qa[k], y = ka[k];
-            d.x += x.x * y.x; d.y += x.y * y.y; d.z += x.z * y.z; d.w += x.w * y.w;
-          }
-          s = __fmul_rn((d.x + d.y) + (d.z + d.w), p.scale);
-        }
-        ps[pr] = s;
+      const float* kb = ring + (ch % S) * kAttnStage;
+      const float* vb = kb + CH * kAttnKRow;
+      cp_async_wait<S - 2>();  // this thread's copies of chunk ch have landed
+      compute_sync();          // everyone's (and the queries, the running state); chunk ch - 1 is done
+      {  // chunk ch + S - 1 into the buffer chunk ch - 1 left
+        const int nx = ch + S - 1, jn = lo + nx * CH;
+        attn_issue(p, kc, vc, ring + (nx % S) * kAttnStage, jn, nx < chunks ? min(CH, hi - jn) : 0);
       }
+      attn_scores(p, qs, kb, ps, n);
       compute_sync();
-      // (2) softmax weights against the running maximum, a warp a head, a lane a key
-      for (int h = cwarp(); h < G; h += kNCW) {
-        const float s = lane() < CH ? ps[h * CH + lane()] : -INFINITY;
-        const float m_old = run_m[h], m_new = fmaxf(m_old, warp_max(s));  // finite: n >= 1
-        const float e = lane() < CH ? expf(s - m_new) : 0.f;  // exp(-inf) = 0 past n
-        const float total = warp_sum(e);
-        if (lane() < CH) ps[h * CH + lane()] = e;
-        if (lane() == 0) {
+      // (2) softmax weights against the running maximum, half a warp a head, a lane a key
+      for (int h2 = cwarp(); 2 * h2 < G; h2 += kNCW) {  // whole warps (the shuffles), a head past G idle
+        const int h = 2 * h2 + (lane() >> 4), j = lane() & 15;
+        const bool real = h < G;
+        const float s = real ? ps[h * CH + j] : 0.f;
+        const float m_old = real ? run_m[h] : 0.f, m_new = fmaxf(m_old, half_warp_max(s));  // finite: n >= 1
+        const float e = expf(s - m_new);  // exp(-inf) = 0 past n
+        const float total = half_warp_sum(e);
+        if (real) ps[h * CH + j] = e;
+        if (real && j == 0) {
           const float f = expf(m_old - m_new);  // 0 on the first chunk (m_old = -inf)
           corr[h] = f;
           run_l[h] = run_l[h] * f + total;
@@ -305,44 +311,50 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
         }
       }
       compute_sync();
-      // (3) the weighted values, a float4 of one head's value dims a thread
+      // (3) the weighted values: a float4 of value dims of two heads a thread
 #pragma unroll
       for (int k = 0; k < kAttnOwn; ++k) {
-        const int own = ctid() + k * kNCT, h = own / v4, d4 = own % v4;
-        if (h < G) {
-          const float f = corr[h];
-          float4 a = o[k];
-          a.x *= f; a.y *= f; a.z *= f; a.w *= f;
-          const float* e = ps + h * CH;
+        const int own = ctid() + k * kNCT, hp = own / v4, d4 = own % v4;
+        if (2 * hp < G) {
+          const int h0 = 2 * hp, h1 = min(2 * hp + 1, G - 1);
+          float4 a = o[k][0], z = o[k][1];
+          const float f0 = corr[h0], f1 = corr[h1];
+          a.x *= f0; a.y *= f0; a.z *= f0; a.w *= f0;
+          z.x *= f1; z.y *= f1; z.z *= f1; z.w *= f1;
+          const float4* e0 = reinterpret_cast<const float4*>(ps + h0 * CH);
+          const float4* e1 = reinterpret_cast<const float4*>(ps + h1 * CH);
           const float4* v = reinterpret_cast<const float4*>(vb) + d4;
-          if (n == CH) {  // a whole chunk: every load of the loop in flight at once
 #pragma unroll
-            for (int j = 0; j < CH; ++j) {
-              const float4 vj = v[j * v4];
-              a.x += e[j] * vj.x; a.y += e[j] * vj.y; a.z += e[j] * vj.z; a.w += e[j] * vj.w;
-            }
-          } else {
-            for (int j = 0; j < n; ++j) {
-              const float4 vj = v[j * v4];
-              a.x += e[j] * vj.x; a.y += e[j] * vj.y; a.z += e[j] * vj.z; a.w += e[j] * vj.w;
+          for (int j4 = 0; j4 < CH / 4; ++j4) {  // weights past n are 0, the values there stale but finite
+            const float4 w0 = e0[j4], w1 = e1[j4];
+            const float ew0[4] = {w0.x, w0.y, w0.z, w0.w}, ew1[4] = {w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+            for (int jj = 0; jj < 4; ++jj) {
+              const float4 vj = v[(4 * j4 + jj) * v4];
+              a.x = fmaf(ew0[jj], vj.x, a.x); a.y = fmaf(ew0[jj], vj.y, a.y);
+              a.z = fmaf(ew0[jj], vj.z, a.z); a.w = fmaf(ew0[jj], vj.w, a.w);
+              z.x = fmaf(ew1[jj], vj.x, z.x); z.y = fmaf(ew1[jj], vj.y, z.y);
+              z.z = fmaf(ew1[jj], vj.z, z.z); z.w = fmaf(ew1[jj], vj.w, z.w);
             }
           }
-          o[k] = a;
+          o[k][0] = a;
+          o[k][1] = z;
         }
       }
-      // The next chunk goes to the other buffer: its last readers (chunk ch - 1) are past the
-      // barriers above.
-      if (ch + 1 < chunks) attn_store(p, kbuf + ((ch + 1) & 1) * CH * (TILERT_HD_MAX + 4),
-                                      vbuf + ((ch + 1) & 1) * CH * TILERT_VD_MAX, next);
     }
+    cp_async_wait<0>();  // nothing of this token's copies left in flight (the groups past the last chunk are empty)
 #pragma unroll
     for (int k = 0; k < kAttnOwn; ++k) {
-      const int own = ctid() + k * kNCT, h = own / v4, d4 = own % v4;
-      if (h < G) {
-        *reinterpret_cast<float4*>(acc + b * p.acc.ld + ((p.h0 + h) * p.ms + p.split) * p.vd + 4 * d4) = o[k];
-        if (d4 == 0) {
-          mx[b * p.mx.ld + (p.h0 + h) * p.ms + p.split] = run_m[h];
-          sm[b * p.sm.ld + (p.h0 + h) * p.ms + p.split] = run_l[h];
+      const int own = ctid() + k * kNCT, hp = own / v4, d4 = own % v4;
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int h = 2 * hp + u;
+        if (h < G) {
+          *reinterpret_cast<float4*>(acc + b * p.acc.ld + ((p.h0 + h) * p.ms + p.split) * p.vd + 4 * d4) = o[k][u];
+          if (d4 == 0) {
+            mx[b * p.mx.ld + (p.h0 + h) * p.ms + p.split] = run_m[h];
+            sm[b * p.sm.ld + (p.h0 + h) * p.ms + p.split] = run_l[h];
+          }
         }
       }
     }
