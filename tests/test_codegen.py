@@ -528,13 +528,23 @@ def _define(source: str, name: str) -> int:
 def test_mma_gemv_setup_follows_formats_tokens_and_row_lengths():
     """The tensor-core GEMV (gemv.cuh) is compiled in for the formats asked, only for steps of
     at most 4 tokens (one n8 mma holds hi/lo of 4), and shared memory is set aside for the
-    staged x of the longest row that qualifies (the flash dense FFN's 16384 columns); rows whose
-    staged x exceeds the limit (a dense FFN made 24576 wide here) stay on the CUDA-core loop."""
+    staged x of the longest row that qualifies (the flash dense FFN's 16384 columns) or of an
+    expert down projection's 8 slots (2048 columns each) staged together, whichever is more;
+    rows whose staged x exceeds the limit (a dense FFN made 24576 wide here) stay on the
+    CUDA-core loop."""
     from tilert.codegen import FORMATS, SMEM_LIMIT, XS_LIMIT_BYTES
 
+    def x_bytes(cols):
+        return 2 * (2 * cols + 64)
+
     flash = dataclasses.replace(preset("mimo-v2-flash").with_layers(2), vocab_size=16384, n_routed_experts=32)
+    slots = 8 * x_bytes(2048)
+    assert x_bytes(16384) < slots <= XS_LIMIT_BYTES
     assert _define(generate(compile_steps(flash, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=64)[1],
-                            flash).source, "TILERT_XS_BYTES") == 2 * (2 * 16384 + 64)
+                            flash).source, "TILERT_XS_BYTES") == slots
+    one_slot = dataclasses.replace(flash, num_experts_per_tok=1)
+    assert _define(generate(compile_steps(one_slot, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=64)[1],
+                            one_slot).source, "TILERT_XS_BYTES") == x_bytes(16384)
     cfg = dataclasses.replace(flash, intermediate_size=24576)
     s = compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1, 8], max_seq_len=64)
     gen = generate(s[1], cfg)
@@ -542,8 +552,8 @@ def test_mma_gemv_setup_follows_formats_tokens_and_row_lengths():
     used = {w.fmt for w in gen.weights}
     assert bits == sum(1 << FORMATS[f] for f in ("mxfp4", "fp8", "bf16") if f in used) and bits
     longest = max(w.shape[-1] for w in gen.weights if w.fmt in ("fp8", "bf16", "mxfp4")
-                  and 2 * (2 * w.shape[-1] + 64) <= XS_LIMIT_BYTES)
-    assert _define(gen.source, "TILERT_XS_BYTES") == 2 * (2 * longest + 64)
+                  and x_bytes(w.shape[-1]) <= XS_LIMIT_BYTES)
+    assert _define(gen.source, "TILERT_XS_BYTES") == max(x_bytes(longest), slots)
     assert gen.smem_bytes <= SMEM_LIMIT and gen.slots == 4
     assert gen.mma_formats == sorted((f for f in ("mxfp4", "fp8", "bf16") if f in used), key=FORMATS.get)
     assert f"mma={','.join(gen.mma_formats)}" in gen.describe()

@@ -77,10 +77,11 @@ RING_SLOTS = 4
 # to 4 tokens; x is staged in shared memory (hi/lo halves), so rows longer than XS_LIMIT_BYTES
 # per step stay on the CUDA-core loop.  The limit admits one token's x of 16384 columns (the
 # dense FFN's down projection: 23 instead of 81 us a layer on the tensor cores, measured on an
-# H200, 2026-12-04); attention reuses that area for its chunk buffers.
+# H200, 2026-12-04) and the 8 slots' x of an expert down projection of 2048 columns, staged
+# together; attention reuses that area for its chunk buffers.
 MMA_FORMATS = ("mxfp4", "fp8", "bf16")
 MMA_MAX_TOKENS = 4
-XS_LIMIT_BYTES = 2 * (2 * 16384 + 64)
+XS_LIMIT_BYTES = 65 * 1024
 
 
 def parse_mma_formats(arg: str) -> tuple[str, ...]:
@@ -726,6 +727,19 @@ def _xs_bytes(w: WeightSlot, tokens: int) -> int:
     return _x_bytes(w.shape[-1], tokens) if w.tiled and tokens <= MMA_MAX_TOKENS else 0
 
 
+def _slot_staging_bytes(stages_of, weights: list[WeightSlot], tokens: int) -> list[int]:
+    """xs bytes of an expert down projection's x for all its (token, slot) GEMVs staged at once
+    (gemv.cuh, `stage_x_slots`), for each that fits XS_LIMIT_BYTES (B = 1 on the flash
+    geometry: 8 slots x 2048 columns)."""
+    out = []
+    for stages in stages_of.values():
+        for kind, v in stages:
+            if kind == "expert_down" and (one := _xs_bytes(weights[v["down"]], 1)):
+                if 0 < (x := tokens * v["k"] * one) <= XS_LIMIT_BYTES:
+                    out.append(x)
+    return out
+
+
 def _on_mma(w: WeightSlot, tokens: int) -> bool:
     return 0 < _xs_bytes(w, tokens) <= XS_LIMIT_BYTES
 
@@ -813,7 +827,8 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
             tiled, tiled_notes = _tiled_weights(enc.stages, weights, loader, mma_formats, slot_bytes)
             for w in weights:
                 w.tiled = w.index in tiled
-            xs_bytes = max([0] + [x for w in weights if 0 < (x := _xs_bytes(w, B)) <= XS_LIMIT_BYTES])
+            xs_bytes = max([0] + [x for w in weights if 0 < (x := _xs_bytes(w, B)) <= XS_LIMIT_BYTES]
+                           + _slot_staging_bytes(enc.stages, weights, B))
             if xs_bytes:  # mma partials: two batches x warps x kRedRows (gemv.cuh) x tokens
                 red_bytes = max(red_bytes, 2 * compute_warps * max(16, 128 // B) * B * 4)
             need = _slot_need(enc.stages, weights)

@@ -443,14 +443,14 @@ TILERT_DEV int xs_column(int j) {
   }
 }
 
-// Stage x (NB rows of `cols` fp32) into the xs region as hi/lo halves (fp16; bf16 for bf16
-// weights), plane 2b + h for token b, each 8 columns in xs_column order.  All compute threads.
-template <int FMT, int NB, class XRow>
-TILERT_DEV void stage_x(Ctx& c, int cols, XRow xrow) {
+// Stage x (nb rows of `cols` fp32) into the xs region as hi/lo halves (fp16; bf16 for bf16
+// weights), plane 2b + h for row b, each 8 columns in xs_column order.  All compute threads.
+template <int FMT, class XRow>
+TILERT_DEV void stage_x_rows(Ctx& c, int cols, int nb, XRow xrow) {
   uint8_t* xs = c.smem + TILERT_SMEM_XS;
   const int plane = xs_bytes(cols) / 2;
   const int n8 = cols / 8;
-  for (int i = (int)threadIdx.x; i < NB * n8; i += kNCT) {
+  for (int i = (int)threadIdx.x; i < nb * n8; i += kNCT) {
     const int b = i / n8, j = i % n8;
     const float* x = xrow(b) + 8 * j;
     uint32_t hi[4], lo[4];
@@ -476,6 +476,9 @@ TILERT_DEV void stage_x(Ctx& c, int cols, XRow xrow) {
   }
   compute_sync();
 }
+
+template <int FMT, int NB, class XRow>
+TILERT_DEV void stage_x(Ctx& c, int cols, XRow xrow) { stage_x_rows<FMT>(c, cols, NB, xrow); }
 
 TILERT_DEV uint32_t cvt_e4m3x2(uint32_t two) {
   __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xffffu), __NV_E4M3);
@@ -549,15 +552,17 @@ TILERT_DEV WarpShare warp_share(int ng, int ns) {
 
 // out_i = W[r0 + i] . x_b for b < NB (NB <= 4) on the tensor cores, for a tiled weight; same
 // contract as gemv_tile_fmt: epi(i, v[NB]) once per row, by one thread, the same thread for row
-// i of every tile of this shape.  `x_staged`: the previous GEMV of this task staged this very x
-// for a weight of this format and width (gate then up), so it is not staged again.
+// i of every tile of this shape.  `x_staged`: this very x was staged already, for a weight of
+// this format and width, `xs_off` bytes into the xs region (gate then up; the slots of an
+// expert down projection, staged together by stage_x_slots), so it is not staged again.
 template <int FMT, int NB, class XRow, class Epi>
-TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi, bool x_staged) {
+TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi, bool x_staged,
+                                 int xs_off) {
   static_assert(NB <= 4, "one n8 mma tile holds hi/lo of 4 tokens");
   constexpr int kStep = MmaFmt<FMT>::kStep, kRegs = 2 * MmaFmt<FMT>::kMmas;
   if (!x_staged) stage_x<FMT, NB>(c, w.cols, xrow);
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wid = threadIdx.x >> 5;
-  const uint8_t* xs = c.smem + TILERT_SMEM_XS;
+  const uint8_t* xs = c.smem + TILERT_SMEM_XS + (x_staged ? xs_off : 0);
   const int plane = xs_bytes(w.cols) / 2;
   const uint8_t* xlane = xs + g * plane + 2 * (kStep / 4) * t;  // plane g = 2b + h: token b's hi / lo
   const uint8_t* gscale = tile_scale(w, tile_expert(tile));
@@ -663,13 +668,13 @@ enum GemvPath { kRowsPath = 0, kMmaPath = 4, kTiledPath = 8 };
 template <int GEMV> __host__ __device__ constexpr bool has_path(int fmt, GemvPath path) { return (GEMV >> (fmt + path)) & 1; }
 
 template <int NB, int GEMV, class XRow, class Epi>
-TILERT_DEV void gemv_tile(Ctx& c, const Tile& tile, XRow xrow, Epi epi, bool x_staged = false) {
+TILERT_DEV void gemv_tile(Ctx& c, const Tile& tile, XRow xrow, Epi epi, bool x_staged = false, int xs_off = 0) {
   const WeightDesc& w = weight(c, tile.w);
   if (mma_ok(w)) {
     if constexpr (NB <= 4) {
-      if constexpr (has_path<GEMV>(FMT_BF16, kMmaPath)) if (w.fmt == FMT_BF16) return gemv_tile_mma<FMT_BF16, NB>(c, w, tile, xrow, epi, x_staged);
-      if constexpr (has_path<GEMV>(FMT_FP8, kMmaPath)) if (w.fmt == FMT_FP8) return gemv_tile_mma<FMT_FP8, NB>(c, w, tile, xrow, epi, x_staged);
-      if constexpr (has_path<GEMV>(FMT_MXFP4, kMmaPath)) if (w.fmt == FMT_MXFP4) return gemv_tile_mma<FMT_MXFP4, NB>(c, w, tile, xrow, epi, x_staged);
+      if constexpr (has_path<GEMV>(FMT_BF16, kMmaPath)) if (w.fmt == FMT_BF16) return gemv_tile_mma<FMT_BF16, NB>(c, w, tile, xrow, epi, x_staged, xs_off);
+      if constexpr (has_path<GEMV>(FMT_FP8, kMmaPath)) if (w.fmt == FMT_FP8) return gemv_tile_mma<FMT_FP8, NB>(c, w, tile, xrow, epi, x_staged, xs_off);
+      if constexpr (has_path<GEMV>(FMT_MXFP4, kMmaPath)) if (w.fmt == FMT_MXFP4) return gemv_tile_mma<FMT_MXFP4, NB>(c, w, tile, xrow, epi, x_staged, xs_off);
     }
   } else if (w.tiled) {
     if constexpr (has_path<GEMV>(FMT_BF16, kTiledPath)) if (w.fmt == FMT_BF16) return gemv_tile_tiled<FMT_BF16, NB>(c, w, tile, xrow, epi);
@@ -682,6 +687,19 @@ TILERT_DEV void gemv_tile(Ctx& c, const Tile& tile, XRow xrow, Epi epi, bool x_s
     if constexpr (has_path<GEMV>(FMT_MXFP4, kRowsPath)) if (w.fmt == FMT_MXFP4) return gemv_tile_fmt<FMT_MXFP4, NB>(c, w, tile, xrow, epi);
   }
   if (threadIdx.x == 0) record_error(c, ERR_GEMV_PATH, tile.w, (uint32_t)w.fmt, (uint32_t)GEMV, mma_ok(w) ? 1 : w.tiled ? 2 : 0);
+}
+
+// Stage the x of all `n` single-token GEMVs over weight `w` a task will run (the slots of an
+// expert down projection) at once, x i at byte i * xs_bytes(w.cols) of the xs region: one
+// staging pass and barrier a task instead of one per slot.  False (nothing staged) when they
+// do not run on the tensor cores or do not fit; the GEMVs then stage their own x.
+template <int GEMV, class XRow>
+TILERT_DEV bool stage_x_slots(Ctx& c, const WeightDesc& w, int n, XRow xrow) {
+  if (!mma_ok(w) || n * xs_bytes(w.cols) > TILERT_XS_BYTES) return false;
+  if constexpr (has_path<GEMV>(FMT_BF16, kMmaPath)) if (w.fmt == FMT_BF16) { stage_x_rows<FMT_BF16>(c, w.cols, n, xrow); return true; }
+  if constexpr (has_path<GEMV>(FMT_FP8, kMmaPath)) if (w.fmt == FMT_FP8) { stage_x_rows<FMT_FP8>(c, w.cols, n, xrow); return true; }
+  if constexpr (has_path<GEMV>(FMT_MXFP4, kMmaPath)) if (w.fmt == FMT_MXFP4) { stage_x_rows<FMT_MXFP4>(c, w.cols, n, xrow); return true; }
+  return false;
 }
 
 // ---- loader side --------------------------------------------------------------------------------

@@ -545,13 +545,15 @@ TILERT_DEV void k_expert_down(Ctx& c, const ExpertDownParams& p) {
   float* x = ref_ptr<float>(c, p.out);
   float* total = reinterpret_cast<float*>(c.smem + TILERT_SMEM_SCRATCH);  // [rows] of one token
   const int n = p.r1 - p.r0;
+  const auto slot_x = [&](int i) { return act + (i / p.k) * p.act.ld + (i % p.k) * p.inter; };  // i = t k + slot
+  const bool staged = stage_x_slots<GEMV>(c, weight(c, p.down), kB * p.k, slot_x);
   tiles_of(c, p, [&](const Tile& tile, int i) {
     const int t = i / p.k, k = i % p.k;
     const float wk = wts[t * p.weights.ld + k];
-    gemv_tile<1, GEMV>(c, tile, [&](int) { return act + t * p.act.ld + k * p.inter; }, [&](int r, const float* v) {
+    gemv_tile<1, GEMV>(c, tile, [&](int) { return slot_x(i); }, [&](int r, const float* v) {
       const float y = wk * v[0];
       total[r] = k == 0 ? y : total[r] + y;  // the same thread owns row r in every slot's tile
-    });
+    }, staged, i * xs_bytes(p.inter));
     if (k == p.k - 1) {  // token t done: add its total into the residual
       compute_sync();
       for (int r = ctid(); r < n; r += kNCT) x[t * p.out.ld + p.r0 + r] += total[r];
