@@ -57,11 +57,12 @@ def test_factors_scale_the_tasks_and_the_simulated_step(tiny_schedule):
     assert estimate(tiny_schedule, slow)["step_time_s"] > estimate(tiny_schedule, gpu)["step_time_s"]
 
 
-def test_the_carried_h100_calibration_loads_and_bad_files_are_refused(tmp_path, monkeypatch):
-    spec, doc = calibration.calibrated("h100")
-    assert dict(spec.calibration) == doc["roles"] and doc["measured"]["commit"]
-    assert calibration.calibrated("h200") is None  # nothing measured there
+def test_the_carried_calibrations_load_and_bad_files_are_refused(tmp_path, monkeypatch):
+    for gpu in ("h100", "h200"):  # both measured (schedules/calibration.<gpu>.json)
+        spec, doc = calibration.calibrated(gpu)
+        assert spec.name == gpu and dict(spec.calibration) == doc["roles"] and doc["measured"]["commit"]
     monkeypatch.setattr(calibration, "SCHEDULES_DIR", tmp_path)
+    assert calibration.calibrated("h200") is None  # nothing measured there
     (tmp_path / "calibration.h100.json").write_text("{not json")
     with pytest.raises(UserError, match="calibration.h100.json"):
         calibration.load("h100")
