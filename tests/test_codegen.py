@@ -381,6 +381,55 @@ class ProgramInterpreter:
             at = xo + t * p["out"]["ld"] + p["r0"]
             x[at: at + n] += total
 
+    def k_expert_union(self, p):
+        idx, io = self.arr(p["idx"], "i32")
+        dist, do = self.arr(p["distinct"], "i32")
+        route, ro = self.arr(p["route"], "i32")
+        seen = []
+        for t in range(self.B):
+            for k in range(p["k"]):
+                e = int(idx[io + t * p["idx"]["ld"] + k])
+                if e not in seen:
+                    seen.append(e)
+                route[ro + t * p["route"]["ld"] + k] = seen.index(e)
+        dist[do: do + p["slots"]] = seen + [-1] * (p["slots"] - len(seen))
+
+    def _routed(self, p, slot):
+        route, ro = self.arr(p["route"], "i32")
+        return [[k for k in range(p["k"]) if route[ro + t * p["route"]["ld"] + k] == slot] for t in range(self.B)]
+
+    def k_expert_gate_up_union(self, p):
+        dist, do = self.arr(p["distinct"], "i32")
+        out, oo = self.arr(p["out"], "f32")
+        e, n = int(dist[do + p["slot"]]), p["r1"] - p["r0"]
+        routed = self._routed(p, p["slot"])
+        xr = self._xrows(p["in"], self.B, self.w[p["gate"]].shape[-1]) if e >= 0 else []
+        g = self._gemv(p["gate"], e, p["r0"], p["r1"], xr) if e >= 0 else None
+        u = self._gemv(p["up"], e, p["r0"], p["r1"], xr) if e >= 0 else None
+        for t in range(self.B):
+            at = oo + (p["slot"] * self.B + t) * p["out"]["ld"] + p["r0"]
+            out[at: at + n] = self.silu(g[t]) * u[t] if e >= 0 and routed[t] else 0
+
+    def k_expert_down_union(self, p):
+        dist, do = self.arr(p["distinct"], "i32")
+        act, ao = self.arr(p["act"], "f32")
+        wt, wo = self.arr(p["weights"], "f32")
+        x, xo = self.arr(p["out"], "f32")
+        n = p["r1"] - p["r0"]
+        total = np.zeros((self.B, n), np.float32)
+        for slot in range(p["slots"]):  # the union's slots in order, as the kernel streams them
+            e = int(dist[do + slot])
+            if e < 0:
+                continue
+            routed = self._routed(p, slot)
+            for t in range(self.B):
+                a = act[ao + (slot * self.B + t) * p["act"]["ld"]: ao + (slot * self.B + t) * p["act"]["ld"] + p["inter"]]
+                w = wt[wo + t * p["weights"]["ld"] + routed[t][0]] if routed[t] else np.float32(0)
+                total[t] += w * (self.w[p["down"]][e][p["r0"]:p["r1"]] @ a)
+        for t in range(self.B):
+            at = xo + t * p["out"]["ld"] + p["r0"]
+            x[at: at + n] += total[t]
+
     def k_lm_head(self, p):
         cols = self.w[p["weight"]].shape[-1]
         y = self._gemv(p["weight"], None, p["r0"], p["r1"], self._xrows(p["in"], self.B, cols))
@@ -441,6 +490,22 @@ def test_encoded_program_reproduces_the_vm_with_locals_in_global_scratch(tiny):
     gen = generate(schedules[8], cfg, formats_of(weights), locals_space="global")
     assert not gen.locals_in_smem and gen.scratch_stride > 0
     _run_both(cfg, schedules, weights, 8, steps=2, locals_space="global")
+
+
+@pytest.mark.parametrize("B", [4, 8])
+def test_encoded_union_of_experts_reproduces_the_vm(tiny, B):
+    """Recipe key `expert_union`: the encoded expert_union / gate-up / down-union tasks (each
+    distinct selected expert read once for all the step's tokens, empty slots skipped) give the
+    VM's logits and tokens (mimo-tiny: 8 experts, 2 a token, so B = 4 and 8 share experts and
+    leave union slots empty)."""
+    cfg, _, weights = tiny
+    recipe = dict(load_recipe("mimo-tiny", "h100"), expert_union=True)
+    schedules = compile_steps(cfg, recipe, [B], max_seq_len=64)
+    gen = generate(schedules[B], cfg, formats_of(weights))
+    kinds = {k for t in decode_program(gen.program)[1] for task in t for k, _ in task.stages}
+    assert {"expert_union", "expert_gate_up_union", "expert_down_union"} <= kinds
+    assert "TILERT_GEMV_EXPERT_DOWN_UNION" in gen.source
+    _run_both(cfg, schedules, weights, B, steps=3)
 
 
 def test_mxfp4_experts_reproduce_the_vm(tiny):

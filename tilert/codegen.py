@@ -128,6 +128,13 @@ STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
                            ("token", "i32"), ("slot", "i32"), ("r0", "i32"), ("r1", "i32"), ("inter", "i32")),
     "ExpertDownParams": (("act", "ref"), ("idx", "ref"), ("weights", "ref"), ("out", "ref"), ("down", "i32"),
                          ("r0", "i32"), ("r1", "i32"), ("k", "i32"), ("inter", "i32")),
+    "ExpertUnionParams": (("idx", "ref"), ("distinct", "ref"), ("route", "ref"), ("k", "i32"), ("slots", "i32")),
+    "ExpertGateUpUnionParams": (("in", "ref"), ("distinct", "ref"), ("route", "ref"), ("out", "ref"), ("gate", "i32"),
+                                ("up", "i32"), ("slot", "i32"), ("r0", "i32"), ("r1", "i32"), ("k", "i32"),
+                                ("inter", "i32")),
+    "ExpertDownUnionParams": (("act", "ref"), ("distinct", "ref"), ("route", "ref"), ("weights", "ref"), ("out", "ref"),
+                              ("down", "i32"), ("r0", "i32"), ("r1", "i32"), ("k", "i32"), ("inter", "i32"),
+                              ("slots", "i32")),
     "LmHeadParams": (("in", "ref"), ("logits", "ref"), ("best", "ref"), ("positions", "ref"), ("sampling", "ref"),
                      ("weight", "i32"), ("r0", "i32"), ("r1", "i32"), ("tile", "i32")),
     "ArgmaxParams": (("best", "ref"), ("out", "ref"), ("ntiles", "i32")),
@@ -166,6 +173,10 @@ KINDS = [
     Kind("lm_head", "LmHeadParams", "k_lm_head", True),
     Kind("argmax", "ArgmaxParams", "k_argmax", False),
     Kind("capture", "CaptureParams", "k_capture", False),
+    # multi-token steps with recipe key `expert_union`: each distinct selected expert read once
+    Kind("expert_union", "ExpertUnionParams", "k_expert_union", False),
+    Kind("expert_gate_up_union", "ExpertGateUpUnionParams", "k_expert_gate_up_union", True),
+    Kind("expert_down_union", "ExpertDownUnionParams", "k_expert_down_union", True),
 ]
 KIND_ID = {k.name: i + 1 for i, k in enumerate(KINDS)}  # 0 is never a valid kind
 KIND_BY_ID = {i + 1: k for i, k in enumerate(KINDS)}
@@ -499,6 +510,32 @@ class _Encoder:
                                  "out": self.ref("x"), "down": self.w(p["down"]), "r0": p["rows"][0],
                                  "r1": p["rows"][1], "k": p["k"], "inter": inter})]
 
+    def _expert_union(self, p):
+        return [("expert_union", {"idx": self.ref("topk_idx"), "distinct": self.ref("moe_union"),
+                                  "route": self.ref("moe_route"), "k": p["k"], "slots": self.shape("moe_union")[0]})]
+
+    def _union_act_ref(self) -> dict:
+        """moe_act_union [slots, tokens, inter] as rows slot * tokens + token."""
+        return self.ref("moe_act_union", ld=self.shape("moe_act_union")[2])
+
+    def _expert_gate_up_union(self, p):
+        x = self.ref(p["in"])
+        self.vector_views.append(x)
+        return [("expert_gate_up_union", {"in": x, "distinct": self.ref("moe_union"), "route": self.ref("moe_route"),
+                                          "out": self._union_act_ref(), "gate": self.w(p["gate"]),
+                                          "up": self.w(p["up"]), "slot": p["slot"], "r0": p["rows"][0],
+                                          "r1": p["rows"][1], "k": self.shape("moe_route")[1],
+                                          "inter": self.shape("moe_act_union")[2]})]
+
+    def _expert_down_union(self, p):
+        act = self._union_act_ref()
+        self.vector_views.append(act)
+        return [("expert_down_union", {"act": act, "distinct": self.ref("moe_union"), "route": self.ref("moe_route"),
+                                       "weights": self.ref("topk_weight"), "out": self.ref("x"),
+                                       "down": self.w(p["down"]), "r0": p["rows"][0], "r1": p["rows"][1],
+                                       "k": p["k"], "inter": self.shape("moe_act_union")[2],
+                                       "slots": self.shape("moe_union")[0]})]
+
     def _lm_head(self, p):
         x = self.ref(p["in"])
         self.vector_views.append(x)
@@ -602,6 +639,10 @@ def _scratch_floats(kind: str, values: dict, B: int) -> int:
         return B * (values["r1"] - values["r0"])
     if kind in ("expert_gate_up", "expert_down"):
         return values["r1"] - values["r0"]
+    if kind == "expert_gate_up_union":  # every token's gate results
+        return B * (values["r1"] - values["r0"])
+    if kind == "expert_down_union":  # every token's totals, then each slot's weight per token
+        return B * (values["r1"] - values["r0"]) + values["slots"] * B
     return 0
 
 
@@ -632,9 +673,9 @@ def _slot_row_bytes(w: WeightSlot) -> int:
 def _gemv_weights(kind: str, values: dict) -> list[int]:
     if kind in ("linear", "router", "lm_head"):
         return [values["weight"]]
-    if kind in ("gate_up", "expert_gate_up"):
+    if kind in ("gate_up", "expert_gate_up", "expert_gate_up_union"):
         return [values["gate"], values["up"]]
-    if kind == "expert_down":
+    if kind in ("expert_down", "expert_down_union"):
         return [values["down"]]
     return []
 
@@ -713,7 +754,7 @@ def _check_gate_up_pairs(stages_of, weights: list[WeightSlot]) -> None:
     share format, width and layout."""
     for stages in stages_of.values():
         for kind, values in stages:
-            if kind in ("gate_up", "expert_gate_up"):
+            if kind in ("gate_up", "expert_gate_up", "expert_gate_up_union"):
                 gw, uw = weights[values["gate"]], weights[values["up"]]
                 if (gw.fmt, gw.shape[-1], gw.tiled) != (uw.fmt, uw.shape[-1], uw.tiled):
                     raise UserError(f"{gw.name} and {uw.name} differ in format, width or layout "

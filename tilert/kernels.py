@@ -305,12 +305,13 @@ def expert_down_union(p, m: Memory):
     local = {u: _local_expert(p, e) for u, e in enumerate(union) if e >= 0}
     # One read of each distinct expert's tile for all its tokens ...
     y = {u: act[u] @ m.expert_rows(p["down"], e, r0, r1).T for u, e in local.items() if e is not None}
-    # ... then each token's weighted sum in slot order, as the per-token path adds it.
+    # ... then each token's weighted sum in the union's slot order (the GPU kernel adds each
+    # slot's tile as it streams in; a token's experts are distinct, so each slot once).
     for t, row in enumerate(route):
         total = torch.zeros(r1 - r0, device=act.device)
-        for k, u in enumerate(row):
+        for u in sorted(set(row)):
             if u in y:
-                total += w[t, k] * y[u][t]
+                total += w[t, row.index(u)] * y[u][t]
         if accumulate:
             out[t, r0:r1] += total
         else:

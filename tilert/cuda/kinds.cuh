@@ -562,6 +562,103 @@ TILERT_DEV void k_expert_down(Ctx& c, const ExpertDownParams& p) {
   });
 }
 
+// ---- experts of a multi-token step, each distinct selected expert read once (recipe `expert_union`) ----
+// expert_union: distinct[u] = the step's distinct experts in first-seen order (token-major), -1
+// past the last; route[t, k] = the slot u of token t's k-th expert.  One thread (B K <= 64).
+TILERT_DEV void k_expert_union(Ctx& c, const ExpertUnionParams& p) {
+  if (ctid() != 0) return;
+  const int* idx = ref_ptr<int>(c, p.idx);
+  int* distinct = ref_ptr<int>(c, p.distinct);
+  int* route = ref_ptr<int>(c, p.route);
+  int n = 0;
+  for (int t = 0; t < kB; ++t)
+    for (int k = 0; k < p.k; ++k) {
+      const int e = idx[t * p.idx.ld + k];
+      int u = 0;
+      while (u < n && distinct[u] != e) ++u;
+      if (u == n) distinct[n++] = e;
+      route[t * p.route.ld + k] = u;
+    }
+  for (int u = n; u < p.slots; ++u) distinct[u] = -1;
+}
+
+// Whether token t chose the expert of union slot u.
+TILERT_DEV bool routed_to(const int* route, int ld, int k, int t, int u) {
+  for (int j = 0; j < k; ++j)
+    if (route[t * ld + j] == u) return true;
+  return false;
+}
+
+// The tiles of an empty slot (expert -1) are skipped by the loader and the compute warps alike.
+template <class V>
+TILERT_DEV void tiles_of(const Ctx& c, const ExpertGateUpUnionParams& p, V&& v) {
+  const int* distinct = ref_ptr<int>(c, p.distinct);
+  v(Tile{p.gate, distinct, p.slot, p.r0, p.r1}, 0);
+  v(Tile{p.up, distinct, p.slot, p.r0, p.r1}, 1);
+}
+
+// act[slot, t, r] = silu(gate . h_t) * (up . h_t) for the tokens routed to the slot's expert,
+// 0 for the others: one read of the expert's rows for every token of the step.
+template <int GEMV>
+TILERT_DEV void k_expert_gate_up_union(Ctx& c, const ExpertGateUpUnionParams& p) {
+  const float* x = ref_ptr<float>(c, p.in);
+  const int* route = ref_ptr<int>(c, p.route);
+  float* out = ref_ptr<float>(c, p.out) + (size_t)p.slot * kB * p.out.ld;  // rows slot * B + t
+  float* g = reinterpret_cast<float*>(c.smem + TILERT_SMEM_SCRATCH);      // [B][rows] gate results
+  const int n = p.r1 - p.r0;
+  if (ref_ptr<int>(c, p.distinct)[p.slot] < 0) {  // empty slot: defined zeros, never read
+    for (int i = ctid(); i < kB * n; i += kNCT) out[(i / n) * p.out.ld + p.r0 + i % n] = 0.f;
+    return;
+  }
+  tiles_of(c, p, [&](const Tile& t, int which) {
+    gemv_tile<kB, GEMV>(c, t, [&](int b) { return x + b * p.in.ld; }, [&](int i, const float* v) {
+#pragma unroll
+      for (int b = 0; b < kB; ++b) {
+        if (which == 0) g[b * n + i] = v[b];
+        else out[b * p.out.ld + p.r0 + i] = routed_to(route, p.route.ld, p.k, b, p.slot) ? silu(g[b * n + i]) * v[b] : 0.f;
+      }
+    }, which == 1);  // up reads the x gate staged
+    compute_sync();
+  });
+}
+
+template <class V>
+TILERT_DEV void tiles_of(const Ctx& c, const ExpertDownUnionParams& p, V&& v) {
+  const int* distinct = ref_ptr<int>(c, p.distinct);
+  for (int u = 0; u < p.slots; ++u) v(Tile{p.down, distinct, u, p.r0, p.r1}, u);
+}
+
+// x[t, r] += sum over the union's slots u, in order, of weight[t, k(u)] (W_down[distinct[u]] r .
+// act[u, t]); a slot token t did not choose adds 0 (its act row is 0 and so is its weight).
+template <int GEMV>
+TILERT_DEV void k_expert_down_union(Ctx& c, const ExpertDownUnionParams& p) {
+  const float* act = ref_ptr<float>(c, p.act);
+  const int* route = ref_ptr<int>(c, p.route);
+  const float* wts = ref_ptr<float>(c, p.weights);
+  float* x = ref_ptr<float>(c, p.out);
+  const int n = p.r1 - p.r0;
+  float* total = reinterpret_cast<float*>(c.smem + TILERT_SMEM_SCRATCH);  // [B][rows]
+  float* slot_w = total + kB * n;                                          // [slots][B] weights, 0 unchosen
+  for (int i = ctid(); i < kB * n; i += kNCT) total[i] = 0.f;
+  for (int i = ctid(); i < p.slots * kB; i += kNCT) {
+    const int u = i / kB, t = i % kB;
+    float w = 0.f;
+    for (int k = 0; k < p.k; ++k)
+      if (route[t * p.route.ld + k] == u) w = wts[t * p.weights.ld + k];
+    slot_w[i] = w;
+  }
+  compute_sync();
+  tiles_of(c, p, [&](const Tile& tile, int u) {
+    if (tile_expert(tile) < 0) return;  // empty slot: the loader skipped it too
+    gemv_tile<kB, GEMV>(c, tile, [&](int b) { return act + (size_t)(u * kB + b) * p.act.ld; }, [&](int r, const float* v) {
+#pragma unroll
+      for (int b = 0; b < kB; ++b) total[b * n + r] += slot_w[u * kB + b] * v[b];  // the same thread owns row r every slot
+    });
+  });
+  compute_sync();
+  for (int i = ctid(); i < kB * n; i += kNCT) x[(i / n) * p.out.ld + p.r0 + i % n] += total[i];
+}
+
 // ---- lm_head: logits tile and the tile's best (score, index) under Gumbel-max sampling ---------------
 TILERT_DEV uint64_t splitmix64(uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;

@@ -183,6 +183,7 @@ TILERT_DEV void loader_loop(Ctx& c) {
           waited = true;
           if (!ok) return;
         }
+        if (tile_expert(tile) < 0) return;  // an empty union slot (kinds.cuh): its compute side skips it too
         const Issued r = load_tile(c.smem, weight(c, tile.w), tile_expert(tile), tile.r0, tile.r1, issued, abort);
         issued = r.pieces;
         ok = !r.aborted;
