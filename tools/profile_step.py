@@ -13,7 +13,6 @@ and the cost model's estimate for the same tasks (to correct the model against).
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import json
 import re
@@ -28,11 +27,11 @@ from tilert.build import build_cubin  # noqa: E402
 from tilert import codegen  # noqa: E402
 from tilert.codegen import generate, parse_mma_formats  # noqa: E402
 from tilert.compiler import compile_steps  # noqa: E402
-from tilert.cost import GPUS, task_time  # noqa: E402
 from tilert.device_weights import device_weights  # noqa: E402
 from tilert.diff import check_step_against_vm  # noqa: E402
 from tilert.gpu import MegakernelRuntime  # noqa: E402
 from tilert.lower import load_recipe  # noqa: E402
+from tilert.op_profile import op_summary  # noqa: E402
 from tilert.timing import median_seconds  # noqa: E402
 
 
@@ -126,40 +125,14 @@ def main(argv=None) -> int:
         rt.step([5])
         rt.truncate(args.context)
     rows = rt.profile(1)
-    tasks = schedule.graph.tasks
-    gpu = GPUS["h100"]
     step_ns = max(r["end"] for r in rows) - min(r["start"] for r in rows)
-    by_kind = collections.defaultdict(lambda: {"tasks": 0, "busy_ns": 0, "wait_ns": 0, "bytes": 0, "model_ns": 0,
-                                               "first_start": 1e18, "last_end": 0})
-    for r in rows:
-        t = tasks[r["task"]]
-        name = schedule.graph.ops[t.op].name
-        kind = name.split(".", 1)[1] if name.startswith("layer") else name
-        k = by_kind[kind]
-        k["tasks"] += 1
-        k["busy_ns"] += r["end"] - r["start"]
-        k["wait_ns"] += r["start"] - r["wait"]
-        k["bytes"] += t.bytes
-        k["model_ns"] += task_time(t, gpu) * 1e9
-        k["first_start"] = min(k["first_start"], r["start"])
-        k["last_end"] = max(k["last_end"], r["end"])
-    # span: from an op's first task start to its last task end, averaged over the op's layers
-    op_lo, op_hi, ops_of = {}, {}, collections.defaultdict(set)
-    for r in rows:
-        op = tasks[r["task"]].op
-        op_lo[op] = min(op_lo.get(op, 1e30), r["start"])
-        op_hi[op] = max(op_hi.get(op, 0), r["end"])
-        name = schedule.graph.ops[op].name
-        ops_of[name.split(".", 1)[1] if name.startswith("layer") else name].add(op)
-    span = {kind: sum(op_hi[o] - op_lo[o] for o in ops) for kind, ops in ops_of.items()}
+    by_kind = op_summary(schedule, rows)
     print(f"{gen.describe()}\nptxas: {report.get('registers')} regs; step {step_ns / 1e3:.1f} us "
           f"over {len(rows)} tasks" + (f"; plain kernel {plain_s * 1e6:.1f} us per step" if plain_s else ""))
     print(f"{'op':24s} {'tasks':>5s} {'mean us':>8s} {'GB/s/SM':>8s} {'wait us':>8s} {'model us':>8s} {'busy %':>6s} "
           f"{'span us':>8s}")
     for kind, k in sorted(by_kind.items(), key=lambda kv: -kv[1]["busy_ns"]):
-        mean = k["busy_ns"] / k["tasks"]
-        k["mean_us"], k["span_us"] = mean / 1e3, span[kind] / len(ops_of[kind]) / 1e3
-        print(f"{kind:24s} {k['tasks']:5d} {mean / 1e3:8.2f} {k['bytes'] / max(k['busy_ns'], 1):8.2f} "
+        print(f"{kind:24s} {k['tasks']:5d} {k['mean_us']:8.2f} {k['bytes'] / max(k['busy_ns'], 1):8.2f} "
               f"{k['wait_ns'] / k['tasks'] / 1e3:8.2f} {k['model_ns'] / k['tasks'] / 1e3:8.2f} "
               f"{100 * k['busy_ns'] / (step_ns * schedule.num_workers):6.1f} "
               f"{k['span_us']:8.1f}")

@@ -1,0 +1,48 @@
+"""Per-op summary of a profiled megakernel step (the profiling build's per-task stamps, read by
+`MegakernelRuntime.profile`): what tools/profile_step.py prints and tools/op_bench.py checks
+against the bandwidth floor.
+
+An op's *kind* is its name without the layer prefix ("q_proj" for "layer3.q_proj"), so the
+layers of one kind are summed; its *span* is the time from the op's first task start to its
+last task end, averaged over the layers that have it (the op's wall time in the step)."""
+
+from __future__ import annotations
+
+import collections
+
+from tilert.cost import GPUS, task_time
+from tilert.schedule import Schedule
+
+
+def op_kind(name: str) -> str:
+    return name.split(".", 1)[1] if name.startswith("layer") else name
+
+
+def op_summary(schedule: Schedule, rows: list[dict], gpu: str = "h100") -> dict[str, dict]:
+    """kind -> tasks, busy_ns (sum of task times), wait_ns (sum of waits on counters), bytes and
+    model_ns (the cost model's estimate) of its tasks, first_start / last_end (ns), layers (how
+    many ops of the kind), mean_us (mean task time) and span_us (see the module doc)."""
+    tasks, ops = schedule.graph.tasks, schedule.graph.ops
+    model = GPUS[gpu]
+    out = collections.defaultdict(lambda: {"tasks": 0, "busy_ns": 0, "wait_ns": 0, "bytes": 0, "model_ns": 0.0,
+                                           "first_start": float("inf"), "last_end": 0})
+    op_lo, op_hi, ops_of = {}, {}, collections.defaultdict(set)
+    for r in rows:
+        t = tasks[r["task"]]
+        kind = op_kind(ops[t.op].name)
+        k = out[kind]
+        k["tasks"] += 1
+        k["busy_ns"] += r["end"] - r["start"]
+        k["wait_ns"] += r["start"] - r["wait"]
+        k["bytes"] += t.bytes
+        k["model_ns"] += task_time(t, model) * 1e9
+        k["first_start"] = min(k["first_start"], r["start"])
+        k["last_end"] = max(k["last_end"], r["end"])
+        op_lo[t.op] = min(op_lo.get(t.op, float("inf")), r["start"])
+        op_hi[t.op] = max(op_hi.get(t.op, 0), r["end"])
+        ops_of[kind].add(t.op)
+    for kind, k in out.items():
+        k["layers"] = len(ops_of[kind])
+        k["mean_us"] = k["busy_ns"] / k["tasks"] / 1e3
+        k["span_us"] = sum(op_hi[o] - op_lo[o] for o in ops_of[kind]) / len(ops_of[kind]) / 1e3
+    return dict(out)
