@@ -53,3 +53,19 @@ def test_op_summary_spans_and_floor_ratio():
         assert o["of_copy_bw"] == pytest.approx(o["floor_us"] / k["span_us"])
     text = table([{"model": "mimo-v2-flash", "cut": "moe", "context": 128, "ops": ops}])
     assert text.count("\n") == len(ops) + 1 and "expert_gate_up" in text
+
+
+def test_prebuild_covers_every_tool_of_a_device_round():
+    """tools/prebuild_cubins.py: one job per distinct (source, build), the bench's per-depth
+    caches named as tools/bench.py names them, plain and profiling builds of the op_bench cuts."""
+    from tools.prebuild_cubins import jobs
+
+    todo = jobs()
+    assert len({(src, prof) for _, src, prof, _ in todo}) == len(todo)
+    labels = {label for label, *_ in todo}
+    for model in ("mimo-v2-flash", "mimo-v2.5-pro"):
+        for cut in ("dense", "moe"):
+            assert {f"{model} {cut}", f"{model} {cut} profiling"} <= labels
+    subdirs = {d for *_, dirs in todo for d in dirs}
+    assert subdirs == {f"L{layers}_C{ctx}" for layers in (6, 12) for ctx in (8192, 512)}
+    assert "test 0 profiling" in labels and "flash 6L profiling" in labels
