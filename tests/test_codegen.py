@@ -423,7 +423,8 @@ class ProgramInterpreter:
                 continue
             routed = self._routed(p, slot)
             for t in range(self.B):
-                a = act[ao + (slot * self.B + t) * p["act"]["ld"]: ao + (slot * self.B + t) * p["act"]["ld"] + p["inter"]]
+                row = ao + (slot * self.B + t) * p["act"]["ld"]
+                a = act[row: row + p["inter"]]
                 w = wt[wo + t * p["weights"]["ld"] + routed[t][0]] if routed[t] else np.float32(0)
                 total[t] += w * (self.w[p["down"]][e][p["r0"]:p["r1"]] @ a)
         for t in range(self.B):

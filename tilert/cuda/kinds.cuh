@@ -201,7 +201,9 @@ TILERT_DEV void attn_issue(const AttentionParams& p, const float* kc, const floa
   cp_async_commit();
 }
 
-TILERT_DEV float dot4(float4 a, float4 b, float acc) { return fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, fmaf(a.x, b.x, acc)))); }
+TILERT_DEV float dot4(float4 a, float4 b, float acc) {
+  return fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, fmaf(a.x, b.x, acc))));
+}
 
 // (1) The chunk's scores into ps[G][16] (-inf past the chunk's n keys): warp w takes heads 2w and
 // 2w + 1; lane = 8 * quarter + kp takes keys kp and kp + 8 over head-dim float4s quarter + 4i.
