@@ -402,13 +402,17 @@ class ProgramInterpreter:
         dist, do = self.arr(p["distinct"], "i32")
         out, oo = self.arr(p["out"], "f32")
         e, n = int(dist[do + p["slot"]]), p["r1"] - p["r0"]
+        rows = [oo + (p["slot"] * self.B + t) * p["out"]["ld"] + p["r0"] for t in range(self.B)]
+        if e < 0:  # an empty slot: zeros, no GEMV
+            for at in rows:
+                out[at: at + n] = 0
+            return
         routed = self._routed(p, p["slot"])
-        xr = self._xrows(p["in"], self.B, self.w[p["gate"]].shape[-1]) if e >= 0 else []
-        g = self._gemv(p["gate"], e, p["r0"], p["r1"], xr) if e >= 0 else None
-        u = self._gemv(p["up"], e, p["r0"], p["r1"], xr) if e >= 0 else None
-        for t in range(self.B):
-            at = oo + (p["slot"] * self.B + t) * p["out"]["ld"] + p["r0"]
-            out[at: at + n] = self.silu(g[t]) * u[t] if e >= 0 and routed[t] else 0
+        xr = self._xrows(p["in"], self.B, self.w[p["gate"]].shape[-1])
+        g = self._gemv(p["gate"], e, p["r0"], p["r1"], xr)
+        u = self._gemv(p["up"], e, p["r0"], p["r1"], xr)
+        for t, at in enumerate(rows):
+            out[at: at + n] = self.silu(g[t]) * u[t] if routed[t] else 0
 
     def k_expert_down_union(self, p):
         dist, do = self.arr(p["distinct"], "i32")

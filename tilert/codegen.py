@@ -905,6 +905,8 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
                 if chosen is None or slot_here > chosen[2]:
                     chosen = (space, enc, slot_here, slots, lay)
                 break
+        if chosen and (chosen[2] == slot or not locals_bytes):
+            break  # global scratch could not give larger slots: skip encoding the step again
     if chosen is None:
         raise UserError(f"the megakernel does not fit {smem_limit} B of shared memory even with task-local "
                         f"buffers in global memory (largest weight row {need} B)")

@@ -327,7 +327,7 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
           const float4* e1 = reinterpret_cast<const float4*>(ps + h1 * CH);
           const float4* v = reinterpret_cast<const float4*>(vb) + d4;
 #pragma unroll
-          for (int j4 = 0; j4 < CH / 4; ++j4) {  // weights past n are 0, the values there stale but finite
+          for (int j4 = 0; j4 < CH / 4; ++j4) {  // past n: weights 0, value rows zero-filled by attn_issue
             const float4 w0 = e0[j4], w1 = e1[j4];
             const float ew0[4] = {w0.x, w0.y, w0.z, w0.w}, ew1[4] = {w1.x, w1.y, w1.z, w1.w};
 #pragma unroll
@@ -584,11 +584,13 @@ TILERT_DEV void k_expert_union(Ctx& c, const ExpertUnionParams& p) {
   for (int u = n; u < p.slots; ++u) distinct[u] = -1;
 }
 
-// Whether token t chose the expert of union slot u.
-TILERT_DEV bool routed_to(const int* route, int ld, int k, int t, int u) {
-  for (int j = 0; j < k; ++j)
-    if (route[t * ld + j] == u) return true;
-  return false;
+// Bit t set: token t chose the expert of union slot u.
+TILERT_DEV uint32_t tokens_routed_to(const int* route, int ld, int k, int u) {
+  uint32_t mask = 0;
+  for (int t = 0; t < kB; ++t)
+    for (int j = 0; j < k; ++j)
+      if (route[t * ld + j] == u) mask |= 1u << t;
+  return mask;
 }
 
 // The tiles of an empty slot (expert -1) are skipped by the loader and the compute warps alike.
@@ -612,12 +614,13 @@ TILERT_DEV void k_expert_gate_up_union(Ctx& c, const ExpertGateUpUnionParams& p)
     for (int i = ctid(); i < kB * n; i += kNCT) out[(i / n) * p.out.ld + p.r0 + i % n] = 0.f;
     return;
   }
+  const uint32_t routed = tokens_routed_to(route, p.route.ld, p.k, p.slot);
   tiles_of(c, p, [&](const Tile& t, int which) {
     gemv_tile<kB, GEMV>(c, t, [&](int b) { return x + b * p.in.ld; }, [&](int i, const float* v) {
 #pragma unroll
       for (int b = 0; b < kB; ++b) {
         if (which == 0) g[b * n + i] = v[b];
-        else out[b * p.out.ld + p.r0 + i] = routed_to(route, p.route.ld, p.k, b, p.slot) ? silu(g[b * n + i]) * v[b] : 0.f;
+        else out[b * p.out.ld + p.r0 + i] = (routed >> b) & 1 ? silu(g[b * n + i]) * v[b] : 0.f;
       }
     }, which == 1);  // up reads the x gate staged
     compute_sync();

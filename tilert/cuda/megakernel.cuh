@@ -183,8 +183,9 @@ TILERT_DEV void loader_loop(Ctx& c) {
           waited = true;
           if (!ok) return;
         }
-        if (tile_expert(tile) < 0) return;  // an empty union slot (kinds.cuh): its compute side skips it too
-        const Issued r = load_tile(c.smem, weight(c, tile.w), tile_expert(tile), tile.r0, tile.r1, issued, abort);
+        const int expert = tile_expert(tile);
+        if (expert < 0) return;  // an empty union slot (kinds.cuh): its compute side skips it too
+        const Issued r = load_tile(c.smem, weight(c, tile.w), expert, tile.r0, tile.r1, issued, abort);
         issued = r.pieces;
         ok = !r.aborted;
       });
