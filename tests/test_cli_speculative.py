@@ -88,8 +88,11 @@ def test_the_artifact_carries_the_draft_schedule(spec_art):
     md = json.loads((spec_art / "metadata.json").read_text())
     assert md["draft"]["context_rows"] == 8
     from tilert.build import nvcc_path
-    if nvcc_path():  # the target steps' capture tasks have a GPU kernel too
+    if nvcc_path():  # the target steps' capture tasks have a GPU kernel, and so has the draft step
         assert md["kernel"] is not None and sorted(md["kernel"]["steps"]) == ["1", "8"]
+        assert md["kernel"]["draft"]["cubin"] == "kernels/draft.cubin" and md["kernel"]["draft_skipped"] is None
+        assert (spec_art / "kernels" / "draft.cubin").is_file()
+        assert md["kernel"]["footprint"]["draft_bytes"] > 0
     else:
         assert md["kernel"] is None and "nvcc" in md["kernel_skipped"]
 
@@ -99,8 +102,16 @@ def test_speculative_refusals(spec_art, tmp_path, capsys):
     assert cli("compile", "--model", "mimo-tiny", "--layers", 2, "--out", plain, "--no-kernel") == 0
     assert_user_error(capsys, ["run", plain, "--prompt-ids", "1,2", "--speculative"], "--draft")
     assert_user_error(capsys, ["inspect", plain, "--speculative"], "--draft")
-    assert_user_error(capsys, ["run", spec_art, "--prompt-ids", "1,2", "--speculative", "--backend", "megakernel"],
-                      "--speculative", "megakernel")
+    no_kernel = tmp_path / "no_kernel"
+    assert cli("compile", "--model", PRETRAINED, "--draft", PRETRAINED / "draft", "--out", no_kernel,
+               "--no-kernel") == 0
+    assert_user_error(capsys, ["run", no_kernel, "--prompt-ids", "1,2", "--speculative", "--backend", "megakernel"],
+                      "draft step", "--no-kernel")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert_user_error(capsys, ["run", spec_art, "--prompt-ids", "1,2", "--speculative", "--backend",
+                                   "megakernel"], "CUDA GPU")
     # An artifact compiled before draft schedules existed: refused with the fix, plain runs still work.
     import shutil
 

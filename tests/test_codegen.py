@@ -35,6 +35,7 @@ from tilert.codegen import (
     unpack_params,
 )
 from tilert.compiler import compile_steps
+from tilert.draft_context import DraftRunner
 from tilert.errors import HangError
 from tilert.layout import runtime_weights
 from tilert.lower import load_recipe
@@ -180,10 +181,14 @@ class ProgramInterpreter:
         return w.reshape(-1) if w.ndim == 1 else w[0]
 
     def step(self, tokens, positions, temperature=0.0, seed=0):
+        self.run({"tokens": tokens, "positions": positions, "sampling": [temperature, seed]})
+        return self.buffer("logits").copy(), [int(x) for x in self.buffer("next_token")]
+
+    def run(self, inputs):
+        """One step on these input buffers (name -> values)."""
         self.mem[SPACES["act"]][:] = 0xFF  # NaN / -1 everywhere, as the VM poisons activations
-        self.buffer("tokens")[:] = tokens
-        self.buffer("positions")[:] = positions
-        self.buffer("sampling")[:] = [temperature, seed]
+        for name, value in inputs.items():
+            self.buffer(name)[:] = np.asarray(value).reshape(self.buffer(name).shape)
         heads = [0] * len(self.streams)
         remaining = sum(len(s) for s in self.streams)
         while remaining:
@@ -205,7 +210,6 @@ class ProgramInterpreter:
             if not progressed:
                 raise HangError("encoded program hangs")
         self.epoch += 1
-        return self.buffer("logits").copy(), [int(x) for x in self.buffer("next_token")]
 
     # kinds (indexing as in kinds.cuh)
     def k_embed(self, p):
@@ -214,6 +218,13 @@ class ProgramInterpreter:
         for b in range(self.B):
             for col in range(p["c0"], p["c1"]):
                 out[oo + b * p["out"]["ld"] + col] = self.w[p["table"]][tok[to + b], col]
+
+    def k_draft_embed(self, p):
+        tok, to = self.arr(p["tokens"], "i32")
+        out, oo = self.arr(p["out"], "f32")
+        for b in range(self.B):
+            row = self.w[p["table"]][tok[to]] if b == 0 else self.vec(p["mask"])
+            out[oo + b * p["out"]["ld"] + p["c0"]: oo + b * p["out"]["ld"] + p["c1"]] = row[p["c0"]:p["c1"]]
 
     def k_rmsnorm(self, p):
         x, xo = self.arr(p["in"], "f32")
@@ -266,6 +277,8 @@ class ProgramInterpreter:
         vc, vco = self.arr(p["v_cache"], "f32")
         pos, po = self.arr(p["positions"], "i32")
         for b in range(self.B):
+            if pos[po + b] < 0:
+                continue  # padding (the draft step's unused context rows)
             s = pos[po + b] % p["slots"] if p["ring"] else pos[po + b]
             for d in range(p["hd"]):
                 kc[kco + s * p["k_cache"]["ld"] + d] = k[ko + b * p["k"]["ld"] + p["kcol0"] + d]
@@ -287,7 +300,7 @@ class ProgramInterpreter:
         s_lo, s_hi = all_lo + p["split"] * chunk, min(all_hi, all_lo + (p["split"] + 1) * chunk)
         slot = lambda j: j % p["slots"] if p["window"] else j
         for b in range(self.B):
-            lo, hi = max(vis(P[b]), s_lo), min(P[b] + 1, s_hi)
+            lo, hi = max(vis(P[b]), s_lo), min((P[b] if p["causal"] else P[-1]) + 1, s_hi)
             for hh in range(p["group"]):
                 h = p["h0"] + hh
                 m_at = mo + b * p["mx"]["ld"] + h * p["ms"] + p["split"]
@@ -665,3 +678,63 @@ def test_e2m1_fp16_bit_trick_is_exact_for_every_code_and_scale_split():
                     assert float(prod) == want, (code, diff)
                 else:
                     assert abs(float(prod) - want) <= 2.0 ** -24, (code, diff)
+
+
+# ---- the DFlash draft step ------------------------------------------------------------------------
+
+class InterpretedDraft(DraftRunner):
+    """The draft step's encoded program on the ProgramInterpreter, behind the same host logic as
+    DraftVM and DraftMegakernel (tilert/draft_context.py)."""
+
+    def __init__(self, gen, weights, max_seq_len):
+        self.interp = ProgramInterpreter(gen, weights)
+        slots = min(s.shape[0] for s in gen.buffers.values() if s.space == "state")
+        super().__init__(gen.buffers["positions"].shape[0], gen.buffers["ctx_hidden"].shape[0], slots, max_seq_len)
+
+    def _clear(self):
+        self.interp.mem[SPACES["state"]][:] = 0
+
+    def _run(self, inputs):
+        self.interp.run({n: v.numpy() for n, v in inputs.items()})
+        return torch.from_numpy(self.interp.buffer("logits").copy()), [int(x) for x in self.interp.buffer("next_token")]
+
+
+def test_encoded_draft_step_reproduces_the_draft_vm_across_ring_wraps():
+    """The draft step's kernel program (draft_embed, the context path's named positions and K/V,
+    non-causal block attention, padding rows skipped) gives DraftVM's drafts and logits, round
+    after round through the sliding-window ring, and after a context rollback."""
+    from model.dflash import DFlashConfig
+    from tests.helpers import random_draft_weights, random_weights
+    from tilert.draft import compile_draft_step, draft_ring_slots
+    from tilert.draft_gpu import generate_draft_kernel
+    from tilert.draft_vm import DraftVM
+
+    cfg = preset("mimo-tiny")
+    dcfg = DFlashConfig.tiny_for(cfg)  # block 4, window 12, sink, 2 layers
+    max_seq = 64
+    weights = runtime_weights(cfg, random_weights(cfg, seed=0))
+    weights.update({f"draft.{k}": v for k, v in random_draft_weights(dcfg, seed=1).items()})
+    schedule = compile_draft_step(dcfg, load_recipe(None, "h100"), max_seq, context_rows=dcfg.block_size)
+    gen = generate_draft_kernel(schedule, dcfg, cfg, formats_of(weights))
+    kinds = {k for t in decode_program(gen.program)[1] for task in t for k, _ in task.stages}
+    assert "draft_embed" in kinds and "attention" in kinds
+    vm, enc = DraftVM(schedule, weights, max_seq), InterpretedDraft(gen, weights, max_seq)
+    g = torch.Generator().manual_seed(3)
+    appends = [9, 1, 4, 2, 3, 4, 4, 1, 4, 3]  # a prompt over 3 steps, then rounds: past the 18 ring slots
+    assert sum(appends) > draft_ring_slots(dcfg, max_seq)
+    hidden = torch.randn(sum(appends), len(dcfg.target_layers) * cfg.hidden_size, generator=g)
+    tokens = torch.randint(0, cfg.vocab_size, (len(appends),), generator=g).tolist()
+    at = 0
+    for i, n in enumerate(appends):
+        if i == 5:  # forget the last B - 1 positions, then append other rows over them
+            vm.truncate_context(vm.context_len - 3)
+            enc.truncate_context(enc.context_len - 3)
+            at -= 3
+            hidden = hidden.roll(3, dims=0) + 0.5  # other rows over the forgotten positions
+        rows = hidden[at:at + n]
+        want, got = vm.draft(tokens[i], rows), enc.draft(tokens[i], rows)
+        assert not torch.isnan(enc.last_logits).any()
+        assert rel_err(enc.last_logits.numpy(), vm.last_logits.numpy()) < 1e-4, i
+        assert got == want, (i, got, want)
+        assert enc.context_len == vm.context_len
+        at += n

@@ -420,8 +420,6 @@ def kernel_info(meta: dict[str, Any]) -> dict[str, Any] | None:
 def load_kernels(art: Artifact, profile: bool = False) -> dict[int, tuple[Path, Any]]:
     """{B: (cubin path, GeneratedKernel)} of every step size, hashes checked (read_artifact checked
     them already; a file changed since is caught here too).  `profile`: the profiling cubins."""
-    from tilert.codegen import GeneratedKernel
-
     info = kernel_info(art.meta)
     if info is None:
         why = (art.meta.get("kernel_skipped") or "compiled without a kernel")
@@ -429,16 +427,31 @@ def load_kernels(art: Artifact, profile: bool = False) -> dict[int, tuple[Path, 
                         f"on a machine with nvcc")
     if profile and not info.get("profile"):
         raise UserError(f"{art.path}: holds no profiling kernel; recompile with --profile-kernel")
+    return {int(b): _load_kernel_entry(art, entry, profile)
+            for b, entry in sorted(info["steps"].items(), key=lambda kv: int(kv[0]))}
+
+
+def load_draft_kernel(art: Artifact) -> tuple[Path, Any]:
+    """(cubin path, GeneratedKernel) of the DFlash draft step, hashes checked."""
+    info = kernel_info(art.meta)
+    if info is None or not info.get("draft"):
+        why = (info or {}).get("draft_skipped") or art.meta.get("kernel_skipped") or (
+            "compiled without a drafter" if not art.meta.get("draft") else "compiled by a tilert without draft kernels")
+        raise UserError(f"{art.path}: holds no GPU megakernel for the draft step ({why}); recompile with --draft DIR "
+                        f"on a machine with nvcc")
+    return _load_kernel_entry(art, info["draft"], profile=False)
+
+
+def _load_kernel_entry(art: Artifact, entry: dict[str, Any], profile: bool) -> tuple[Path, Any]:
+    from tilert.codegen import GeneratedKernel
+
     hashes = art.meta.get("hashes") or {}
-    out: dict[int, tuple[Path, Any]] = {}
-    for b, entry in sorted(info["steps"].items(), key=lambda kv: int(kv[0])):
-        cubin = _check_hash(art.path, entry["prof_cubin" if profile else "cubin"], hashes)
-        gdir = art.path / entry["generated"]
-        for f in sorted(gdir.iterdir()):
-            _check_hash(art.path, f.relative_to(art.path).as_posix(), hashes)
-        try:
-            gen = GeneratedKernel.load(gdir)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{gdir}: unreadable generated kernel ({type(e).__name__}: {e})") from None
-        out[int(b)] = (cubin, gen)
-    return out
+    cubin = _check_hash(art.path, entry["prof_cubin" if profile else "cubin"], hashes)
+    gdir = art.path / entry["generated"]
+    for f in sorted(gdir.iterdir()):
+        _check_hash(art.path, f.relative_to(art.path).as_posix(), hashes)
+    try:
+        gen = GeneratedKernel.load(gdir)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{gdir}: unreadable generated kernel ({type(e).__name__}: {e})") from None
+    return cubin, gen

@@ -235,10 +235,12 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
             from tilert.draft import compile_draft_step
 
             formats = {n: t.fmt for n, t in weights.items()} if weights is not None else None
-            # One draft step appends at most one target step's hidden states (a prompt chunk, or a
-            # verify step's committed rows) to the drafter's context.
+            # A draft step appends up to B committed positions to the drafter's context (a verify
+            # step commits at most B; a longer prompt chunk takes several draft steps): the GPU
+            # kernel runs the context path over the block's B rows.
             with gc_paused():
-                draft_schedule = compile_draft_step(draft_info[0], recipe, max_seq_len, context_rows=max(steps),
+                draft_schedule = compile_draft_step(draft_info[0], recipe, max_seq_len,
+                                                    context_rows=draft_info[0].block_size,
                                                     gpu=gpu, weight_formats=formats)
             log(f"compiled the DFlash draft step (block {draft_info[0].block_size}, "
                 f"{draft_info[0].num_layers} layers): {len(draft_schedule.graph.tasks)} tasks")
@@ -255,7 +257,7 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
             from tilert.build import nvcc_path
             from tilert.draft import kinds_without_gpu_kernel
 
-            missing = kinds_without_gpu_kernel(schedules) if nvcc_path() else []
+            missing = kinds_without_gpu_kernel({**schedules, 0: draft_schedule}) if nvcc_path() else []
             if missing:
                 kernel = False
                 kernel_skipped = (f"the GPU megakernel has no kernel yet for task kind(s) {', '.join(missing)} "
@@ -266,19 +268,26 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
 
             # The kernel needs the weights' storage formats only (schedule-only: those the
             # schedule declares).
-            formats = None if rw is None else {n: t.fmt for n, t in rw.items() if not n.startswith(DRAFT_PREFIX)}
+            formats = None if rw is None else {n: t.fmt for n, t in rw.items()}
             t0 = time.perf_counter()
-            n_builds = len(steps) * (2 if profile_kernel else 1)
+            n_builds = len(steps) * (2 if profile_kernel else 1) + (draft_info is not None)
             with _bar(total=n_builds, desc="building kernel", unit="cubin") as bar:
                 kernel_files, kernel_meta, kernel_skipped = build_kernels(
                     schedules, cfg, formats, gpu, profile=profile_kernel, tmp=Path(tmp) / "kernels",
-                    on_step=lambda b, prof: bar.update())
+                    on_step=lambda b, prof: bar.update(),
+                    draft=(draft_schedule, draft_info[0]) if draft_info is not None else None)
             if kernel_meta is None:
                 log(f"warning: no GPU megakernel in the artifact: {kernel_skipped}")
             else:
                 log(f"built the megakernel for steps {', '.join(map(str, steps))}: " + "; ".join(
                     f"B={b} {e['ptxas']['registers']} registers, {e['ptxas']['spills']} B spills"
                     for b, e in kernel_meta["steps"].items()) + f" in {time.perf_counter() - t0:.1f} s")
+                if kernel_meta.get("draft"):
+                    e = kernel_meta["draft"]
+                    log(f"built the draft step's megakernel: {e['ptxas']['registers']} registers, "
+                        f"{e['ptxas']['spills']} B spills")
+                elif kernel_meta.get("draft_skipped"):
+                    log(f"warning: {kernel_meta['draft_skipped']} (speculative decoding on the GPU needs it)")
         meta = {
             "gpu": gpu,
             "max_seq_len": max_seq_len,
@@ -288,7 +297,7 @@ def compile_artifact(model: str, out: str | Path, gpu: str = "h100", max_seq_len
             "seed": seed if source.startswith("preset:") and rw is not None else None,
             "quantize_experts": quantize_experts,
             "draft": {"path": str(Path(draft).resolve()), "config": draft_info[2],
-                      "context_rows": max(steps)} if draft_info else None,
+                      "context_rows": draft_info[0].block_size} if draft_info else None,
             "kernel": kernel_meta,
             "kernel_skipped": kernel_skipped if kernel_meta is None else None,
         }
@@ -493,11 +502,17 @@ def generate_speculative(art, prompt: list[int], max_new_tokens: int, temperatur
     reference; the same tokens as plain decoding.  Returns the SpecResult."""
     import torch
 
-    from tilert.spec_backends import ReferenceBackend, VMBackend
+    from tilert.spec_backends import MegakernelBackend, ReferenceBackend, VMBackend
     from tilert.speculative import speculative_generate
 
     if backend == "vm":
         be = VMBackend.from_artifact(art, interleave)
+    elif backend == "megakernel":
+        from tilert.megakernel import check_device
+
+        check_device(art)
+        be = MegakernelBackend.from_artifact(art)
+        art.weights = None  # the host copies are no longer needed
     else:
         # Caches sized for this run (as generate_reference), with room for the last verify block.
         B = int((art.draft_config or {}).get("block_size", 1))
@@ -537,9 +552,8 @@ def cmd_run(args) -> int:
         raise UserError("--interleave only applies to --backend vm")
     if args.profile_out is not None and args.backend != "megakernel":
         raise UserError("--profile-out only applies to --backend megakernel")
-    if args.speculative and args.backend == "megakernel":
-        raise UserError("--speculative runs on --backend vm or reference; the megakernel runtime has no "
-                        "draft step yet")
+    if args.speculative and args.profile_out is not None:
+        raise UserError("--profile-out profiles plain decode steps; it does not combine with --speculative")
     path = Path(args.artifact) if args.artifact else default_artifact()
     # Everything that can be refused from metadata.json alone is, before reading weights.
     multi = is_multi_artifact(path)  # split over GPUs: manifest.json stands for metadata.json
@@ -579,6 +593,14 @@ def cmd_run(args) -> int:
                         f"--max-seq-len")
     if args.backend == "megakernel" and multi:
         refuse_megakernel(meta)
+    if args.backend == "megakernel" and args.speculative and not multi:
+        from tilert.artifact import kernel_info
+
+        info = kernel_info(meta) or {}
+        if not info.get("draft"):
+            why = info.get("draft_skipped") or meta.get("kernel_skipped") or "compiled without it"
+            raise UserError(f"{path}: holds no GPU megakernel for the draft step ({why}); --speculative "
+                            f"--backend megakernel needs one: recompile with --draft DIR on a machine with nvcc")
     if args.backend == "megakernel":
         from tilert.artifact import kernel_info
         from tilert.megakernel import check_device
@@ -590,7 +612,11 @@ def cmd_run(args) -> int:
     art = read_multi_artifact(path) if multi else read_artifact(path, load_weights=True, progress=_progress())
 
     t0 = time.perf_counter()
-    if args.backend == "megakernel":
+    if args.speculative:
+        spec = generate_speculative(art, prompt, args.max_new_tokens, args.temperature, args.seed, args.backend,
+                                    args.interleave)
+        new = spec.tokens
+    elif args.backend == "megakernel":
         from tilert.megakernel import generate_megakernel
 
         with _bar(total=len(prompt) + args.max_new_tokens, desc="generating", unit="tok") as bar:
@@ -598,10 +624,6 @@ def cmd_run(args) -> int:
                                       profile_out=args.profile_out, bar=bar)
         if args.profile_out:
             print(f"wrote the last step's profile to {args.profile_out}", file=sys.stderr)
-    elif args.speculative:
-        spec = generate_speculative(art, prompt, args.max_new_tokens, args.temperature, args.seed, args.backend,
-                                    args.interleave)
-        new = spec.tokens
     elif args.backend == "vm":
         new = generate_vm(art, prompt, args.max_new_tokens, args.temperature, args.seed, args.interleave,
                           vm=art.vm() if multi else None)

@@ -117,8 +117,10 @@ STRUCTS: dict[str, tuple[tuple[str, str], ...]] = {
     "AttentionParams": (("q", "ref"), ("k_cache", "ref"), ("v_cache", "ref"), ("positions", "ref"), ("mx", "ref"),
                         ("sm", "ref"), ("acc", "ref"), ("h0", "i32"), ("group", "i32"), ("hd", "i32"),
                         ("vd", "i32"), ("split", "i32"), ("splits", "i32"), ("window", "i32"), ("slots", "i32"),
-                        ("scale", "f32"), ("ms", "i32")),
+                        ("scale", "f32"), ("ms", "i32"), ("causal", "i32")),
     "CaptureParams": (("in", "ref"), ("out", "ref"), ("c0", "i32"), ("c1", "i32")),
+    "DraftEmbedParams": (("tokens", "ref"), ("out", "ref"), ("table", "i32"), ("mask", "i32"), ("c0", "i32"),
+                         ("c1", "i32")),
     "AttnCombineParams": (("mx", "ref"), ("sm", "ref"), ("acc", "ref"), ("out", "ref"), ("sink", "i32"),
                           ("h0", "i32"), ("h1", "i32"), ("splits", "i32"), ("ms", "i32"), ("vd", "i32")),
     "GateUpParams": (("in", "ref"), ("out", "ref"), ("gate", "i32"), ("up", "i32"), ("r0", "i32"), ("r1", "i32")),
@@ -173,6 +175,7 @@ KINDS = [
     Kind("lm_head", "LmHeadParams", "k_lm_head", True),
     Kind("argmax", "ArgmaxParams", "k_argmax", False),
     Kind("capture", "CaptureParams", "k_capture", False),
+    Kind("draft_embed", "DraftEmbedParams", "k_draft_embed", False),  # the DFlash draft step (tilert/draft.py)
     # multi-token steps with recipe key `expert_union`: each distinct selected expert read once
     Kind("expert_union", "ExpertUnionParams", "k_expert_union", False),
     Kind("expert_gate_up_union", "ExpertGateUpUnionParams", "k_expert_gate_up_union", True),
@@ -432,8 +435,13 @@ class _Encoder:
                                    "r0": r0, "r1": r1, "c0": c0, "acc": int(bool(p["accumulate"]))}))
         return out
 
+    def _draft_embed(self, p):
+        return [("draft_embed", {"tokens": self.ref("tokens"), "out": self.ref("x"), "table": self.w(p["embed"]),
+                                 "mask": self.w(p["mask"]), "c0": p["cols"][0], "c1": p["cols"][1]})]
+
     def _rope(self, p):
-        return [("rope", {"buf": self.ref(p["buf"]), "positions": self.ref("positions"),
+        # "positions" may name another position buffer (the draft step's context rows)
+        return [("rope", {"buf": self.ref(p["buf"]), "positions": self.ref(p.get("positions", "positions")),
                           "inv_freq": {"space": SPACES["const"], "offset": self.plan.rope_table(p["theta"], p["rotary_dim"]),
                                        "ld": 0},
                           "col0": p["head"] * p["head_dim"], "rdim": p["rotary_dim"]})]
@@ -445,8 +453,10 @@ class _Encoder:
     def _kv_write(self, p):
         g = p["head"]
         hd, vd = self.shape(p["k_cache"])[2], self.shape(p["v_cache"])[2]
-        return [("kv_write", {"k": self.ref("k"), "v": self.ref("v"), "k_cache": self._cache_ref(p["k_cache"], g),
-                              "v_cache": self._cache_ref(p["v_cache"], g), "positions": self.ref("positions"),
+        # k, v and positions may name other buffers (the draft step's context path)
+        return [("kv_write", {"k": self.ref(p.get("k", "k")), "v": self.ref(p.get("v", "v")),
+                              "k_cache": self._cache_ref(p["k_cache"], g), "v_cache": self._cache_ref(p["v_cache"], g),
+                              "positions": self.ref(p.get("positions", "positions")),
                               "kcol0": g * hd, "vcol0": g * vd, "hd": hd, "vd": vd, "slots": p["slots"],
                               "ring": int(bool(p.get("ring") or p.get("window"))), "value_scale": p["value_scale"]})]
 
@@ -463,7 +473,7 @@ class _Encoder:
                                "mx": self.ref("attn_max"), "sm": self.ref("attn_sum"), "acc": self.ref("attn_acc"),
                                "h0": g * group, "group": group, "hd": hd, "vd": vd, "split": p["split"],
                                "splits": p["splits"], "window": p["window"], "slots": p["slots"], "scale": p["scale"],
-                               "ms": ms})]
+                               "ms": ms, "causal": int(bool(p.get("causal", True)))})]
 
     def _attn_combine(self, p):
         _, _, ms, vd = self.shape("attn_acc")

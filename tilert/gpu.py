@@ -103,9 +103,13 @@ def _view_like(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 class MegakernelRuntime:
     def __init__(self, cubin_path, generated, runtime_weights: dict[str, StoredTensor], max_seq_len: int,
-                 device: str = "cuda", timeout_s: float = 2.0, profile: bool = False):
+                 device: str = "cuda", timeout_s: float = 2.0, profile: bool = False,
+                 share_weights_with: "MegakernelRuntime | None" = None):
         """`cubin_path` and `generated` are one cubin and its GeneratedKernel, or dicts of them
-        keyed by step size.  `profile`: the cubins were built with profile=True."""
+        keyed by step size.  `profile`: the cubins were built with profile=True.
+        `share_weights_with`: another runtime on this GPU whose uploaded weights this one reads
+        where both need the same tensor in the same layout (a drafter borrows the target's
+        embedding and LM head)."""
         if not isinstance(generated, dict):
             generated, cubin_path = {generated.tokens: generated}, {generated.tokens: cubin_path}
         if set(generated) != set(cubin_path):
@@ -122,7 +126,8 @@ class MegakernelRuntime:
         self.profile_enabled = profile
         self.seq_len = 0
         self._check_device(generated.values())
-        self._weights = self._upload_weights(generated.values(), runtime_weights)
+        self._weights = self._upload_weights(generated.values(), runtime_weights,
+                                             share_weights_with._weights if share_weights_with else {})
         self.state = self._state_arena(generated.values())
         self.kernels: dict[int, _Kernel] = {
             B: self._load(Path(cubin_path[B]), gen, driver) for B, gen in sorted(generated.items())}
@@ -145,11 +150,14 @@ class MegakernelRuntime:
             if g.smem_bytes > optin:
                 raise UserError(f"the B={g.tokens} kernel needs {g.smem_bytes} B of shared memory; the GPU allows {optin}")
 
-    def _upload_weights(self, gens, weights: dict[str, StoredTensor]) -> dict[str, dict]:
-        """Each weight once, as stored, in 16-byte padded buffers (the kernel reads 16-byte chunks)."""
+    def _upload_weights(self, gens, weights: dict[str, StoredTensor], shared: dict[str, dict]) -> dict[str, dict]:
+        """Each weight once, as stored, in 16-byte padded buffers (the kernel reads 16-byte chunks);
+        those in `shared` (uploaded by another runtime) in the layout wanted are not copied again."""
         out: dict[str, dict] = {}
         for g in gens:
             for slot in g.weights:
+                if slot.name not in out and slot.name in shared and bool(shared[slot.name]["desc"]["tiled"]) == slot.tiled:
+                    out[slot.name] = shared[slot.name]
                 if slot.name in out:
                     if bool(out[slot.name]["desc"]["tiled"]) != slot.tiled:
                         raise UserError(f"weight {slot.name}: the kernels of different step sizes want it in "
@@ -323,6 +331,22 @@ class MegakernelRuntime:
             k.epoch += 1
             self.seq_len += B
         return self.buffer("logits", B).clone(), [int(t) for t in k.next_host.tolist()]
+
+    def run_inputs(self, inputs: dict[str, torch.Tensor], tokens: int) -> None:
+        """Write these input buffers and run one step of the B=`tokens` kernel (a kernel whose
+        inputs are not a decode step's, like the DFlash draft step); the caller reads the outputs."""
+        k = self._kernel(tokens)
+        for name, value in inputs.items():
+            self.write(name, value, tokens)
+        a = k.args[0]
+        a["step"], a["stop_after"] = k.epoch, -1
+        self._launch(k)
+        k.errors_host.copy_(k.errors, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        if int(k.errors_host[0]):
+            self._reset_counters(k)
+            raise self._error(k)
+        k.epoch += 1
 
     def fill_cache(self, length: int, seed: int = 0) -> None:
         """Pretend `length` tokens were decoded already: random keys and values in every KV

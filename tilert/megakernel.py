@@ -50,22 +50,28 @@ def _weight_bytes(fmt: str, shape: tuple[int, ...]) -> tuple[int, int]:
     return data, scale
 
 
+def footprint_weights(slots) -> int:
+    """Device bytes of these weight slots as MegakernelRuntime uploads them (16-byte padded)."""
+    from tilert.gpu import WEIGHT_PAD
+
+    total = 0
+    for w in slots:
+        data, scale = _weight_bytes(w.fmt, tuple(w.shape))
+        if w.tiled and w.fmt == "mxfp4":  # the scales travel inside the tiled data
+            data, scale = data + scale, 0
+        total += data + WEIGHT_PAD + (scale + WEIGHT_PAD if scale else 0)
+    return total
+
+
 def footprint(gens: dict[int, Any], gpu: str | None = None) -> dict[str, Any]:
     """GPU memory MegakernelRuntime allocates for these kernels (tilert/gpu.py, mirrored here):
     the weights once as stored (16-byte padded), one KV-cache state arena shared by all step sizes,
     and per step size its activation arena, program, constants, scratch, counters, weight table,
     error and profile buffers.  Plus the shared memory each CTA needs."""
     from tilert.codegen import WEIGHT_DESC, numpy_dtype
-    from tilert.gpu import WEIGHT_PAD, zeroed_buffers
+    from tilert.gpu import zeroed_buffers
 
-    weights: dict[str, int] = {}
-    for g in gens.values():
-        for w in g.weights:
-            if w.name not in weights:
-                data, scale = _weight_bytes(w.fmt, tuple(w.shape))
-                if w.tiled and w.fmt == "mxfp4":  # the scales travel inside the tiled data
-                    data, scale = data + scale, 0
-                weights[w.name] = data + WEIGHT_PAD + (scale + WEIGHT_PAD if scale else 0)
+    unique = {w.name: w for g in gens.values() for w in g.weights}
     desc = numpy_dtype(WEIGHT_DESC).itemsize
     per_step = {}
     for b, g in sorted(gens.items()):
@@ -76,7 +82,7 @@ def footprint(gens: dict[int, Any], gpu: str | None = None) -> dict[str, Any]:
         per_step[str(b)] = {"activation_bytes": act, "program_bytes": program, "other_bytes": other,
                             "smem_per_cta": g.smem_bytes, "ctas": g.num_workers, "threads": g.threads}
     out = {
-        "weights_bytes": sum(weights.values()),
+        "weights_bytes": footprint_weights(list(unique.values())),
         "kv_cache_bytes": max((g.state_bytes for g in gens.values()), default=0) or 16,
         "activation_bytes": sum(p["activation_bytes"] for p in per_step.values()),
         "program_bytes": sum(p["program_bytes"] for p in per_step.values()),
@@ -99,11 +105,13 @@ def _ptxas_summary(report: dict) -> dict:
 
 
 def build_kernels(schedules: dict, cfg, weight_formats: dict[str, str] | None, gpu: str, profile: bool = False,
-                  tmp: Path | None = None, on_step=None) -> tuple[dict[str, Path], dict[str, Any] | None, str | None]:
+                  tmp: Path | None = None, on_step=None, draft=None) -> tuple[dict[str, Path], dict[str, Any] | None, str | None]:
     """Generate and build the megakernel of every step size.  Returns (files for
     write_artifact(extra_files=), metadata `kernel` entry, None) or ({}, None, reason) when no
     kernel can be built here (nvcc missing, a step size the kernel does not handle).  A failing
-    nvcc raises UserError (that is a bug to report, not a missing tool)."""
+    nvcc raises UserError (that is a bug to report, not a missing tool).  `draft`: (draft
+    schedule, DFlashConfig) also builds the draft step's kernel (kernels/draft*; the entry's
+    `draft`, or `draft_skipped` with the reason it could not be generated)."""
     from tilert.build import build_cubin, nvcc_path
     from tilert.codegen import generate
 
@@ -112,17 +120,25 @@ def build_kernels(schedules: dict, cfg, weight_formats: dict[str, str] | None, g
     gens = {}
     try:
         for b, s in sorted(schedules.items()):
-            gens[b] = generate(s, cfg, weight_formats)
+            gens[f"B{b}"] = generate(s, cfg, weight_formats)
     except UserError as e:
         return {}, None, f"no megakernel for the {b}-token step: {e}"
+    draft_skipped = None
+    if draft is not None:
+        from tilert.draft_gpu import generate_draft_kernel
+
+        try:
+            gens["draft"] = generate_draft_kernel(draft[0], draft[1], cfg, weight_formats)
+        except UserError as e:
+            draft_skipped = f"no megakernel for the draft step: {e}"
     cache = cubin_cache_dir()
-    jobs = [(b, False) for b in gens] + ([(b, True) for b in gens] if profile else [])
+    jobs = [(n, False) for n in gens] + ([(n, True) for n in gens if n != "draft"] if profile else [])
 
     def build(job):
-        b, prof = job
-        r = build_cubin(gens[b].source, cache, profile=prof)
+        n, prof = job
+        r = build_cubin(gens[n].source, cache, profile=prof)
         if on_step:
-            on_step(b, prof)
+            on_step(n, prof)
         return r
 
     with ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as ex:
@@ -130,31 +146,44 @@ def build_kernels(schedules: dict, cfg, weight_formats: dict[str, str] | None, g
     tmp = Path(tmp or tempfile.mkdtemp(prefix="tilert-kernels-"))
     tmp.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    steps: dict[str, Any] = {}
-    for b, g in gens.items():
-        cubin, report = built[(b, False)]
-        gdir = tmp / f"B{b}"
+    entries: dict[str, Any] = {}
+    for n, g in gens.items():
+        cubin, report = built[(n, False)]
+        gdir = tmp / n
         if gdir.exists():
             shutil.rmtree(gdir)
         g.save(gdir)
-        ptxas = tmp / f"B{b}.ptxas.txt"
+        ptxas = tmp / f"{n}.ptxas.txt"
         ptxas.write_text(report.get("raw") or "")
-        entry = {"cubin": f"kernels/B{b}.cubin", "generated": f"kernels/B{b}", "ptxas_log": f"kernels/B{b}.ptxas.txt",
+        entry = {"cubin": f"kernels/{n}.cubin", "generated": f"kernels/{n}", "ptxas_log": f"kernels/{n}.ptxas.txt",
                  "ptxas": _ptxas_summary(report), "summary": g.describe(), "notes": list(g.notes),
                  "workers": g.num_workers, "threads": g.threads, "tasks": g.num_tasks, "smem_bytes": g.smem_bytes}
         files[entry["cubin"]] = cubin
         files[entry["generated"]] = gdir
         files[entry["ptxas_log"]] = ptxas
-        if profile:
-            pcubin, preport = built[(b, True)]
-            entry["prof_cubin"] = f"kernels/B{b}.prof.cubin"
+        if (n, True) in built:
+            pcubin, preport = built[(n, True)]
+            entry["prof_cubin"] = f"kernels/{n}.prof.cubin"
             entry["prof_ptxas"] = _ptxas_summary(preport)
             files[entry["prof_cubin"]] = pcubin
-        steps[str(b)] = entry
+        entries[n] = entry
     from tilert.build import _nvcc_version
 
+    steps = {str(b): entries[f"B{b}"] for b in sorted(schedules)}
     meta = {"arch": "sm_90a", "nvcc": _nvcc_version(nvcc_path()), "profile": profile, "steps": steps,
-            "footprint": footprint(gens, gpu)}
+            "footprint": footprint({b: gens[f"B{b}"] for b in sorted(schedules)}, gpu)}
+    if draft is not None:
+        meta["draft"] = entries.get("draft")
+        meta["draft_skipped"] = draft_skipped
+        if "draft" in gens:  # its own KV-cache arena and buffers; the weights it shares are counted once
+            own = footprint({"draft": gens["draft"]})
+            shared = {w.name for g in gens.values() if g is not gens["draft"] for w in g.weights}
+            extra = own["total_bytes"] - own["weights_bytes"] + footprint_weights(
+                [w for w in gens["draft"].weights if w.name not in shared])
+            meta["footprint"]["draft_bytes"] = extra
+            meta["footprint"]["total_bytes"] += extra
+            if "fits" in meta["footprint"]:
+                meta["footprint"]["fits"] = meta["footprint"]["total_bytes"] <= GPU_MEMORY[gpu]
     return files, meta, None
 
 

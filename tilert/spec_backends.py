@@ -3,6 +3,8 @@
 - `VMBackend`: the artifact's target schedules on the VM (their `hidden` output feeds the
   drafter) and its draft schedule on a `DraftVM`: the compiled runtime, task by task.
 - `ReferenceBackend`: the PyTorch reference decoder and `DFlashDrafter` on the same weights.
+- `MegakernelBackend`: the artifact's cubins on the GPU: a megakernel per target step (their
+  `hidden` output stays on the device) and the draft step's megakernel (tilert/draft_gpu.py).
 
 Both choose the target's tokens as plain decoding does (tilert.sampling: argmax, or the
 Gumbel-max sample keyed by seed and position), so speculative output equals plain output.
@@ -122,3 +124,38 @@ class ReferenceBackend(_TargetAndDrafter):
         hidden = {layer: new_hidden[:, j * H:(j + 1) * H] for j, layer in enumerate(self.layers)}
         return self.drafter.draft(last_token, hidden, self.drafter.context_len + new_hidden.shape[0])
 
+
+
+class MegakernelBackend(_TargetAndDrafter):
+    """The target's step megakernels and the draft step's megakernel on one GPU; the drafter
+    reads the target's uploaded embedding and LM head, and the hidden states never leave the GPU."""
+
+    def __init__(self, target, drafter, block_size: int, max_seq_len: int):
+        self.target, self.drafter = target, drafter
+        self.block_size, self.max_seq_len = block_size, max_seq_len
+        self.step_sizes = sorted(target.kernels)
+        if block_size not in target.kernels or any("hidden" not in k.gen.buffers for k in target.kernels.values()):
+            raise UserError(f"speculative decoding needs target kernels of 1 and {block_size} tokens that expose the "
+                            f"drafter's hidden states (compile with --draft DIR)")
+
+    @classmethod
+    def from_artifact(cls, art) -> "MegakernelBackend":
+        from tilert.artifact import DRAFT_PREFIX, load_draft_kernel, load_kernels
+        from tilert.draft_gpu import DraftMegakernel
+        from tilert.gpu import MegakernelRuntime
+
+        dcfg = drafter_config(art)
+        kernels = load_kernels(art)
+        draft_cubin, draft_gen = load_draft_kernel(art)
+        target = MegakernelRuntime({b: p for b, (p, _) in kernels.items()}, {b: g for b, (_, g) in kernels.items()},
+                                   {k: v for k, v in art.weights.items() if not k.startswith(DRAFT_PREFIX)},
+                                   art.max_seq_len)
+        drafter = DraftMegakernel(draft_cubin, draft_gen, art.weights, art.max_seq_len, target=target)
+        return cls(target, drafter, dcfg.block_size, art.max_seq_len)
+
+    def step(self, tokens: list[int], temperature: float = 0.0, seed: int = 0) -> StepOutput:
+        logits, chosen = self.target.step(tokens, temperature, seed)
+        return StepOutput(logits, chosen, self.target.buffer("hidden", len(tokens)).clone())
+
+    def draft(self, last_token: int, new_hidden: torch.Tensor) -> list[int]:
+        return self.drafter.draft(last_token, new_hidden)

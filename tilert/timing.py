@@ -22,3 +22,15 @@ def median_seconds(fn, reps: int = 20, warmup: int = 3) -> float:
         e.synchronize()
         times.append(s.elapsed_time(e) / 1e3)
     return statistics.median(times)
+
+
+def append_bench_log(path: str, title: str, device: str, commit: str, tool: str, table: str,
+                     argv: list[str] | None = None) -> None:
+    """Append one benchmark table to a log, with what the benchmark log needs beside every
+    number: the date (in the title), the device, the commit and the command."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    with open(path, "a") as f:
+        f.write(f"\n## {title}\n\n- device: {device}; commit {commit}\n"
+                f"- command: `python {tool} {' '.join(args)}`\n\n{table}\n")

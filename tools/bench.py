@@ -34,7 +34,7 @@ from model.config import preset  # noqa: E402
 from model.weights import stored_nbytes  # noqa: E402
 from tilert.baseline import StaticDecoder  # noqa: E402
 from tilert.device_weights import device_weights  # noqa: E402
-from tilert.timing import median_seconds  # noqa: E402
+from tilert.timing import append_bench_log, median_seconds  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
@@ -166,11 +166,8 @@ def main(argv=None) -> int:
     Path(args.out).write_text(json.dumps(result, indent=1, default=str))
     print(table(result))
     if args.log:
-        with open(args.log, "a") as f:
-            f.write(f"\n## {result['date']}: decode step, batch 1, mimo-v2-flash geometry ({args.expert_format} experts)\n\n"
-                    f"- device: {dev.name}; commit {args.commit}\n"
-                    f"- command: `python tools/bench.py {' '.join(sys.argv[1:])}`\n\n"
-                    + table(result) + "\n")
+        append_bench_log(args.log, f"{result['date']}: decode step, batch 1, mimo-v2-flash geometry "
+                         f"({args.expert_format} experts)", dev.name, args.commit, "tools/bench.py", table(result))
     return 0
 
 

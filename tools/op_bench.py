@@ -144,10 +144,10 @@ def main(argv=None) -> int:
     text = table(results)
     print(text)
     if args.log:
-        with open(args.log, "a") as f:
-            f.write(f"\n## {time.strftime('%Y-%m-%d')}: ops in isolation, batch 1 ({args.expert_format} experts)\n\n"
-                    f"- device: {device}; commit {args.commit}\n- command: `python tools/op_bench.py "
-                    f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{text}\n")
+        from tilert.timing import append_bench_log
+
+        append_bench_log(args.log, f"{time.strftime('%Y-%m-%d')}: ops in isolation, batch 1 ({args.expert_format} "
+                         f"experts)", device, args.commit, "tools/op_bench.py", text, argv)
     bad = [r for r in results if not r["check"]["token_match"] or not r["check"]["rel_err"] < 1e-2]
     return 1 if bad else 0
 

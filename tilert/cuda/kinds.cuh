@@ -145,6 +145,7 @@ TILERT_DEV void k_kv_write(Ctx& c, const KvWriteParams& p) {
   const int n = p.hd + p.vd;
   for (int i = ctid(); i < kB * n; i += kNCT) {
     const int b = i / n, d = i % n;
+    if (pos[b] < 0) continue;  // padding (a draft step's unused context rows)
     const int s = cache_slot(pos[b], p.ring, p.slots);
     if (d < p.hd) {
       kc[s * p.k_cache.ld + d] = k[b * p.k.ld + p.kcol0 + d];
@@ -264,7 +265,9 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
   const int span = (all_hi - all_lo + p.splits - 1) / p.splits;
   const int s_lo = all_lo + p.split * span, s_hi = min(all_hi, all_lo + (p.split + 1) * span);
   for (int b = 0; b < kB; ++b) {
-    const int lo = max(visible_lo(pos[b], p.window), s_lo), hi = min(pos[b] + 1, s_hi);
+    // causal: up to the query's own position; a DFlash draft block (causal = 0) sees the whole block
+    const int last = p.causal ? pos[b] : pos[kB - 1];
+    const int lo = max(visible_lo(pos[b], p.window), s_lo), hi = min(last + 1, s_hi);
     if (hi <= lo) {  // empty split: every head of the group gets the neutral partial
       for (int i = ctid(); i < G * p.vd; i += kNCT) {
         const int h = p.h0 + i / p.vd, d = i % p.vd;
@@ -759,6 +762,19 @@ TILERT_DEV void k_capture(Ctx& c, const CaptureParams& p) {
   for (int i = ctid(); i < kB * n; i += kNCT) {
     const int b = i / n, col = p.c0 + i % n;
     out[b * p.out.ld + col] = in[b * p.in.ld + col];
+  }
+}
+
+// ---- draft_embed: a DFlash draft block's input, columns [c0, c1) ----------------------------------------
+// Row 0 the last committed token's embedding (the target's table), rows 1..B-1 the mask embedding.
+TILERT_DEV void k_draft_embed(Ctx& c, const DraftEmbedParams& p) {
+  const int tok = *ref_ptr<int>(c, p.tokens);
+  float* out = ref_ptr<float>(c, p.out);
+  const WeightDesc w = weight(c, p.table), mask = weight(c, p.mask);
+  const int n = p.c1 - p.c0;
+  for (int i = ctid(); i < kB * n; i += kNCT) {
+    const int b = i / n, col = p.c0 + i % n;
+    out[b * p.out.ld + col] = b == 0 ? weight_elem(w, tok, col) : weight_elem(mask, 0, col);
   }
 }
 
