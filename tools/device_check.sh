@@ -12,7 +12,8 @@
 # 4. runs tests/test_gpu.py: per-task prefix diff against the VM (names the first differing
 #    task), 256 greedy tokens, sampling, a planted hang caught by the watchdog, and the
 #    2-layer mimo-v2-flash geometry (fp8 and MXFP4 experts) against the VM with a timing
-#    line.  pytest stops after 4 failures rather than the first, so one call tells which
+#    line; tests/test_gpu_speculative.py: the draft step's megakernel against the DraftVM, and
+#    speculative decoding on the GPU equal to plain decoding (greedy, sampled).  pytest stops after 4 failures rather than the first, so one call tells which
 #    variants (loader / direct / small slots) fail; no test can hang: the kernel's watchdog
 #    and `timeout` bound them.
 # Takes about 2-3 minutes; the last lines are a summary table.
@@ -63,8 +64,9 @@ else
   echo "cuobjdump not found: skipped" | tee -a "$OUT/sass-summary.txt"
 fi
 
-echo "== tests/test_gpu.py" | tee "$OUT/test_gpu.txt"
-timeout 900 python3 -m pytest --maxfail=4 -s -q -rfE --durations=8 -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$OUT/test_gpu.txt"
+echo "== tests/test_gpu.py tests/test_gpu_speculative.py" | tee "$OUT/test_gpu.txt"
+timeout 900 python3 -m pytest --maxfail=4 -s -q -rfE --durations=8 -p no:cacheprovider tests/test_gpu.py \
+  tests/test_gpu_speculative.py 2>&1 | tee -a "$OUT/test_gpu.txt"
 tests=${PIPESTATUS[0]}
 
 echo "== summary"
