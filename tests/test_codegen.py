@@ -609,8 +609,8 @@ def _define(source: str, name: str) -> int:
 
 
 def test_mma_gemv_setup_follows_formats_tokens_and_row_lengths():
-    """The tensor-core GEMV (gemv.cuh) is compiled in for the formats asked, only for steps of
-    at most 4 tokens (one n8 mma holds hi/lo of 4), and shared memory is set aside for the
+    """The tensor-core GEMV (gemv.cuh) is compiled in for the formats asked, for steps of up to
+    8 tokens (one n8 mma holds hi/lo of 4, two of 8), and shared memory is set aside for the
     staged x of the longest row that qualifies (the flash dense FFN's 16384 columns) or of an
     expert down projection's 8 slots (2048 columns each) staged together, whichever is more;
     rows whose staged x exceeds the limit (a dense FFN made 24576 wide here) stay on the
@@ -646,8 +646,17 @@ def test_mma_gemv_setup_follows_formats_tokens_and_row_lengths():
     off = generate(s[1], cfg, mma_formats=())
     assert _define(off.source, "TILERT_MMA_FORMATS") == 0 and _define(off.source, "TILERT_XS_BYTES") == 0
     assert off.mma_formats == [] and "mma=none" in off.describe()
+    # A step of 8 tokens (speculative verification) takes two n8 tiles: the 4096-wide rows (8
+    # tokens' x: 129 KiB) on the tensor cores, the longer ones on the CUDA-core loop.
+    from tilert.codegen import xs_limit
+
     b8 = generate(s[8], cfg)
-    assert _define(b8.source, "TILERT_MMA_FORMATS") == 0 and _define(b8.source, "TILERT_XS_BYTES") == 0
+    fits8 = [w for w in b8.weights if w.tiled and 8 * x_bytes(w.shape[-1]) <= xs_limit(8)]
+    assert max(w.shape[-1] for w in fits8) == 4096
+    assert _define(b8.source, "TILERT_XS_BYTES") == 8 * x_bytes(4096) and b8.smem_bytes <= SMEM_LIMIT
+    assert b8.mma_formats and b8.slots >= 2
+    assert all(any(w.name in note and "CUDA-core GEMV" in note for note in b8.notes)
+               for w in b8.weights if w.tiled and w not in fits8)
 
 
 def _fp4x2_to_f16x2_2m14(v: int) -> int:  # gemv.cuh, same name

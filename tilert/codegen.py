@@ -74,14 +74,22 @@ COMPUTE_WARPS = 15  # + 1 loader warp: 512 threads, 128 registers (measured: 15 
 MIN_SLOT_ROW_BYTES = 4096  # a ring slot holds one 4 KiB row (an fp8 row of 4096) per compute warp
 RING_SLOTS = 4
 # GEMVs on the tensor cores (gemv.cuh, gemv_tile_mma) for these storage formats, at steps of up
-# to 4 tokens; x is staged in shared memory (hi/lo halves), so rows longer than XS_LIMIT_BYTES
+# to 8 tokens; x is staged in shared memory (hi/lo halves), so rows longer than xs_limit(B)
 # per step stay on the CUDA-core loop.  The limit admits one token's x of 16384 columns (the
 # dense FFN's down projection: 23 instead of 81 us a layer on the tensor cores, measured on an
 # H200, 2026-12-04) and the 8 slots' x of an expert down projection of 2048 columns, staged
 # together; attention reuses that area for its chunk buffers.
 MMA_FORMATS = ("mxfp4", "fp8", "bf16")
-MMA_MAX_TOKENS = 4
+MMA_MAX_TOKENS = 8  # two n8 mma tiles of 4 tokens' hi/lo each, fed by one decode of the weight
 XS_LIMIT_BYTES = 65 * 1024
+# Steps of 5..8 tokens (speculative verification) stage up to this much x: 8 tokens of a 4096-wide
+# row (129 KiB) fit beside a ring of 2 slots that hold a whole MXFP4 row block each.
+MULTI_XS_LIMIT_BYTES = 130 * 1024
+
+
+def xs_limit(tokens: int) -> int:
+    """The most shared memory the staged x of one tensor-core GEMV may take at this step size."""
+    return XS_LIMIT_BYTES if tokens <= 4 else MULTI_XS_LIMIT_BYTES
 
 
 def parse_mma_formats(arg: str) -> tuple[str, ...]:
@@ -775,26 +783,26 @@ def _check_gate_up_pairs(stages_of, weights: list[WeightSlot]) -> None:
 
 def _xs_bytes(w: WeightSlot, tokens: int) -> int:
     """Shared memory the staged x of one mma GEMV over `w` needs, 0 when `w` stays on the
-    CUDA-core loop at this step size (row-major, or more tokens than one mma holds), before the
-    XS_LIMIT_BYTES cap."""
+    CUDA-core loop at this step size (row-major, or more tokens than the mma tiles hold), before
+    the xs_limit cap."""
     return _x_bytes(w.shape[-1], tokens) if w.tiled and tokens <= MMA_MAX_TOKENS else 0
 
 
 def _slot_staging_bytes(stages_of, weights: list[WeightSlot], tokens: int) -> list[int]:
     """xs bytes of an expert down projection's x for all its (token, slot) GEMVs staged at once
-    (gemv.cuh, `stage_x_slots`), for each that fits XS_LIMIT_BYTES (B = 1 on the flash
-    geometry: 8 slots x 2048 columns)."""
+    (gemv.cuh, `stage_x_slots`), for each that fits xs_limit (B = 1 on the flash geometry: 8
+    slots x 2048 columns)."""
     out = []
     for stages in stages_of.values():
         for kind, v in stages:
             if kind == "expert_down" and (one := _xs_bytes(weights[v["down"]], 1)):
-                if 0 < (x := tokens * v["k"] * one) <= XS_LIMIT_BYTES:
+                if 0 < (x := tokens * v["k"] * one) <= xs_limit(tokens):
                     out.append(x)
     return out
 
 
 def _on_mma(w: WeightSlot, tokens: int) -> bool:
-    return 0 < _xs_bytes(w, tokens) <= XS_LIMIT_BYTES
+    return 0 < _xs_bytes(w, tokens) <= xs_limit(tokens)
 
 
 def _slot_need(stages_of, weights: list[WeightSlot]) -> int:
@@ -880,7 +888,7 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
             tiled, tiled_notes = _tiled_weights(enc.stages, weights, loader, mma_formats, slot_bytes)
             for w in weights:
                 w.tiled = w.index in tiled
-            xs_bytes = max([0] + [x for w in weights if 0 < (x := _xs_bytes(w, B)) <= XS_LIMIT_BYTES]
+            xs_bytes = max([0] + [x for w in weights if 0 < (x := _xs_bytes(w, B)) <= xs_limit(B)]
                            + _slot_staging_bytes(enc.stages, weights, B))
             if xs_bytes:  # mma partials: two batches x warps x kRedRows (gemv.cuh) x tokens
                 red_bytes = max(red_bytes, 2 * compute_warps * max(16, 128 // B) * B * 4)
@@ -929,9 +937,9 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     mma_used = sorted({w.fmt for w in weights if _on_mma(w, B)}, key=FORMATS.get)
     for w in weights:
         x = _xs_bytes(w, B)
-        if x > XS_LIMIT_BYTES:
+        if x > xs_limit(B):
             notes.append(f"weight {w.name} ({w.fmt}, {w.shape[-1]} columns): CUDA-core GEMV, its staged x "
-                         f"({x} B) exceeds the {XS_LIMIT_BYTES} B limit")
+                         f"({x} B) exceeds the {xs_limit(B)} B limit")
     return GeneratedKernel(
         source=_source(schedule, cfg, B, compute_warps, loader, slots, slot, lay, formats, scratch_stride,
                        set(mma_used), xs_bytes, _gemv_masks(enc.stages, weights, B), task_words,

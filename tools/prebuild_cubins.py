@@ -5,7 +5,8 @@ spends its time running, not compiling:
     python tools/prebuild_cubins.py [--jobs 2]        # then carry build/cubins with the call
 
 - the GPU tests' kernels (tests/test_gpu.py `kernel_sources`, plus a profiling build of the first);
-- tools/profile_step.py / ab_profile.py default: 6 layers of mimo-v2-flash, plain and profiling;
+- tools/profile_step.py / ab_profile.py default: 6 layers of mimo-v2-flash, plain and profiling,
+  and its B = 8 verify step with and without expert_union (profile_step --tokens 8);
 - tools/bench.py: 6 and 12 layers at contexts 8192 and 512 (one source per depth: the program
   is data), copied into bench's L{layers}_C{context}/ caches;
 - tools/op_bench.py: the dense and moe one-layer cuts of mimo-v2-flash and mimo-v2.5-pro, plain
@@ -53,6 +54,12 @@ def jobs() -> list[tuple[str, str, bool, tuple[str, ...]]]:
         out.append((f"flash {layers}L", src, False, tuple(f"L{layers}_C{c}" for c in (8192, 512))))
         if layers == 6:
             out.append(("flash 6L profiling", src, True, ()))
+    cfg = flash(6)
+    for union in (False, True):  # profile_step --tokens 8 [--set expert_union=true]: a verify step
+        recipe = dict(load_recipe("mimo-v2-flash", "h100"), expert_union=union)
+        src = generate(compile_steps(cfg, recipe, [8], max_seq_len=8200)[8], cfg).source
+        out += [(f"flash 6L B=8{' union' if union else ''}", src, False, ()),
+                (f"flash 6L B=8{' union' if union else ''} profiling", src, True, ())]
     for model in ("mimo-v2-flash", "mimo-v2.5-pro"):
         for cut in ("dense", "moe"):
             cfg = cut_config(model, cut)

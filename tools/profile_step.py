@@ -73,6 +73,7 @@ def main(argv=None) -> int:
                          "ncu -k tilert_megakernel --launch-skip N-1 -c 1)")
     ap.add_argument("--build-dir", default="build/cubins",
                     help="nvcc's output and cache (cubins built on the development machine and carried are reused)")
+    ap.add_argument("--tokens", type=int, default=1, help="tokens per step (a speculative verify step: 8)")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args(argv)
     cfg = dataclasses.replace(preset("mimo-v2-flash", layers=args.layers), expert_format=args.expert_format)
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
         if not isinstance(getattr(codegen, name, None), int) or not re.fullmatch(r"-?\d+", value):
             raise SystemExit(f"--codegen {kv}: expected NAME=INT with NAME an integer constant of tilert/codegen.py")
         setattr(codegen, name, int(value))
-    schedule = compile_steps(cfg, recipe, [1], max_seq_len=args.context + 8)[1]
+    B = args.tokens
+    schedule = compile_steps(cfg, recipe, [B], max_seq_len=args.context + 8)[B]
     gen = generate(schedule, cfg, weight_formats={n: t.fmt for n, t in weights.items()}, loader=bool(args.loader),
                    **({"compute_warps": args.compute_warps} if args.compute_warps else {}),
                    **({"mma_formats": parse_mma_formats(args.mma)} if args.mma else {}),
@@ -107,13 +109,14 @@ def main(argv=None) -> int:
         prt = MegakernelRuntime(plain, gen, weights, max_seq_len=args.context + 8)
         prt.fill_cache(args.context, seed=1)
         for _ in range(max(args.plain_steps, 3)):
-            prt.step([5])
+            prt.step([5] * B)
             prt.truncate(args.context)
         if args.plain_steps:
             return 0
-        check = check_step_against_vm(cfg, {1: schedule}, weights, prt, args.context)
-        print(f"plain kernel vs the VM on the GPU: {check}")
-        plain_s = median_seconds(lambda: prt.launch(1))
+        if B == 1:
+            check = check_step_against_vm(cfg, {1: schedule}, weights, prt, args.context)
+            print(f"plain kernel vs the VM on the GPU: {check}")
+        plain_s = median_seconds(lambda: prt.launch(B))
         prt = None
     if args.cubin:
         cubin, report = Path(args.cubin), {"registers": "prebuilt"}
@@ -122,9 +125,9 @@ def main(argv=None) -> int:
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=args.context + 8, profile=True)
     rt.fill_cache(args.context, seed=1)
     for _ in range(3):
-        rt.step([5])
+        rt.step([5 + 3 * b for b in range(B)])
         rt.truncate(args.context)
-    rows = rt.profile(1)
+    rows = rt.profile(B)
     step_ns = max(r["end"] for r in rows) - min(r["start"] for r in rows)
     by_kind = op_summary(schedule, rows)
     print(f"{gen.describe()}\nptxas: {report.get('registers')} regs; step {step_ns / 1e3:.1f} us "

@@ -391,7 +391,7 @@ TILERT_DEV int xs_bytes(int cols) { return 2 * (2 * cols + 64); }
 
 // Whether weight `w`'s GEMVs run on the tensor cores.
 TILERT_DEV bool mma_ok(const WeightDesc& w) {
-  return TILERT_LOADER && w.tiled && kB <= 4 && ((TILERT_MMA_FORMATS >> w.fmt) & 1) &&
+  return TILERT_LOADER && w.tiled && kB <= 8 && ((TILERT_MMA_FORMATS >> w.fmt) & 1) &&
          kB * xs_bytes(w.cols) <= TILERT_XS_BYTES;
 }
 
@@ -490,44 +490,65 @@ TILERT_DEV uint32_t max_byte(uint32_t w) {
   return max(max(w & 255u, (w >> 8) & 255u), max((w >> 16) & 255u, w >> 24));
 }
 
-// One step: the lane's partials of rows g (d[0] + d[1]) and g + 8 (d[2] + d[3]) for token t,
-// accumulated into d0 / d1 (two chains, so consecutive mmas do not wait on each other).
-// qa / qb: the lane's 16 bytes of the two rows; bx: its staged x (kMmas x 2 registers).
-template <int FMT>
-TILERT_DEV void mma_step(const uint4 qa, const uint4 qb, const uint32_t* bx, float* d0, float* d1) {
+// One step over NT n8 tiles of staged x (tile u: tokens 4u..4u+3, hi and lo): the lane's
+// partials of rows g (d[u][0] + d[u][1]) and g + 8 (d[u][2] + d[u][3]) for token 4u + t,
+// accumulated into d0[u] / d1[u] (two chains, so consecutive mmas do not wait on each other).
+// qa / qb: the lane's 16 bytes of the two rows, decoded once for all tiles; bx[u]: its staged x
+// of tile u (kMmas x 2 registers).
+template <int FMT, int NT>
+TILERT_DEV void mma_step(const uint4 qa, const uint4 qb, const uint32_t (*bx)[2 * MmaFmt<FMT>::kMmas],
+                         float (*d0)[4], float (*d1)[4]) {
   const uint32_t A[4] = {qa.x, qa.y, qa.z, qa.w}, Bq[4] = {qb.x, qb.y, qb.z, qb.w};
   if constexpr (FMT == FMT_BF16) {
-    mma_bf16(d0, A[0], Bq[0], A[1], Bq[1], bx[0], bx[1]);
-    mma_bf16(d1, A[2], Bq[2], A[3], Bq[3], bx[2], bx[3]);
+#pragma unroll
+    for (int u = 0; u < NT; ++u) {
+      mma_bf16(d0[u], A[0], Bq[0], A[1], Bq[1], bx[u][0], bx[u][1]);
+      mma_bf16(d1[u], A[2], Bq[2], A[3], Bq[3], bx[u][2], bx[u][3]);
+    }
   } else {
 #pragma unroll
-    for (int m = 0; m < 4; ++m)
-      mma_f16(m & 1 ? d1 : d0, cvt_e4m3x2(A[m]), cvt_e4m3x2(Bq[m]), cvt_e4m3x2(A[m] >> 16), cvt_e4m3x2(Bq[m] >> 16),
-              bx[2 * m], bx[2 * m + 1]);
+    for (int m = 0; m < 4; ++m) {
+      const uint32_t a0 = cvt_e4m3x2(A[m]), a1 = cvt_e4m3x2(Bq[m]), a2 = cvt_e4m3x2(A[m] >> 16),
+                     a3 = cvt_e4m3x2(Bq[m] >> 16);
+#pragma unroll
+      for (int u = 0; u < NT; ++u) mma_f16(m & 1 ? d1[u] : d0[u], a0, a1, a2, a3, bx[u][2 * m], bx[u][2 * m + 1]);
+    }
   }
 }
 
 // MXFP4 step: wa / wb hold the four E8M0 scales of the step's blocks for rows g and g + 8
-// (lane t's block is byte t).  Adds the scaled partials to acc[0] (row g) and acc[1] (row g + 8).
-TILERT_DEV void mma_step_fp4(const uint4 qa, const uint4 qb, const uint32_t* bx, uint32_t wa, uint32_t wb, int t,
-                             float* acc) {
+// (lane t's block is byte t).  Adds the scaled partials of tile u to acc[u][0] (row g) and
+// acc[u][1] (row g + 8); the codes are decoded once for all tiles.
+template <int NT>
+TILERT_DEV void mma_step_fp4(const uint4 qa, const uint4 qb, const uint32_t (*bx)[16], uint32_t wa, uint32_t wb, int t,
+                             float (*acc)[2]) {
   const uint32_t A[4] = {qa.x, qa.y, qa.z, qa.w}, Bq[4] = {qb.x, qb.y, qb.z, qb.w};
   const uint32_t ma = max_byte(wa), mb = max_byte(wb);
   const uint32_t fa = fp4_block_factor((int)((wa >> (8 * t)) & 255u) - (int)ma);
   const uint32_t fb = fp4_block_factor((int)((wb >> (8 * t)) & 255u) - (int)mb);
-  float e0[4] = {0.f, 0.f, 0.f, 0.f}, e1[4] = {0.f, 0.f, 0.f, 0.f};
+  float e0[NT][4], e1[NT][4];
+#pragma unroll
+  for (int u = 0; u < NT; ++u)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) e0[u][r] = e1[u][r] = 0.f;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int sh = 8 * h;
-      mma_f16(h ? e1 : e0, hmul2(fp4x2_to_f16x2_2m14(A[i] << sh), fa), hmul2(fp4x2_to_f16x2_2m14(Bq[i] << sh), fb),
-              hmul2(fp4x2_to_f16x2_2m14(A[i] << (sh + 4)), fa), hmul2(fp4x2_to_f16x2_2m14(Bq[i] << (sh + 4)), fb),
-              bx[4 * i + 2 * h], bx[4 * i + 2 * h + 1]);
+      const uint32_t a0 = hmul2(fp4x2_to_f16x2_2m14(A[i] << sh), fa), a1 = hmul2(fp4x2_to_f16x2_2m14(Bq[i] << sh), fb);
+      const uint32_t a2 = hmul2(fp4x2_to_f16x2_2m14(A[i] << (sh + 4)), fa);
+      const uint32_t a3 = hmul2(fp4x2_to_f16x2_2m14(Bq[i] << (sh + 4)), fb);
+#pragma unroll
+      for (int u = 0; u < NT; ++u) mma_f16(h ? e1[u] : e0[u], a0, a1, a2, a3, bx[u][4 * i + 2 * h], bx[u][4 * i + 2 * h + 1]);
     }
   }
-  acc[0] += (e0[0] + e0[1] + e1[0] + e1[1]) * e8m0_to_f32(ma);
-  acc[1] += (e0[2] + e0[3] + e1[2] + e1[3]) * e8m0_to_f32(mb);
+  const float sa = e8m0_to_f32(ma), sbv = e8m0_to_f32(mb);
+#pragma unroll
+  for (int u = 0; u < NT; ++u) {
+    acc[u][0] += (e0[u][0] + e0[u][1] + e1[u][0] + e1[u][1]) * sa;
+    acc[u][1] += (e0[u][2] + e0[u][3] + e1[u][2] + e1[u][3]) * sbv;
+  }
 }
 
 // The first of the compute warps that work on 16-row group gi of a piece of ng groups (warp w
@@ -550,7 +571,8 @@ TILERT_DEV WarpShare warp_share(int ng, int ns) {
   return WarpShare{ng, ns, gi, j * ns / nj, (j + 1) * ns / nj};
 }
 
-// out_i = W[r0 + i] . x_b for b < NB (NB <= 4) on the tensor cores, for a tiled weight; same
+// out_i = W[r0 + i] . x_b for b < NB (NB <= 8: one n8 mma tile holds hi and lo of 4 tokens, a
+// second one the next 4, both fed by one decode of the weight) on the tensor cores, for a tiled weight; same
 // contract as gemv_tile_fmt: epi(i, v[NB]) once per row, by one thread, the same thread for row
 // i of every tile of this shape.  `x_staged`: this very x was staged already, for a weight of
 // this format and width, `xs_off` bytes into the xs region (gate then up; the slots of an
@@ -558,8 +580,8 @@ TILERT_DEV WarpShare warp_share(int ng, int ns) {
 template <int FMT, int NB, class XRow, class Epi>
 TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi, bool x_staged,
                                  int xs_off) {
-  static_assert(NB <= 4, "one n8 mma tile holds hi/lo of 4 tokens");
-  constexpr int kStep = MmaFmt<FMT>::kStep, kRegs = 2 * MmaFmt<FMT>::kMmas;
+  static_assert(NB <= 8, "two n8 mma tiles hold hi/lo of 8 tokens");
+  constexpr int kStep = MmaFmt<FMT>::kStep, kRegs = 2 * MmaFmt<FMT>::kMmas, NT = (NB + 3) / 4;
   if (!x_staged) stage_x<FMT, NB>(c, w.cols, xrow);
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wid = threadIdx.x >> 5;
   const uint8_t* xs = c.smem + TILERT_SMEM_XS + (x_staged ? xs_off : 0);
@@ -579,7 +601,13 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
     const int bn = min(batch_rows, tile.r1 - ba);
     for (int ra = ba; ra < ba + bn; ra += rpp) {
       const int nr = min(rpp, tile.r1 - ra), ng = (nr + 15) / 16;
-      float d0[4] = {0.f, 0.f, 0.f, 0.f}, d1[4] = {0.f, 0.f, 0.f, 0.f}, acc[2] = {0.f, 0.f};
+      float d0[NT][4], d1[NT][4], acc[NT][2];
+#pragma unroll
+      for (int u = 0; u < NT; ++u) {
+        acc[u][0] = acc[u][1] = 0.f;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) d0[u][r] = d1[u][r] = 0.f;
+      }
       for (int kq = 0; kq < pc.nch; ++kq) {
         const Span sp = piece_span(w, pc, ra, nr, kq);
         if (sh.ng != ng || sh.ns != sp.ns) sh = warp_share(ng, sp.ns);
@@ -602,28 +630,39 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
         for (int st = sh.s0; st < (TILERT_DIAG_SKIP_MMA ? sh.s0 : sh.s1); ++st) {
           const uint4 qa = *reinterpret_cast<const uint4*>(blk + st * sb);
           const uint4 qb = *reinterpret_cast<const uint4*>(blk + st * sb + 512);
-          uint32_t bx[kRegs];
+          uint32_t bx[NT][kRegs];
 #pragma unroll
-          for (int q = 0; q < kRegs / 4; ++q) {
-            uint4 v = make_uint4(0u, 0u, 0u, 0u);
-            if (g < 2 * NB) v = *reinterpret_cast<const uint4*>(xlane + 2 * kStep * (sp.s_lo + st) + 16 * q);
-            bx[4 * q] = v.x; bx[4 * q + 1] = v.y; bx[4 * q + 2] = v.z; bx[4 * q + 3] = v.w;
+          for (int u = 0; u < NT; ++u) {
+#pragma unroll
+            for (int q = 0; q < kRegs / 4; ++q) {  // tile u reads planes 8u + g (token 4u + g / 2)
+              uint4 v = make_uint4(0u, 0u, 0u, 0u);
+              if (8 * u + g < 2 * NB)
+                v = *reinterpret_cast<const uint4*>(xlane + (size_t)8 * u * plane + 2 * kStep * (sp.s_lo + st) + 16 * q);
+              bx[u][4 * q] = v.x; bx[u][4 * q + 1] = v.y; bx[u][4 * q + 2] = v.z; bx[u][4 * q + 3] = v.w;
+            }
           }
           if constexpr (FMT == FMT_MXFP4) {
             const uint32_t* sc = reinterpret_cast<const uint32_t*>(sblk + st * sb);
-            mma_step_fp4(qa, qb, bx, sc[0], sc[8], t, acc);
+            mma_step_fp4<NT>(qa, qb, bx, sc[0], sc[8], t, acc);
           } else if constexpr (FMT == FMT_FP8) {  // scale_inv of the 128 x 128 block
             const float sa = nsa, sb_ = nsb;
             if (st + 1 < sh.s1) {
               nsa = __ldg(fsA + ((kStep * (sp.s_lo + st + 1)) >> 7));
               nsb = __ldg(fsB + ((kStep * (sp.s_lo + st + 1)) >> 7));
             }
-            float e0[4] = {0.f, 0.f, 0.f, 0.f}, e1[4] = {0.f, 0.f, 0.f, 0.f};
-            mma_step<FMT>(qa, qb, bx, e0, e1);
-            acc[0] += (e0[0] + e0[1] + e1[0] + e1[1]) * sa;
-            acc[1] += (e0[2] + e0[3] + e1[2] + e1[3]) * sb_;
+            float e0[NT][4], e1[NT][4];
+#pragma unroll
+            for (int u = 0; u < NT; ++u)
+#pragma unroll
+              for (int r = 0; r < 4; ++r) e0[u][r] = e1[u][r] = 0.f;
+            mma_step<FMT, NT>(qa, qb, bx, e0, e1);
+#pragma unroll
+            for (int u = 0; u < NT; ++u) {
+              acc[u][0] += (e0[u][0] + e0[u][1] + e1[u][0] + e1[u][1]) * sa;
+              acc[u][1] += (e0[u][2] + e0[u][3] + e1[u][2] + e1[u][3]) * sb_;
+            }
           } else {
-            mma_step<FMT>(qa, qb, bx, d0, d1);
+            mma_step<FMT, NT>(qa, qb, bx, d0, d1);
           }
         }
         __syncwarp();
@@ -631,13 +670,21 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
         ++c.piece;
       }  // chunks
       if constexpr (FMT == FMT_BF16) {
-        acc[0] = d0[0] + d0[1] + d1[0] + d1[1];
-        acc[1] = d0[2] + d0[3] + d1[2] + d1[3];
+#pragma unroll
+        for (int u = 0; u < NT; ++u) {
+          acc[u][0] = d0[u][0] + d0[u][1] + d1[u][0] + d1[u][1];
+          acc[u][1] = d0[u][2] + d0[u][3] + d1[u][2] + d1[u][3];
+        }
       }
-      // Partials of this warp for rows 16 gi .. 16 gi + 15 of the piece; lanes t < NB hold token t.
+      // Partials of this warp for rows 16 gi .. 16 gi + 15 of the piece; lane t of tile u holds
+      // token 4u + t.
       float* part = red + ((buf * kNCW + wid) * kRedRows + (ra - ba) + 16 * sh.gi) * NB;
-      if (t < NB && 16 * sh.gi + g < nr) part[g * NB + t] = acc[0];  // (rows past nr would spill
-      if (t < NB && 16 * sh.gi + g + 8 < nr) part[(g + 8) * NB + t] = acc[1];  // into the next warp's)
+#pragma unroll
+      for (int u = 0; u < NT; ++u) {
+        const int b = 4 * u + t;
+        if (b < NB && 16 * sh.gi + g < nr) part[g * NB + b] = acc[u][0];  // (rows past nr would spill
+        if (b < NB && 16 * sh.gi + g + 8 < nr) part[(g + 8) * NB + b] = acc[u][1];  // into the next warp's)
+      }
     }
     compute_sync();
     for (int i = (int)threadIdx.x; i < bn; i += kNCT) {
@@ -671,7 +718,7 @@ template <int NB, int GEMV, class XRow, class Epi>
 TILERT_DEV void gemv_tile(Ctx& c, const Tile& tile, XRow xrow, Epi epi, bool x_staged = false, int xs_off = 0) {
   const WeightDesc& w = weight(c, tile.w);
   if (mma_ok(w)) {
-    if constexpr (NB <= 4) {
+    if constexpr (NB <= 8) {
       if constexpr (has_path<GEMV>(FMT_BF16, kMmaPath)) if (w.fmt == FMT_BF16) return gemv_tile_mma<FMT_BF16, NB>(c, w, tile, xrow, epi, x_staged, xs_off);
       if constexpr (has_path<GEMV>(FMT_FP8, kMmaPath)) if (w.fmt == FMT_FP8) return gemv_tile_mma<FMT_FP8, NB>(c, w, tile, xrow, epi, x_staged, xs_off);
       if constexpr (has_path<GEMV>(FMT_MXFP4, kMmaPath)) if (w.fmt == FMT_MXFP4) return gemv_tile_mma<FMT_MXFP4, NB>(c, w, tile, xrow, epi, x_staged, xs_off);
