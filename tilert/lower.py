@@ -403,7 +403,7 @@ def _lower_moe(b: _Builder, layer, x, h):
            b.act_bytes([region(logits), region(idx), region(wts)]) + bias.nbytes, 4 * B * E)
 
     gw, uw, dw = (b.weight(stacked_expert_name(layer, p)) for p in ("gate_proj", "up_proj", "down_proj"))
-    if recipe.get("expert_union"):
+    if recipe.get("expert_union") and B > 1:  # one token's experts are distinct already
         _lower_experts_union(b, layer, x, h, idx, wts, gw, uw, dw)
         return
     op = b.op("expert_gate_up", f"layer{layer}.expert_gate_up", layer)

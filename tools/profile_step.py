@@ -35,6 +35,10 @@ from tilert.op_profile import op_summary  # noqa: E402
 from tilert.timing import median_seconds  # noqa: E402
 
 
+# Recipe keys a recipe may leave out (tilert/lower.py reads them with a default).
+OPTIONAL_RECIPE_KEYS = ("expert_union",)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6)
@@ -83,7 +87,7 @@ def main(argv=None) -> int:
     recipe = load_recipe("mimo-v2-flash", "h100")
     for kv in args.set:
         key, _, value = kv.partition("=")
-        if key not in recipe or not value:
+        if key not in recipe and key not in OPTIONAL_RECIPE_KEYS or not value:
             raise SystemExit(f"--set {kv}: expected KEY=VALUE with KEY one of {', '.join(sorted(recipe))}")
         recipe[key] = json.loads(value)
     for kv in args.codegen:

@@ -569,22 +569,55 @@ TILERT_DEV void k_expert_down(Ctx& c, const ExpertDownParams& p) {
 
 // ---- experts of a multi-token step, each distinct selected expert read once (recipe `expert_union`) ----
 // expert_union: distinct[u] = the step's distinct experts in first-seen order (token-major), -1
-// past the last; route[t, k] = the slot u of token t's k-th expert.  One thread (B K <= 64).
+// past the last; route[t, k] = the slot u of token t's k-th expert.  A thread an entry (B K <=
+// 64), over a shared-memory copy of the choices: one thread walking them through global memory
+// took 94 us a MoE layer on the flash geometry (H200), each load waiting on the one before.
 TILERT_DEV void k_expert_union(Ctx& c, const ExpertUnionParams& p) {
-  if (ctid() != 0) return;
   const int* idx = ref_ptr<int>(c, p.idx);
   int* distinct = ref_ptr<int>(c, p.distinct);
   int* route = ref_ptr<int>(c, p.route);
+  int* chosen = reinterpret_cast<int*>(c.smem + TILERT_SMEM_RED);  // [B K] experts, then [B K] first flags
+  int* first = chosen + kB * TILERT_K_MAX;
+  const int n = kB * p.k, i = ctid();
+  const int e = i < n ? idx[(i / p.k) * p.idx.ld + i % p.k] : -1;
+  if (i < n) chosen[i] = e;
+  compute_sync();
+  int f = i;  // the entry where this expert first appears
+  if (i < n) {
+    for (int j = 0; j < i; ++j)
+      if (chosen[j] == e) { f = j; break; }
+    first[i] = f == i;
+  }
+  compute_sync();
+  if (i < n) {
+    int u = 0;
+    for (int j = 0; j < f; ++j) u += first[j];
+    route[(i / p.k) * p.route.ld + i % p.k] = u;
+    if (f == i) distinct[u] = e;
+  }
+  int count = 0;
+  for (int j = 0; j < n; ++j) count += first[j];
+  for (int u = count + i; u < p.slots; u += kNCT) distinct[u] = -1;
+  compute_sync();  // the red area is free again
+}
+
+// The routed tokens of a mask, in order, into list[]; their count.
+TILERT_DEV int routed_list(uint32_t mask, int* list) {
   int n = 0;
   for (int t = 0; t < kB; ++t)
-    for (int k = 0; k < p.k; ++k) {
-      const int e = idx[t * p.idx.ld + k];
-      int u = 0;
-      while (u < n && distinct[u] != e) ++u;
-      if (u == n) distinct[n++] = e;
-      route[t * p.route.ld + k] = u;
-    }
-  for (int u = n; u < p.slots; ++u) distinct[u] = -1;
+    if ((mask >> t) & 1) list[n++] = t;
+  return n;
+}
+
+// A GEMV over the `nr` tokens of list[] only (list[j] for j < nr; rows past nr repeat the last
+// routed token and are not used): instantiated for 1, 2 and kB tokens, as few as hold them.  A
+// selected expert of a verify step serves ~1 of its 8 tokens on the flash geometry (64
+// choices over ~60 distinct experts), so staging and multiplying all 8 wasted most of the work.
+template <int GEMV, class XRow, class Epi>
+TILERT_DEV void gemv_routed(Ctx& c, const Tile& tile, int nr, XRow xrow, Epi epi, bool x_staged = false) {
+  if constexpr (kB > 1) if (nr <= 1) return gemv_tile<1, GEMV>(c, tile, xrow, epi, x_staged);
+  if constexpr (kB > 2) if (nr <= 2) return gemv_tile<2, GEMV>(c, tile, xrow, epi, x_staged);
+  gemv_tile<kB, GEMV>(c, tile, xrow, epi, x_staged);
 }
 
 // Bit t set: token t chose the expert of union slot u.
@@ -617,13 +650,15 @@ TILERT_DEV void k_expert_gate_up_union(Ctx& c, const ExpertGateUpUnionParams& p)
     for (int i = ctid(); i < kB * n; i += kNCT) out[(i / n) * p.out.ld + p.r0 + i % n] = 0.f;
     return;
   }
-  const uint32_t routed = tokens_routed_to(route, p.route.ld, p.k, p.slot);
+  int list[kB];
+  const int nr = routed_list(tokens_routed_to(route, p.route.ld, p.k, p.slot), list);
+  const auto xrow = [&](int j) { return x + list[min(j, nr - 1)] * p.in.ld; };
+  for (int i = ctid(); i < kB * n; i += kNCT) out[(i / n) * p.out.ld + p.r0 + i % n] = 0.f;  // the unrouted
   tiles_of(c, p, [&](const Tile& t, int which) {
-    gemv_tile<kB, GEMV>(c, t, [&](int b) { return x + b * p.in.ld; }, [&](int i, const float* v) {
-#pragma unroll
-      for (int b = 0; b < kB; ++b) {
-        if (which == 0) g[b * n + i] = v[b];
-        else out[b * p.out.ld + p.r0 + i] = (routed >> b) & 1 ? silu(g[b * n + i]) * v[b] : 0.f;
+    gemv_routed<GEMV>(c, t, nr, xrow, [&](int i, const float* v) {
+      for (int j = 0; j < nr; ++j) {
+        if (which == 0) g[j * n + i] = v[j];
+        else out[list[j] * p.out.ld + p.r0 + i] = silu(g[j * n + i]) * v[j];
       }
     }, which == 1);  // up reads the x gate staged
     compute_sync();
@@ -658,9 +693,13 @@ TILERT_DEV void k_expert_down_union(Ctx& c, const ExpertDownUnionParams& p) {
   compute_sync();
   tiles_of(c, p, [&](const Tile& tile, int u) {
     if (tile_expert(tile) < 0) return;  // empty slot: the loader skipped it too
-    gemv_tile<kB, GEMV>(c, tile, [&](int b) { return act + (size_t)(u * kB + b) * p.act.ld; }, [&](int r, const float* v) {
-#pragma unroll
-      for (int b = 0; b < kB; ++b) total[b * n + r] += slot_w[u * kB + b] * v[b];  // the same thread owns row r every slot
+    int list[kB];
+    const int nr = routed_list(tokens_routed_to(route, p.route.ld, p.k, u), list);
+    // A GEMV path owns row r by the same thread whatever its token count (gemv.cuh), so total
+    // needs no barrier between slots.
+    gemv_routed<GEMV>(c, tile, nr, [&](int j) { return act + (size_t)(u * kB + list[min(j, nr - 1)]) * p.act.ld; },
+                      [&](int r, const float* v) {
+      for (int j = 0; j < nr; ++j) total[list[j] * n + r] += slot_w[u * kB + list[j]] * v[j];
     });
   });
   compute_sync();
