@@ -53,7 +53,9 @@ def test_tiling_is_a_permutation_that_the_device_indexing_inverts(fmt, blocks, s
 def test_a_step_block_is_the_lanes_16_byte_reads(fmt):
     """gemv_tile_mma: lane 4g + t of a warp reads bytes 16t.. of row g's step at 16 * lane, and of
     row g + 8 at 512 + 16 * lane (512 consecutive bytes a warp: no bank conflicts); MXFP4 rows'
-    scale words at 1024 + 4g and 1024 + 32 + 4g."""
+    scale words at 1024 + 4g and 1024 + 32 + 4g.  For MXFP4 word j of lane t's 16 bytes is word t
+    of the row's 32-column block j (codes 32j + 8t .. 32j + 8t + 7 of the step), so each mma of
+    the step sums one block."""
     rows, cols = 32, STEP_COLS[fmt] * 3
     data, scale = stored(fmt, (), rows, cols, 3)
     t = tile(data, fmt, scale).numpy()
@@ -66,7 +68,11 @@ def test_a_step_block_is_the_lanes_16_byte_reads(fmt):
                 for half in (0, 1):
                     row = 16 * block + g + 8 * half
                     got = t[base + 512 * half + 16 * lane: base + 512 * half + 16 * lane + 16]
-                    want = data[row, STEP_BYTES * s + 16 * tt: STEP_BYTES * s + 16 * tt + 16].numpy()
+                    step = data[row, STEP_BYTES * s: STEP_BYTES * (s + 1)].numpy()
+                    if fmt == "mxfp4":
+                        want = np.concatenate([step[16 * j + 4 * tt: 16 * j + 4 * tt + 4] for j in range(4)])
+                    else:
+                        want = step[16 * tt: 16 * tt + 16]
                     assert (got == want).all(), (block, s, lane, half)
                     if fmt == "mxfp4":
                         at = base + 1024 + 32 * half + 4 * g

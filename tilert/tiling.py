@@ -13,8 +13,12 @@ to its step block (1088 B).  Then
 - in shared memory a warp's 16-byte loads of one step (lane 4g + t: row g, bytes 16t..16t+15;
   rows g + 8 512 bytes on) are 512 consecutive bytes: no bank conflicts.
 
-Element order inside a row's 64 bytes is the stored order.  FP8 block scales (one per 128 x 128)
-stay a separate row-major table.
+Element order inside a row's 64 bytes is the stored order for bf16 and fp8.  MXFP4 transposes
+the row's 64 bytes as a 4 x 4 array of 4-byte words (stored word 4j + t goes to 4t + j): the 16
+bytes lane t loads then hold 8 codes of each of the step's four 32-column blocks, so every mma of
+the step (k = 16) sums the codes of ONE block and its E8M0 scale multiplies the mma's fp32 result
+once, instead of every decoded weight (gemv.cuh `mma_step_fp4`).  FP8 block scales (one per
+128 x 128) stay a separate row-major table.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ def tile(data: torch.Tensor, fmt: str, scale: torch.Tensor | None = None) -> tor
     if not tileable(fmt, rows, int(cols)):
         raise ValueError(f"a {fmt} weight of {rows} x {int(cols)} has no tiled layout")
     nb, ns = rows // ROW_BLOCK, row_bytes // STEP_BYTES
+    if fmt == "mxfp4":
+        raw = _transpose_words(raw.reshape(*lead, rows, ns, STEP_BYTES))
     blocks = raw.reshape(*lead, nb, ROW_BLOCK, ns, STEP_BYTES).transpose(-3, -2)  # [..., nb, ns, 16, 64]
     blocks = blocks.reshape(*lead, nb, ns, ROW_BLOCK * STEP_BYTES)
     if fmt == "mxfp4":
@@ -68,9 +74,16 @@ def untile(tiled: torch.Tensor, fmt: str, shape: tuple[int, ...]) -> tuple[torch
     data = codes.reshape(*lead, rows, row_bytes)
     if fmt != "mxfp4":
         return data, None
+    data = _transpose_words(data.reshape(*lead, rows, ns, STEP_BYTES)).reshape(*lead, rows, row_bytes)
     per = STEP_COLS[fmt] // 32
     s = blocks[..., ROW_BLOCK * STEP_BYTES:].reshape(*lead, nb, ns, ROW_BLOCK, per).transpose(-3, -2)
     return data, s.reshape(*lead, rows, ns * per)
+
+
+def _transpose_words(steps: torch.Tensor) -> torch.Tensor:
+    """[..., 64] bytes of a row's steps -> the same with the 4 x 4 words transposed (its own inverse)."""
+    lead = steps.shape[:-1]
+    return steps.reshape(*lead, 4, 4, 4).transpose(-3, -2).reshape(*lead, STEP_BYTES)
 
 
 def offset_of(fmt: str, row_bytes: int, row: int, byte: int) -> int:
@@ -79,4 +92,7 @@ def offset_of(fmt: str, row_bytes: int, row: int, byte: int) -> int:
     ns = row_bytes // STEP_BYTES
     block, r = divmod(row, ROW_BLOCK)
     step, b = divmod(byte, STEP_BYTES)
+    if fmt == "mxfp4":  # stored word 4j + t sits at 4t + j
+        j, t, within = b // 16, (b // 4) % 4, b % 4
+        b = 16 * t + 4 * j + within
     return (block * ns + step) * step_block_bytes(fmt) + r * STEP_BYTES + b

@@ -325,10 +325,12 @@ TILERT_DEV void gemv_tile_tiled(Ctx& c, const WeightDesc& w, const Tile& tile, X
 #pragma unroll 4
         for (int u = lig; u < sp.ns * kUps; u += G) {
           const int st = u / kUps, k = u % kUps;  // (kUps is a power of two)
-          const int col = (sp.s_lo + st) * step_cols + k * UE;
+          // MXFP4: tiled word k = 4t + j holds stored word 4j + t (tilert/tiling.py)
+          const int ks = FMT == FMT_MXFP4 ? 4 * (k & 3) + (k >> 2) : k;
+          const int col = (sp.s_lo + st) * step_cols + ks * UE;
           float wv[UE];
           decode_unit<FMT>(ld_unit<UB>(row + st * sb + k * UB), FMT == FMT_FP8 ? __ldg(fs + (col >> 7)) : 0.f,
-                           FMT == FMT_MXFP4 ? (uint32_t)srow[st * sb + (k * UE >> 5)] : 0u, wv);
+                           FMT == FMT_MXFP4 ? (uint32_t)srow[st * sb + (ks * UE >> 5)] : 0u, wv);
           fma_unit<FMT, NB>(wv, xrow, col, acc);
         }
       }
@@ -356,10 +358,11 @@ TILERT_DEV void gemv_tile_tiled(Ctx& c, const WeightDesc& w, const Tile& tile, X
 // Experiment switch TILERT_DIAG_SKIP_MMA (tools/profile_step.py --diag-skip-mma): the pieces are
 // streamed and reduced but the arithmetic skipped (wrong results; timing tells memory from compute).
 //
+// (MXFP4: lane t's 16 bytes are word t of each of the step's four 32-column blocks.)
+//
 // Scales: FP8 (one per 128 x 128 block) multiplies the step's fp32 partial.  MXFP4 has one per
-// 32 columns, i.e. a different one per lane in a step, so it scales the decoded weights instead:
-// by 2^(e_lane - e_max) in fp16 (exact; e_max is the largest of the row's four), and the partial
-// by 2^(e_max - 127).
+// 32 columns; each pair of mmas of a step sums one block, so the block's scale multiplies the
+// pair's fp32 result (mma_step_fp4).
 #ifndef TILERT_MMA_FORMATS
 #define TILERT_MMA_FORMATS 0
 #endif
@@ -416,20 +419,6 @@ TILERT_DEV void mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32
 // 2^-14 exactly (e = 0 lands on the fp16 subnormals).
 TILERT_DEV uint32_t fp4x2_to_f16x2_2m14(uint32_t v) { return (v & 0x80008000u) | ((v >> 3) & 0x0E000E00u); }
 
-TILERT_DEV uint32_t hmul2(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-  return d;
-}
-
-// The fp16x2 factor 2^(14 + diff), diff = e_lane - e_max <= 0.  The scaled weight is exact for
-// diff >= -23; below that the fp16 product drops what lies under 2^-24 of the row's largest
-// block scale (about fp32's rounding of the sum), and below -28 the factor itself is 0.
-TILERT_DEV uint32_t fp4_block_factor(int diff) {
-  const uint32_t h = diff < -28 ? 0u : (uint32_t)(29 + diff) << 10;
-  return h | (h << 16);
-}
-
 // Order of each 8 columns in the staged x: the columns the A registers of a lane hold, two per
 // register, in register order.  fp8 and bf16 registers hold consecutive columns; the E2M1 decode
 // above yields the pairs (3,7) (2,6) (1,5) (0,4) of each 32-bit word.
@@ -443,8 +432,23 @@ TILERT_DEV int xs_column(int j) {
   }
 }
 
+// Where the 16 bytes of staged x of 8-column group j go (in 16-byte units): lane t of a step
+// reads units 4t .. 4t + 3 and feeds unit 4t + q to the mmas of its A word q.  bf16 / fp8: word q
+// of lane t holds group 4t + q (units in column order).  MXFP4 (tiled words transposed): word q
+// of lane t holds group 4q + t of the step's 16, so that group goes to unit 4t + q.
+template <int FMT>
+TILERT_DEV int xs_unit(int j) {
+  if constexpr (FMT == FMT_MXFP4) {
+    const int c8 = j & 15;
+    return (j - c8) + 4 * (c8 & 3) + (c8 >> 2);
+  } else {
+    return j;
+  }
+}
+
 // Stage x (nb rows of `cols` fp32) into the xs region as hi/lo halves (fp16; bf16 for bf16
-// weights), plane 2b + h for row b, each 8 columns in xs_column order.  All compute threads.
+// weights), plane 2b + h for row b, each 8 columns in xs_column order at unit xs_unit(group).
+// All compute threads.
 template <int FMT, class XRow>
 TILERT_DEV void stage_x_rows(Ctx& c, int cols, int nb, XRow xrow) {
   uint8_t* xs = c.smem + TILERT_SMEM_XS;
@@ -471,8 +475,9 @@ TILERT_DEV void stage_x_rows(Ctx& c, int cols, int nb, XRow xrow) {
         lo[p] = *reinterpret_cast<const uint32_t*>(&l);
       }
     }
-    *reinterpret_cast<uint4*>(xs + (2 * b) * plane + 16 * j) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-    *reinterpret_cast<uint4*>(xs + (2 * b + 1) * plane + 16 * j) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+    const int at = 16 * xs_unit<FMT>(j);
+    *reinterpret_cast<uint4*>(xs + (2 * b) * plane + at) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+    *reinterpret_cast<uint4*>(xs + (2 * b + 1) * plane + at) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
   }
   compute_sync();
 }
@@ -483,11 +488,6 @@ TILERT_DEV void stage_x(Ctx& c, int cols, XRow xrow) { stage_x_rows<FMT>(c, cols
 TILERT_DEV uint32_t cvt_e4m3x2(uint32_t two) {
   __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(two & 0xffffu), __NV_E4M3);
   return *reinterpret_cast<uint32_t*>(&h);
-}
-
-// The largest of the four bytes of w.
-TILERT_DEV uint32_t max_byte(uint32_t w) {
-  return max(max(w & 255u, (w >> 8) & 255u), max((w >> 16) & 255u, w >> 24));
 }
 
 // One step over NT n8 tiles of staged x (tile u: tokens 4u..4u+3, hi and lo): the lane's
@@ -517,37 +517,41 @@ TILERT_DEV void mma_step(const uint4 qa, const uint4 qb, const uint32_t (*bx)[2 
 }
 
 // MXFP4 step: wa / wb hold the four E8M0 scales of the step's blocks for rows g and g + 8
-// (lane t's block is byte t).  Adds the scaled partials of tile u to acc[u][0] (row g) and
-// acc[u][1] (row g + 8); the codes are decoded once for all tiles.
+// (block j's is byte j).  The tiled layout gives lane t word t of every block (qa.x..w: blocks
+// 0..3 of row g, qb of row g + 8; tilert/tiling.py), so mmas 2j and 2j + 1 sum block j's 32
+// columns alone and its scale multiplies their fp32 result once: 8 scalings a step instead of
+// 64 fp16 products of decoded weights, and four independent mma chains.  The decode's 2^-14
+// (fp4x2_to_f16x2_2m14) is taken out of the row's sum once, by the caller (kFp4Unscale).
+// Scale bytes 1..254 are exact; 0 gives 0 (2^-127 in the VM) and 255 infinity (NaN).
+constexpr float kFp4Unscale = 16384.f;
+
+TILERT_DEV float e8m0_byte_f32(uint32_t w, int j) {  // byte j of w as 2^(e - 127)
+  return __uint_as_float(j < 3 ? (w << (23 - 8 * j)) & 0x7F800000u : (w >> 1) & 0x7F800000u);
+}
+
 template <int NT>
-TILERT_DEV void mma_step_fp4(const uint4 qa, const uint4 qb, const uint32_t (*bx)[16], uint32_t wa, uint32_t wb, int t,
+TILERT_DEV void mma_step_fp4(const uint4 qa, const uint4 qb, const uint32_t (*bx)[16], uint32_t wa, uint32_t wb,
                              float (*acc)[2]) {
   const uint32_t A[4] = {qa.x, qa.y, qa.z, qa.w}, Bq[4] = {qb.x, qb.y, qb.z, qb.w};
-  const uint32_t ma = max_byte(wa), mb = max_byte(wb);
-  const uint32_t fa = fp4_block_factor((int)((wa >> (8 * t)) & 255u) - (int)ma);
-  const uint32_t fb = fp4_block_factor((int)((wb >> (8 * t)) & 255u) - (int)mb);
-  float e0[NT][4], e1[NT][4];
 #pragma unroll
-  for (int u = 0; u < NT; ++u)
+  for (int j = 0; j < 4; ++j) {
+    float e[NT][4];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) e0[u][r] = e1[u][r] = 0.f;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
+    for (int u = 0; u < NT; ++u) e[u][0] = e[u][1] = e[u][2] = e[u][3] = 0.f;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int sh = 8 * h;
-      const uint32_t a0 = hmul2(fp4x2_to_f16x2_2m14(A[i] << sh), fa), a1 = hmul2(fp4x2_to_f16x2_2m14(Bq[i] << sh), fb);
-      const uint32_t a2 = hmul2(fp4x2_to_f16x2_2m14(A[i] << (sh + 4)), fa);
-      const uint32_t a3 = hmul2(fp4x2_to_f16x2_2m14(Bq[i] << (sh + 4)), fb);
+      const uint32_t a0 = fp4x2_to_f16x2_2m14(A[j] << sh), a1 = fp4x2_to_f16x2_2m14(Bq[j] << sh);
+      const uint32_t a2 = fp4x2_to_f16x2_2m14(A[j] << (sh + 4)), a3 = fp4x2_to_f16x2_2m14(Bq[j] << (sh + 4));
 #pragma unroll
-      for (int u = 0; u < NT; ++u) mma_f16(h ? e1[u] : e0[u], a0, a1, a2, a3, bx[u][4 * i + 2 * h], bx[u][4 * i + 2 * h + 1]);
+      for (int u = 0; u < NT; ++u) mma_f16(e[u], a0, a1, a2, a3, bx[u][4 * j + 2 * h], bx[u][4 * j + 2 * h + 1]);
     }
-  }
-  const float sa = e8m0_to_f32(ma), sbv = e8m0_to_f32(mb);
+    const float sa = e8m0_byte_f32(wa, j), sbv = e8m0_byte_f32(wb, j);
 #pragma unroll
-  for (int u = 0; u < NT; ++u) {
-    acc[u][0] += (e0[u][0] + e0[u][1] + e1[u][0] + e1[u][1]) * sa;
-    acc[u][1] += (e0[u][2] + e0[u][3] + e1[u][2] + e1[u][3]) * sbv;
+    for (int u = 0; u < NT; ++u) {
+      acc[u][0] = fmaf(e[u][0] + e[u][1], sa, acc[u][0]);
+      acc[u][1] = fmaf(e[u][2] + e[u][3], sbv, acc[u][1]);
+    }
   }
 }
 
@@ -643,7 +647,7 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
           }
           if constexpr (FMT == FMT_MXFP4) {
             const uint32_t* sc = reinterpret_cast<const uint32_t*>(sblk + st * sb);
-            mma_step_fp4<NT>(qa, qb, bx, sc[0], sc[8], t, acc);
+            mma_step_fp4<NT>(qa, qb, bx, sc[0], sc[8], acc);
           } else if constexpr (FMT == FMT_FP8) {  // scale_inv of the 128 x 128 block
             const float sa = nsa, sb_ = nsb;
             if (st + 1 < sh.s1) {
@@ -682,8 +686,9 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
 #pragma unroll
       for (int u = 0; u < NT; ++u) {
         const int b = 4 * u + t;
-        if (b < NB && 16 * sh.gi + g < nr) part[g * NB + b] = acc[u][0];  // (rows past nr would spill
-        if (b < NB && 16 * sh.gi + g + 8 < nr) part[(g + 8) * NB + b] = acc[u][1];  // into the next warp's)
+        const float un = FMT == FMT_MXFP4 ? kFp4Unscale : 1.f;  // the E2M1 decode's 2^-14
+        if (b < NB && 16 * sh.gi + g < nr) part[g * NB + b] = acc[u][0] * un;  // (rows past nr would spill
+        if (b < NB && 16 * sh.gi + g + 8 < nr) part[(g + 8) * NB + b] = acc[u][1] * un;  // into the next warp's)
       }
     }
     compute_sync();
