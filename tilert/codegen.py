@@ -70,7 +70,8 @@ ERROR_WORDS = 8 + 8 * MAX_ERRORS
 SMEM_LIMIT = 232448  # H100 / H200: 227 KB of dynamic shared memory per block
 # 7 compute warps + 1 loader warp = 256 threads: ptxas allots registers per 4 warps, so a 9th
 # warp would cut the budget from 255 to 168 registers a thread.
-COMPUTE_WARPS = 15  # + 1 loader warp: 512 threads, 128 registers (measured: 15 beat 7 and 11)
+COMPUTE_WARPS = 11  # + 1 loader warp: 384 threads, up to 168 registers (H200, 2026-12-04, 6-layer flash
+# step: 11 warps 1244 us, 15 1270, 13 1335, 9 1278, 7 1390; B = 8: 11 5410 us, 15 5719)
 MIN_SLOT_ROW_BYTES = 4096  # a ring slot holds one 4 KiB row (an fp8 row of 4096) per compute warp
 RING_SLOTS = 4
 # GEMVs on the tensor cores (gemv.cuh, gemv_tile_mma) for these storage formats, at steps of up
