@@ -295,6 +295,10 @@ TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
   }
 }
 
+// MXFP4 tiled layout (tilert/tiling.py): a row's 64-byte step holds its 16 words transposed as
+// 4 x 4, stored word 4j + t at 4t + j; this maps a word (or an 8-column group) either way.
+TILERT_DEV int fp4_word_swap(int k) { return 4 * (k & 3) + (k >> 2); }
+
 // The same over a tiled weight (tilert/tiling.py) on the CUDA cores: the steps where the tensor
 // cores cannot take it (more tokens than one mma holds, or their staged x would not fit).  A
 // thread keeps one row of a piece; a row's 64-byte step slices lie one step block apart, and
@@ -325,8 +329,7 @@ TILERT_DEV void gemv_tile_tiled(Ctx& c, const WeightDesc& w, const Tile& tile, X
 #pragma unroll 4
         for (int u = lig; u < sp.ns * kUps; u += G) {
           const int st = u / kUps, k = u % kUps;  // (kUps is a power of two)
-          // MXFP4: tiled word k = 4t + j holds stored word 4j + t (tilert/tiling.py)
-          const int ks = FMT == FMT_MXFP4 ? 4 * (k & 3) + (k >> 2) : k;
+          const int ks = FMT == FMT_MXFP4 ? fp4_word_swap(k) : k;  // the stored word tiled word k holds
           const int col = (sp.s_lo + st) * step_cols + ks * UE;
           float wv[UE];
           decode_unit<FMT>(ld_unit<UB>(row + st * sb + k * UB), FMT == FMT_FP8 ? __ldg(fs + (col >> 7)) : 0.f,
@@ -439,8 +442,7 @@ TILERT_DEV int xs_column(int j) {
 template <int FMT>
 TILERT_DEV int xs_unit(int j) {
   if constexpr (FMT == FMT_MXFP4) {
-    const int c8 = j & 15;
-    return (j - c8) + 4 * (c8 & 3) + (c8 >> 2);
+    return (j & ~15) + fp4_word_swap(j & 15);
   } else {
     return j;
   }

@@ -646,14 +646,14 @@ TILERT_DEV void k_expert_gate_up_union(Ctx& c, const ExpertGateUpUnionParams& p)
   float* out = ref_ptr<float>(c, p.out) + (size_t)p.slot * kB * p.out.ld;  // rows slot * B + t
   float* g = reinterpret_cast<float*>(c.smem + TILERT_SMEM_SCRATCH);      // [B][rows] gate results
   const int n = p.r1 - p.r0;
-  if (ref_ptr<int>(c, p.distinct)[p.slot] < 0) {  // empty slot: defined zeros, never read
-    for (int i = ctid(); i < kB * n; i += kNCT) out[(i / n) * p.out.ld + p.r0 + i % n] = 0.f;
-    return;
-  }
+  const bool empty = ref_ptr<int>(c, p.distinct)[p.slot] < 0;  // the loader skips its tiles too
+  const uint32_t routed = empty ? 0u : tokens_routed_to(route, p.route.ld, p.k, p.slot);
+  for (int i = ctid(); i < kB * n; i += kNCT)  // rows of the tokens not routed here: defined zeros
+    if (!((routed >> (i / n)) & 1)) out[(i / n) * p.out.ld + p.r0 + i % n] = 0.f;
+  if (empty) return;
   int list[kB];
-  const int nr = routed_list(tokens_routed_to(route, p.route.ld, p.k, p.slot), list);
+  const int nr = routed_list(routed, list);
   const auto xrow = [&](int j) { return x + list[min(j, nr - 1)] * p.in.ld; };
-  for (int i = ctid(); i < kB * n; i += kNCT) out[(i / n) * p.out.ld + p.r0 + i % n] = 0.f;  // the unrouted
   tiles_of(c, p, [&](const Tile& t, int which) {
     gemv_routed<GEMV>(c, t, nr, xrow, [&](int i, const float* v) {
       for (int j = 0; j < nr; ++j) {
