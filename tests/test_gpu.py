@@ -6,6 +6,8 @@ names the first task whose output differs from the VM, then the long generation 
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import dataclasses
 import time
@@ -205,6 +207,23 @@ def flash2_schedules(cfg, workers: int | None = None):
     return compile_steps(cfg, recipe, [1, 8], max_seq_len=64, num_workers=min(recipe["workers"], workers or 10**6))
 
 
+# A cap on a multi-token step's staged x (tilert/codegen.py MULTI_XS_LIMIT_BYTES) below 8 tokens'
+# x of 2048 columns (66 KB): the tiled GEMVs of a B = 8 step, the MXFP4 experts' among them, then
+# run the tiled CUDA-core loop instead of the tensor cores.
+SMALL_MULTI_XS = 32 * 1024
+
+
+@contextlib.contextmanager
+def multi_token_x_limit(limit: int):
+    from tilert import codegen
+
+    old, codegen.MULTI_XS_LIMIT_BYTES = codegen.MULTI_XS_LIMIT_BYTES, limit
+    try:
+        yield
+    finally:
+        codegen.MULTI_XS_LIMIT_BYTES = old
+
+
 def kernel_sources() -> list[str]:
     """The source of every kernel these tests build, for tools/device_check.sh to compile in
     parallel beforehand (weights are synthesised in their hub formats, which the schedules'
@@ -214,7 +233,11 @@ def kernel_sources() -> list[str]:
     out = [generate(s, cfg, **kw).source for kw in VARIANTS.values() for s in tiny.values()]
     out += [generate(s, cfg).source for B in (4, 8) for s in union_schedules(cfg, B).values()]
     flash = [flash2_config(f) for f in FLASH2_EXPERTS]
-    return out + [generate(s, f2).source for f2 in flash for s in flash2_schedules(f2).values()]
+    out += [generate(s, f2).source for f2 in flash for s in flash2_schedules(f2).values()]
+    with multi_token_x_limit(SMALL_MULTI_XS):
+        f4 = flash2_config("mxfp4")
+        out.append(generate(flash2_schedules(f4)[8], f4).source)
+    return out
 
 
 @pytest.fixture(scope="module", params=FLASH2_EXPERTS)
@@ -270,6 +293,24 @@ def test_flash_geometry_matches_the_vm(flash2):
         dt = (time.perf_counter() - t0) / n
         print(f"flash-2-layer B={B}: {1e3 * dt:.3f} ms per step incl. host sync, {nbytes / 1e6:.0f} MB moved "
               f"(cost model) -> {nbytes / dt / 1e9:.0f} GB/s")
+
+
+def test_tiled_mxfp4_on_the_cuda_cores_matches_the_vm(flash2):
+    """Where a B = 8 step's x does not fit the tensor-core path, tiled weights take the tiled
+    CUDA-core loop, which undoes the MXFP4 words' spread codes (gemv.cuh fp4_word_gather)."""
+    cfg, schedules, weights = flash2
+    if cfg.expert_format != "mxfp4":
+        pytest.skip("the spread codes are MXFP4's")
+    with multi_token_x_limit(SMALL_MULTI_XS):
+        rt = make_runtime(cfg, {8: schedules[8]}, weights, max_seq=64)
+    notes = rt.kernels[8].gen.notes
+    assert any("experts.down_proj (mxfp4" in n and "CUDA-core GEMV" in n for n in notes), notes
+    vm = VM(cfg, schedules, weights, 64, device=next(iter(weights.values())).data.device.type)
+    prompt = [1, 17, 300, 5, 42, 7, 99, 100]
+    ref_logits, ref_next = vm.step(prompt)
+    logits, nxt = rt.step(prompt, poison=True)
+    assert torch.isfinite(logits).all()
+    assert nxt == ref_next and rel_err(logits, ref_logits) < 1e-3, f"rel err {rel_err(logits, ref_logits):.3g}"
 
 
 def test_captured_hidden_states_match_the_vm(tiny):

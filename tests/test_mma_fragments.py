@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+
+from tilert.tiling import fp16_pairs, spread_codes
 
 E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
 XS_ORDER = {"mxfp4": [3, 7, 2, 6, 1, 5, 0, 4], "fp8": list(range(8)), "bf16": list(range(8))}
@@ -20,9 +23,11 @@ def f16(bits: int) -> float:
     return float(np.array([bits & 0xFFFF], dtype=np.uint16).view(np.float16)[0])
 
 
-def fp4x2_to_f16x2_2m14(v: int) -> tuple[float, float]:
-    r = (v & 0x80008000) | ((v >> 3) & 0x0E000E00)
-    return f16(r), f16(r >> 16)
+def spread_word(codes) -> int:
+    """The 8 codes of one word (code n in bits 4n..) spread as tilert/tiling.py stores them."""
+    word = sum(int(c) << (4 * n) for n, c in enumerate(codes))
+    raw = torch.tensor(list(word.to_bytes(4, "little")), dtype=torch.uint8)
+    return int(spread_codes(raw).view(torch.int32)[0]) & 0xFFFFFFFF
 
 
 def mma(a_regs, b_regs) -> list[tuple[float, ...]]:
@@ -38,10 +43,18 @@ def mma(a_regs, b_regs) -> list[tuple[float, ...]]:
             for g, t in ((lane >> 2, lane & 3) for lane in range(32))]
 
 
-def staged(x: np.ndarray, fmt: str, cols: slice) -> list[float]:
-    """The halves a lane reads from the staged x for its columns (each 8 in xs_column order)."""
-    c = np.arange(x.shape[0])[cols]
-    return [x[c[8 * q + XS_ORDER[fmt][j]]] for q in range(len(c) // 8) for j in range(8)]
+def lane_groups(fmt: str, t: int) -> list[int]:
+    """The 8-column groups lane t's 16 bytes of a step hold, in register order: consecutive for
+    bf16 / fp8; MXFP4 (tiled words transposed) word j = word t of 32-column block j."""
+    if fmt == "mxfp4":
+        return [4 * j + t for j in range(4)]
+    per = STEP[fmt] // 4 // 8
+    return [per * t + q for q in range(per)]
+
+
+def staged(x: np.ndarray, fmt: str, groups: list[int]) -> list[float]:
+    """The halves a lane reads from the staged x for its column groups (each 8 in xs_column order)."""
+    return [x[8 * q + XS_ORDER[fmt][j]] for q in groups for j in range(8)]
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 4])
@@ -67,31 +80,30 @@ def test_one_step_of_each_format_is_the_dot_product(fmt, tokens):
     a_all, b_all = [[None] * 32 for _ in range(n_mmas)], [[None] * 32 for _ in range(n_mmas)]
     for lane in range(32):
         g, t = lane >> 2, lane & 3
-        cols = slice(t * per_lane, (t + 1) * per_lane)
-        xs = staged(planes[g], fmt, cols) if g < 2 * tokens else [0.0] * per_lane
+        groups = lane_groups(fmt, t)
+        xs = staged(planes[g], fmt, groups) if g < 2 * tokens else [0.0] * per_lane
         for m in range(n_mmas):
             b_all[m][lane] = ((xs[4 * m], xs[4 * m + 1]), (xs[4 * m + 2], xs[4 * m + 3]))
         rows = []
         for r in (g, g + 8):
-            if fmt == "mxfp4":  # 16 bytes = 4 words of 8 nibbles, each decoded in 4 pairs
-                e, emax = scales[r, t], scales[r].max()  # the lane's block and the row's largest of 4
-                factor = 2.0 ** (e - emax)  # the fp16 factor 2^(14 + e - emax) undoes the 2^-14 too
-                words = [sum(int(codes[r, t * 32 + 8 * i + j]) << (4 * j) for j in range(8)) for i in range(4)]
-                pairs = [tuple(v * 2.0 ** 14 * factor for v in fp4x2_to_f16x2_2m14(w << s))
-                         for w in words for s in (0, 4, 8, 12)]
+            if fmt == "mxfp4":  # 16 bytes = 4 spread words of 8 codes, each decoded in 4 pairs
+                words = [spread_word(codes[r, 8 * q: 8 * q + 8]) for q in groups]
+                pairs = [(f16(p), f16(p >> 16)) for w in words for p in fp16_pairs(w)]
             else:  # consecutive columns, two per register
                 pairs = [(W[r, t * per_lane + 2 * i], W[r, t * per_lane + 2 * i + 1]) for i in range(per_lane // 2)]
             rows.append(pairs)
         for m in range(n_mmas):  # mma m: a0, a2 from row g's pairs 2m, 2m + 1; a1, a3 from row g + 8's
             a_all[m][lane] = (rows[0][2 * m], rows[1][2 * m], rows[0][2 * m + 1], rows[1][2 * m + 1])
+    dpair = [[np.zeros(4) for _ in range(32)] for _ in range(n_mmas // 2)]  # MXFP4: per block
     for m in range(n_mmas):
         for lane, out in enumerate(mma(a_all[m], b_all[m])):
             d[lane] += out
+            dpair[m // 2][lane] += out
     for lane in range(32):
         g, t = lane >> 2, lane & 3
-        if fmt == "mxfp4":
-            acc[lane] = (d[lane][0] + d[lane][1]) * 2.0 ** (scales[g].max() - 127), \
-                        (d[lane][2] + d[lane][3]) * 2.0 ** (scales[g + 8].max() - 127)
+        if fmt == "mxfp4":  # mmas 2j, 2j + 1 sum block j alone: its scale, and the decode's 2^14
+            acc[lane] = [sum((dj[lane][0] + dj[lane][1]) * 2.0 ** (scales[g, j] - 127 + 14) for j, dj in enumerate(dpair)),
+                         sum((dj[lane][2] + dj[lane][3]) * 2.0 ** (scales[g + 8, j] - 127 + 14) for j, dj in enumerate(dpair))]
         else:
             acc[lane] = d[lane][0] + d[lane][1], d[lane][2] + d[lane][3]
     want = W @ x.T  # [16 rows, tokens]

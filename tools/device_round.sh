@@ -41,7 +41,7 @@ fi
 if has ab && [ $# -gt 0 ]; then
   variants=()
   for v in "$@"; do variants+=(--variant "$v"); done
-  timeout 120 python3 tools/ab_profile.py --out "$work/ab" "${variants[@]}" > "$work/ab.log" 2>&1
+  timeout 220 python3 tools/ab_profile.py --out "$work/ab" "${variants[@]}" > "$work/ab.log" 2>&1
   echo "ab rc=$?"; grep -h "rel_err" "$work"/ab/*.txt; grep -A24 "^| | " "$work/ab.log" | head -26
   pack
 fi

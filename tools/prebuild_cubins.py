@@ -74,14 +74,38 @@ def jobs() -> list[tuple[str, str, bool, tuple[str, ...]]]:
     return [tuple(v) for v in merged.values()]
 
 
+def ab_jobs(sets: list[str], defines: list[str]) -> list[tuple[str, str, bool, tuple[str, ...]]]:
+    """The 6-layer flash cubins (plain and profiling) of tools/ab_profile.py variants: one per
+    `--set KEY=VALUE` (a recipe override) and one per `--define NAME=VALUE` (a device switch),
+    built from the very source tools/profile_step.py generates for them."""
+    import json
+
+    cfg = flash(6)
+    out = []
+    for kv in sets:
+        key, _, value = kv.partition("=")
+        recipe = dict(load_recipe("mimo-v2-flash", "h100"), **{key: json.loads(value)})
+        src = generate(compile_steps(cfg, recipe, [1], max_seq_len=8200)[1], cfg).source
+        out += [(f"ab --set {kv}", src, False, ()), (f"ab --set {kv} profiling", src, True, ())]
+    base = generate(compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=8200)[1], cfg).source
+    for d in defines:
+        src = f"#define {d.replace('=', ' ', 1)}\n" + base
+        out += [(f"ab --define {d}", src, False, ()), (f"ab --define {d} profiling", src, True, ())]
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--ab-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="also the cubins of an ab_profile variant `--set KEY=VALUE` (repeatable)")
+    ap.add_argument("--ab-define", action="append", default=[], metavar="NAME=VALUE",
+                    help="also the cubins of an ab_profile variant `--define NAME=VALUE` (repeatable)")
     ap.add_argument("--out", default=str(ROOT / "build" / "cubins"))
     ap.add_argument("--clean", action="store_true",
                     help="then delete the other cubins there (keeps the carried tree under the device tool's 64 MiB)")
     args = ap.parse_args(argv)
-    todo = jobs()
+    todo = jobs() + ab_jobs(args.ab_set, args.ab_define)
     t0 = time.time()
     with cf.ThreadPoolExecutor(args.jobs) as ex:
         futs = {ex.submit(build_cubin, src, Path(args.out), prof): (label, subdirs)

@@ -299,6 +299,26 @@ TILERT_DEV void gemv_tile_fmt(Ctx& c, const WeightDesc& w, const Tile& tile, XRo
 // 4 x 4, stored word 4j + t at 4t + j; this maps a word (or an 8-column group) either way.
 TILERT_DEV int fp4_word_swap(int k) { return 4 * (k & 3) + (k >> 2); }
 
+// A spread MXFP4 word (tilert/tiling.py `spread_codes`) -> the four fp16 pairs of its codes
+// (3, 7), (2, 6), (1, 5), (0, 4) (low half, high half): sign to bit 15 / 31, the three magnitude
+// bits to 9..11 / 25..27, where an fp16 reads the E2M1 value times 2^-14 exactly (e = 0 lands on
+// the fp16 subnormals).  11 operations a word (16 for nibbles in place).
+TILERT_DEV void fp4_word_to_f16x2(uint32_t w, uint32_t* h) {
+  h[0] = w & 0x8E008E00u;
+  h[1] = (w << 3) & 0x8E008E00u;
+  h[2] = ((w << 6) & 0x0E000E00u) | ((w << 1) & 0x80008000u);
+  h[3] = ((w << 9) & 0x0E000E00u) | ((w << 2) & 0x80008000u);
+}
+
+// The inverse of the spread (code n back to bits 4n .. 4n + 3), for the CUDA-core loop's decode.
+TILERT_DEV uint32_t fp4_word_gather(uint32_t w) {
+  constexpr int kMagAt[8] = {0, 3, 6, 9, 16, 19, 22, 25}, kSignAt[8] = {13, 14, 12, 15, 29, 30, 28, 31};
+  uint32_t out = 0;
+#pragma unroll
+  for (int n = 0; n < 8; ++n) out |= ((w >> kMagAt[n]) & 7u) << (4 * n) | ((w >> kSignAt[n]) & 1u) << (4 * n + 3);
+  return out;
+}
+
 // The same over a tiled weight (tilert/tiling.py) on the CUDA cores: the steps where the tensor
 // cores cannot take it (more tokens than one mma holds, or their staged x would not fit).  A
 // thread keeps one row of a piece; a row's 64-byte step slices lie one step block apart, and
@@ -332,7 +352,9 @@ TILERT_DEV void gemv_tile_tiled(Ctx& c, const WeightDesc& w, const Tile& tile, X
           const int ks = FMT == FMT_MXFP4 ? fp4_word_swap(k) : k;  // the stored word tiled word k holds
           const int col = (sp.s_lo + st) * step_cols + ks * UE;
           float wv[UE];
-          decode_unit<FMT>(ld_unit<UB>(row + st * sb + k * UB), FMT == FMT_FP8 ? __ldg(fs + (col >> 7)) : 0.f,
+          uint4 raw = ld_unit<UB>(row + st * sb + k * UB);
+          if constexpr (FMT == FMT_MXFP4) raw.x = fp4_word_gather(raw.x);  // tiled words are spread
+          decode_unit<FMT>(raw, FMT == FMT_FP8 ? __ldg(fs + (col >> 7)) : 0.f,
                            FMT == FMT_MXFP4 ? (uint32_t)srow[st * sb + (ks * UE >> 5)] : 0u, wv);
           fma_unit<FMT, NB>(wv, xrow, col, acc);
         }
@@ -416,11 +438,6 @@ TILERT_DEV void mma_bf16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-
-// Two E2M1 codes -> fp16x2: the codes in bits 12..15 and 28..31 of v.  Sign to bit 15/31, the
-// three magnitude bits to 9..11 / 25..27: the fp16 read from those bits is the E2M1 value times
-// 2^-14 exactly (e = 0 lands on the fp16 subnormals).
-TILERT_DEV uint32_t fp4x2_to_f16x2_2m14(uint32_t v) { return (v & 0x80008000u) | ((v >> 3) & 0x0E000E00u); }
 
 // Order of each 8 columns in the staged x: the columns the A registers of a lane hold, two per
 // register, in register order.  fp8 and bf16 registers hold consecutive columns; the E2M1 decode
@@ -523,7 +540,7 @@ TILERT_DEV void mma_step(const uint4 qa, const uint4 qb, const uint32_t (*bx)[2 
 // 0..3 of row g, qb of row g + 8; tilert/tiling.py), so mmas 2j and 2j + 1 sum block j's 32
 // columns alone and its scale multiplies their fp32 result once: 8 scalings a step instead of
 // 64 fp16 products of decoded weights, and four independent mma chains.  The decode's 2^-14
-// (fp4x2_to_f16x2_2m14) is taken out of the row's sum once, by the caller (kFp4Unscale).
+// (fp4_word_to_f16x2) is taken out of the row's sum once, by the caller (kFp4Unscale).
 // Scale bytes 1..254 are exact; 0 gives 0 (2^-127 in the VM) and 255 infinity (NaN).
 constexpr float kFp4Unscale = 16384.f;
 
@@ -540,13 +557,14 @@ TILERT_DEV void mma_step_fp4(const uint4 qa, const uint4 qb, const uint32_t (*bx
     float e[NT][4];
 #pragma unroll
     for (int u = 0; u < NT; ++u) e[u][0] = e[u][1] = e[u][2] = e[u][3] = 0.f;
+    uint32_t ha[4], hb[4];
+    fp4_word_to_f16x2(A[j], ha);
+    fp4_word_to_f16x2(Bq[j], hb);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int sh = 8 * h;
-      const uint32_t a0 = fp4x2_to_f16x2_2m14(A[j] << sh), a1 = fp4x2_to_f16x2_2m14(Bq[j] << sh);
-      const uint32_t a2 = fp4x2_to_f16x2_2m14(A[j] << (sh + 4)), a3 = fp4x2_to_f16x2_2m14(Bq[j] << (sh + 4));
 #pragma unroll
-      for (int u = 0; u < NT; ++u) mma_f16(e[u], a0, a1, a2, a3, bx[u][4 * j + 2 * h], bx[u][4 * j + 2 * h + 1]);
+      for (int u = 0; u < NT; ++u)
+        mma_f16(e[u], ha[2 * h], hb[2 * h], ha[2 * h + 1], hb[2 * h + 1], bx[u][4 * j + 2 * h], bx[u][4 * j + 2 * h + 1]);
     }
     const float sa = e8m0_byte_f32(wa, j), sbv = e8m0_byte_f32(wb, j);
 #pragma unroll
@@ -577,6 +595,131 @@ TILERT_DEV WarpShare warp_share(int ng, int ns) {
   return WarpShare{ng, ns, gi, j * ns / nj, (j + 1) * ns / nj};
 }
 
+// One warp's sums over the pieces of a row block: rows 16 gi + g (acc[u][0]) and + 8 (acc[u][1])
+// for token 4u + t.  bf16 runs two mma chains (d0, d1) that `rows` folds into acc at the end;
+// fp8 and MXFP4 add their scaled step partials to acc directly.
+template <int NT>
+struct MmaAcc {
+  float d0[NT][4], d1[NT][4], acc[NT][2];
+  TILERT_DEV void zero() {
+#pragma unroll
+    for (int u = 0; u < NT; ++u) {
+      acc[u][0] = acc[u][1] = 0.f;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) d0[u][r] = d1[u][r] = 0.f;
+    }
+  }
+  template <int FMT>
+  TILERT_DEV void fold() {
+    if constexpr (FMT == FMT_BF16) {
+#pragma unroll
+      for (int u = 0; u < NT; ++u) {
+        acc[u][0] = d0[u][0] + d0[u][1] + d1[u][0] + d1[u][1];
+        acc[u][1] = d0[u][2] + d0[u][3] + d1[u][2] + d1[u][3];
+      }
+    }
+  }
+};
+
+// This warp's share (sh) of one ring piece of a tiled weight (rows from ra, span sp): waits until
+// the piece landed, adds its partials into `a`, hands the slot back to the loader.  `xlane`: the
+// lane's staged x (plane g at its step-0 column), `gscale`: the expert's FP8 block scales.
+template <int FMT, int NB>
+TILERT_DEV void mma_piece(Ctx& c, const WeightDesc& w, const uint8_t* gscale, int ra, const Span& sp,
+                          const WarpShare& sh, const uint8_t* xlane, int plane, MmaAcc<(NB + 3) / 4>& a) {
+  constexpr int kStep = MmaFmt<FMT>::kStep, kRegs = 2 * MmaFmt<FMT>::kMmas, NT = (NB + 3) / 4;
+  const int lane = threadIdx.x & 31, g = lane >> 2;
+  const int scale_ld = w.scale_ld, sb = step_block_bytes(w);
+  const int rA = 16 * sh.gi + g;  // and rB = rA + 8 (tiles are whole row blocks)
+  const float* fsA = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rA) >> 7) * scale_ld;  // FP8
+  const float* fsB = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rA + 8) >> 7) * scale_ld;
+  const int slot = c.piece % TILERT_SLOTS;
+  ring_wait_full(c, c.piece);
+  // this warp's row block: a step block a step, lane 4g + t at byte 16 lane (rows g), rows
+  // g + 8 512 bytes on, MXFP4 scales (4 bytes a row) after the 1024 code bytes
+  const uint8_t* blk = ring_slot(c.smem, slot) + (size_t)sh.gi * sp.ns * sb + 16 * lane;
+  const uint8_t* sblk = blk - 16 * lane + 1024 + 4 * g;
+  // FP8: the next step's block scales are loaded a step ahead (global memory, L2 latency).
+  float nsa = 0.f, nsb = 0.f;
+  if (FMT == FMT_FP8 && sh.s0 < sh.s1) {
+    nsa = __ldg(fsA + ((kStep * (sp.s_lo + sh.s0)) >> 7));
+    nsb = __ldg(fsB + ((kStep * (sp.s_lo + sh.s0)) >> 7));
+  }
+#pragma unroll 2
+  for (int st = sh.s0; st < (TILERT_DIAG_SKIP_MMA ? sh.s0 : sh.s1); ++st) {
+    const uint4 qa = *reinterpret_cast<const uint4*>(blk + st * sb);
+    const uint4 qb = *reinterpret_cast<const uint4*>(blk + st * sb + 512);
+    uint32_t bx[NT][kRegs];
+#pragma unroll
+    for (int u = 0; u < NT; ++u) {
+      // Tile u reads plane 8u + g (token 4u + g / 2).  Lanes past the last token's planes read
+      // that plane again instead of zeros: they only feed the D columns of tokens >= NB, which
+      // nobody stores, and loading beats zeroing 4 registers a step (x is finite where it is used).
+      const uint8_t* xu = xlane + (size_t)(min(8 * u + g, 2 * NB - 1) - g) * plane + 2 * kStep * sp.s_lo;
+#pragma unroll
+      for (int q = 0; q < kRegs / 4; ++q) {
+        const uint4 v = *reinterpret_cast<const uint4*>(xu + 2 * kStep * st + 16 * q);
+        bx[u][4 * q] = v.x; bx[u][4 * q + 1] = v.y; bx[u][4 * q + 2] = v.z; bx[u][4 * q + 3] = v.w;
+      }
+    }
+    if constexpr (FMT == FMT_MXFP4) {
+      const uint32_t* sc = reinterpret_cast<const uint32_t*>(sblk + st * sb);
+      mma_step_fp4<NT>(qa, qb, bx, sc[0], sc[8], a.acc);
+    } else if constexpr (FMT == FMT_FP8) {  // scale_inv of the 128 x 128 block
+      const float sa = nsa, sb_ = nsb;
+      if (st + 1 < sh.s1) {
+        nsa = __ldg(fsA + ((kStep * (sp.s_lo + st + 1)) >> 7));
+        nsb = __ldg(fsB + ((kStep * (sp.s_lo + st + 1)) >> 7));
+      }
+      float e0[NT][4], e1[NT][4];
+#pragma unroll
+      for (int u = 0; u < NT; ++u)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) e0[u][r] = e1[u][r] = 0.f;
+      mma_step<FMT, NT>(qa, qb, bx, e0, e1);
+#pragma unroll
+      for (int u = 0; u < NT; ++u) {
+        a.acc[u][0] += (e0[u][0] + e0[u][1] + e1[u][0] + e1[u][1]) * sa;
+        a.acc[u][1] += (e0[u][2] + e0[u][3] + e1[u][2] + e1[u][3]) * sb_;
+      }
+    } else {
+      mma_step<FMT, NT>(qa, qb, bx, a.d0, a.d1);
+    }
+  }
+  __syncwarp();
+  if (lane == 0) mbar_arrive(ring_empty(c.smem, slot));
+  ++c.piece;
+}
+
+// Write this warp's sums (`acc`, rows 16 gi .. 16 gi + 15 of a piece of nr rows) to `part`
+// (row-major [row][NB]); lane t of tile u holds token 4u + t.  MXFP4 takes the decode's 2^-14 out.
+template <int FMT, int NB>
+TILERT_DEV void store_partials(float* part, const float (*acc)[2], int gi, int nr) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const float un = FMT == FMT_MXFP4 ? kFp4Unscale : 1.f;  // the E2M1 decode's 2^-14
+#pragma unroll
+  for (int u = 0; u < (NB + 3) / 4; ++u) {
+    const int b = 4 * u + t;
+    if (b < NB && 16 * gi + g < nr) part[g * NB + b] = acc[u][0] * un;  // (rows past nr would spill
+    if (b < NB && 16 * gi + g + 8 < nr) part[(g + 8) * NB + b] = acc[u][1] * un;  // into the next warp's)
+  }
+}
+
+// Row i (< kRedRows) of the pieces of `rpp` rows that batch rows [0, bn) hold: the sum of its
+// warps' partials in red[buf] (the warps of row i's 16-row group, gemv_tile_mma's split).
+template <int NB>
+TILERT_DEV void sum_partials(const float* red, int buf, int i, int rpp, int rows_left, float* v) {
+  const int li = i % rpp, nr = min(rpp, rows_left + li);  // row i's piece
+  const int ng = (nr + 15) / 16, gr = li / 16;
+  const int f0 = group_first_warp(gr, ng), f1 = group_first_warp(gr + 1, ng);
+#pragma unroll
+  for (int b = 0; b < NB; ++b) {
+    float sum = 0.f;
+    for (int q = f0; q < f1; ++q) sum += red[((buf * kNCW + q) * kRedRows + i) * NB + b];
+    v[b] = sum;
+  }
+}
+
 // out_i = W[r0 + i] . x_b for b < NB (NB <= 8: one n8 mma tile holds hi and lo of 4 tokens, a
 // second one the next 4, both fed by one decode of the weight) on the tensor cores, for a tiled weight; same
 // contract as gemv_tile_fmt: epi(i, v[NB]) once per row, by one thread, the same thread for row
@@ -587,7 +730,7 @@ template <int FMT, int NB, class XRow, class Epi>
 TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi, bool x_staged,
                                  int xs_off) {
   static_assert(NB <= 8, "two n8 mma tiles hold hi/lo of 8 tokens");
-  constexpr int kStep = MmaFmt<FMT>::kStep, kRegs = 2 * MmaFmt<FMT>::kMmas, NT = (NB + 3) / 4;
+  constexpr int kStep = MmaFmt<FMT>::kStep, NT = (NB + 3) / 4;
   if (!x_staged) stage_x<FMT, NB>(c, w.cols, xrow);
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wid = threadIdx.x >> 5;
   const uint8_t* xs = c.smem + TILERT_SMEM_XS + (x_staged ? xs_off : 0);
@@ -596,7 +739,7 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
   const uint8_t* gscale = tile_scale(w, tile_expert(tile));
   float* red = reinterpret_cast<float*>(c.smem + TILERT_SMEM_RED);
   const Pieces pc = pieces_of(w);
-  const int scale_ld = w.scale_ld, rpp = pc.rp, sb = step_block_bytes(w);
+  const int rpp = pc.rp;
   WarpShare sh{0, 0, 0, 0, 0};
   // Pieces are gathered in batches of up to kRedRows rows: each warp writes its partials for
   // the batch to red[buf][warp][row][token], and one barrier per batch lets the batch's rows be
@@ -607,107 +750,66 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
     const int bn = min(batch_rows, tile.r1 - ba);
     for (int ra = ba; ra < ba + bn; ra += rpp) {
       const int nr = min(rpp, tile.r1 - ra), ng = (nr + 15) / 16;
-      float d0[NT][4], d1[NT][4], acc[NT][2];
-#pragma unroll
-      for (int u = 0; u < NT; ++u) {
-        acc[u][0] = acc[u][1] = 0.f;
-#pragma unroll
-        for (int r = 0; r < 4; ++r) d0[u][r] = d1[u][r] = 0.f;
-      }
+      MmaAcc<NT> a;
+      a.zero();
       for (int kq = 0; kq < pc.nch; ++kq) {
         const Span sp = piece_span(w, pc, ra, nr, kq);
         if (sh.ng != ng || sh.ns != sp.ns) sh = warp_share(ng, sp.ns);
-        const int rA = 16 * sh.gi + g;  // and rB = rA + 8 (tiles are whole row blocks)
-        const float* fsA = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rA) >> 7) * scale_ld;  // FP8
-        const float* fsB = reinterpret_cast<const float*>(gscale) + (size_t)((ra + rA + 8) >> 7) * scale_ld;
-        const int slot = c.piece % TILERT_SLOTS;
-        ring_wait_full(c, c.piece);
-        // this warp's row block: a step block a step, lane 4g + t at byte 16 lane (rows g), rows
-        // g + 8 512 bytes on, MXFP4 scales (4 bytes a row) after the 1024 code bytes
-        const uint8_t* blk = ring_slot(c.smem, slot) + (size_t)sh.gi * sp.ns * sb + 16 * lane;
-        const uint8_t* sblk = blk - 16 * lane + 1024 + 4 * g;
-        // FP8: the next step's block scales are loaded a step ahead (global memory, L2 latency).
-        float nsa = 0.f, nsb = 0.f;
-        if (FMT == FMT_FP8 && sh.s0 < sh.s1) {
-          nsa = __ldg(fsA + ((kStep * (sp.s_lo + sh.s0)) >> 7));
-          nsb = __ldg(fsB + ((kStep * (sp.s_lo + sh.s0)) >> 7));
-        }
-#pragma unroll 2
-        for (int st = sh.s0; st < (TILERT_DIAG_SKIP_MMA ? sh.s0 : sh.s1); ++st) {
-          const uint4 qa = *reinterpret_cast<const uint4*>(blk + st * sb);
-          const uint4 qb = *reinterpret_cast<const uint4*>(blk + st * sb + 512);
-          uint32_t bx[NT][kRegs];
-#pragma unroll
-          for (int u = 0; u < NT; ++u) {
-#pragma unroll
-            for (int q = 0; q < kRegs / 4; ++q) {  // tile u reads planes 8u + g (token 4u + g / 2)
-              uint4 v = make_uint4(0u, 0u, 0u, 0u);
-              if (8 * u + g < 2 * NB)
-                v = *reinterpret_cast<const uint4*>(xlane + (size_t)8 * u * plane + 2 * kStep * (sp.s_lo + st) + 16 * q);
-              bx[u][4 * q] = v.x; bx[u][4 * q + 1] = v.y; bx[u][4 * q + 2] = v.z; bx[u][4 * q + 3] = v.w;
-            }
-          }
-          if constexpr (FMT == FMT_MXFP4) {
-            const uint32_t* sc = reinterpret_cast<const uint32_t*>(sblk + st * sb);
-            mma_step_fp4<NT>(qa, qb, bx, sc[0], sc[8], acc);
-          } else if constexpr (FMT == FMT_FP8) {  // scale_inv of the 128 x 128 block
-            const float sa = nsa, sb_ = nsb;
-            if (st + 1 < sh.s1) {
-              nsa = __ldg(fsA + ((kStep * (sp.s_lo + st + 1)) >> 7));
-              nsb = __ldg(fsB + ((kStep * (sp.s_lo + st + 1)) >> 7));
-            }
-            float e0[NT][4], e1[NT][4];
-#pragma unroll
-            for (int u = 0; u < NT; ++u)
-#pragma unroll
-              for (int r = 0; r < 4; ++r) e0[u][r] = e1[u][r] = 0.f;
-            mma_step<FMT, NT>(qa, qb, bx, e0, e1);
-#pragma unroll
-            for (int u = 0; u < NT; ++u) {
-              acc[u][0] += (e0[u][0] + e0[u][1] + e1[u][0] + e1[u][1]) * sa;
-              acc[u][1] += (e0[u][2] + e0[u][3] + e1[u][2] + e1[u][3]) * sb_;
-            }
-          } else {
-            mma_step<FMT, NT>(qa, qb, bx, d0, d1);
-          }
-        }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(ring_empty(c.smem, slot));
-        ++c.piece;
-      }  // chunks
-      if constexpr (FMT == FMT_BF16) {
-#pragma unroll
-        for (int u = 0; u < NT; ++u) {
-          acc[u][0] = d0[u][0] + d0[u][1] + d1[u][0] + d1[u][1];
-          acc[u][1] = d0[u][2] + d0[u][3] + d1[u][2] + d1[u][3];
-        }
+        mma_piece<FMT, NB>(c, w, gscale, ra, sp, sh, xlane, plane, a);
       }
-      // Partials of this warp for rows 16 gi .. 16 gi + 15 of the piece; lane t of tile u holds
-      // token 4u + t.
-      float* part = red + ((buf * kNCW + wid) * kRedRows + (ra - ba) + 16 * sh.gi) * NB;
-#pragma unroll
-      for (int u = 0; u < NT; ++u) {
-        const int b = 4 * u + t;
-        const float un = FMT == FMT_MXFP4 ? kFp4Unscale : 1.f;  // the E2M1 decode's 2^-14
-        if (b < NB && 16 * sh.gi + g < nr) part[g * NB + b] = acc[u][0] * un;  // (rows past nr would spill
-        if (b < NB && 16 * sh.gi + g + 8 < nr) part[(g + 8) * NB + b] = acc[u][1] * un;  // into the next warp's)
-      }
+      a.template fold<FMT>();
+      store_partials<FMT, NB>(red + ((buf * kNCW + wid) * kRedRows + (ra - ba) + 16 * sh.gi) * NB, a.acc, sh.gi, nr);
     }
     compute_sync();
     for (int i = (int)threadIdx.x; i < bn; i += kNCT) {
-      const int li = i % rpp, nr = min(rpp, tile.r1 - (ba + i - li));  // row i's piece
-      const int ng = (nr + 15) / 16, gr = li / 16;
-      const int f0 = group_first_warp(gr, ng), f1 = group_first_warp(gr + 1, ng);
       float v[NB];
-#pragma unroll
-      for (int b = 0; b < NB; ++b) {
-        float sum = 0.f;
-        for (int q = f0; q < f1; ++q) sum += red[((buf * kNCW + q) * kRedRows + i) * NB + b];
-        v[b] = sum;
-      }
+      sum_partials<NB>(red, buf, i, rpp, tile.r1 - ba - i, v);
       epi(ba + i - tile.r0, v);
     }
     buf ^= 1;  // the next batch writes the other half while stragglers still read this one
+  }
+  compute_sync();  // every reader of red and xs is done before the next GEMV
+}
+
+// out_r = sum_i coef(i) * (W_i[r0 + r] . x_i) over n single-token GEMVs of the same rows of n
+// matrices of one weight (the slots of an expert down projection: tile_of(i) the tiles, in the
+// loader's order; x i staged by stage_x_slots as its x number x0 + i) on the tensor cores.
+// Each warp sums its partials of every slot in registers, so the compute warps meet once for all
+// n slots, not twice a slot.  Rows [r0, r1) must be one ring piece wide (slots_in_one_piece).
+// epi(r, v) once per row, by one thread.
+template <int FMT, class TileOf, class Coef, class Epi>
+TILERT_MMA_FN void gemv_slots_mma(Ctx& c, const WeightDesc& w, int n, int x0, int r0, int r1, TileOf tile_of,
+                                  Coef coef, Epi epi) {
+  constexpr int kStep = MmaFmt<FMT>::kStep;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wid = threadIdx.x >> 5;
+  const int plane = xs_bytes(w.cols) / 2;
+  const uint8_t* xlane = c.smem + TILERT_SMEM_XS + g * plane + 2 * (kStep / 4) * t;
+  float* red = reinterpret_cast<float*>(c.smem + TILERT_SMEM_RED);
+  const Pieces pc = pieces_of(w);
+  const int nr = r1 - r0, ng = (nr + 15) / 16;
+  WarpShare sh = warp_share(ng, piece_span(w, pc, r0, nr, 0).ns);
+  float tot[1][2] = {{0.f, 0.f}};
+  for (int i = 0; i < n; ++i) {
+    const Tile tile = tile_of(i);
+    MmaAcc<1> a;
+    a.zero();
+    for (int kq = 0; kq < pc.nch; ++kq) {
+      const Span sp = piece_span(w, pc, r0, nr, kq);
+      if (sh.ng != ng || sh.ns != sp.ns) sh = warp_share(ng, sp.ns);
+      mma_piece<FMT, 1>(c, w, tile_scale(w, tile_expert(tile)), r0, sp, sh, xlane + (size_t)(x0 + i) * xs_bytes(w.cols),
+                        plane, a);
+    }
+    a.template fold<FMT>();
+    const float k = coef(i);
+    tot[0][0] = fmaf(k, a.acc[0][0], tot[0][0]);
+    tot[0][1] = fmaf(k, a.acc[0][1], tot[0][1]);
+  }
+  store_partials<FMT, 1>(red + (wid * kRedRows + 16 * sh.gi), tot, sh.gi, nr);
+  compute_sync();
+  for (int i = (int)threadIdx.x; i < nr; i += kNCT) {
+    float v[1];
+    sum_partials<1>(red, 0, i, pc.rp, nr - i, v);
+    epi(i, v);
   }
   compute_sync();  // every reader of red and xs is done before the next GEMV
 }
@@ -754,6 +856,28 @@ TILERT_DEV bool stage_x_slots(Ctx& c, const WeightDesc& w, int n, XRow xrow) {
   if constexpr (has_path<GEMV>(FMT_FP8, kMmaPath)) if (w.fmt == FMT_FP8) { stage_x_rows<FMT_FP8>(c, w.cols, n, xrow); return true; }
   if constexpr (has_path<GEMV>(FMT_MXFP4, kMmaPath)) if (w.fmt == FMT_MXFP4) { stage_x_rows<FMT_MXFP4>(c, w.cols, n, xrow); return true; }
   return false;
+}
+
+// Experiment switch (tools/profile_step.py --define TILERT_SLOTS_GEMV=0): expert down projections
+// run one GEMV and reduction per slot, as before gemv_slots.
+#ifndef TILERT_SLOTS_GEMV
+#define TILERT_SLOTS_GEMV 1
+#endif
+
+// Whether gemv_slots can take rows [r0, r1) of weight w: on the tensor cores, one ring piece wide,
+// x staged by stage_x_slots (`staged`).
+TILERT_DEV bool slots_in_one_piece(const WeightDesc& w, int r0, int r1, bool staged) {
+  return TILERT_SLOTS_GEMV && staged && mma_ok(w) && r1 - r0 <= pieces_of(w).rp;
+}
+
+// gemv_slots_mma for the weight's format (the caller checked slots_in_one_piece).
+template <int GEMV, class TileOf, class Coef, class Epi>
+TILERT_DEV void gemv_slots(Ctx& c, const WeightDesc& w, int n, int x0, int r0, int r1, TileOf tile_of, Coef coef,
+                           Epi epi) {
+  if constexpr (has_path<GEMV>(FMT_BF16, kMmaPath)) if (w.fmt == FMT_BF16) return gemv_slots_mma<FMT_BF16>(c, w, n, x0, r0, r1, tile_of, coef, epi);
+  if constexpr (has_path<GEMV>(FMT_FP8, kMmaPath)) if (w.fmt == FMT_FP8) return gemv_slots_mma<FMT_FP8>(c, w, n, x0, r0, r1, tile_of, coef, epi);
+  if constexpr (has_path<GEMV>(FMT_MXFP4, kMmaPath)) if (w.fmt == FMT_MXFP4) return gemv_slots_mma<FMT_MXFP4>(c, w, n, x0, r0, r1, tile_of, coef, epi);
+  if (threadIdx.x == 0) record_error(c, ERR_GEMV_PATH, -1, (uint32_t)w.fmt, (uint32_t)GEMV, 1);
 }
 
 // ---- loader side --------------------------------------------------------------------------------

@@ -536,11 +536,12 @@ TILERT_DEV void k_expert_gate_up(Ctx& c, const ExpertGateUpParams& p) {
 }
 
 // ---- expert_down: x[t, r] += sum_slot weight[t, slot] * (W_down[expert] r . act[t, slot]) ----------
+TILERT_DEV const int* idx_of(const Ctx& c, const ExpertDownParams& p) { return ref_ptr<int>(c, p.idx); }
+
 template <class V>
 TILERT_DEV void tiles_of(const Ctx& c, const ExpertDownParams& p, V&& v) {
-  const int* idx = ref_ptr<int>(c, p.idx);
   for (int t = 0; t < kB; ++t)
-    for (int k = 0; k < p.k; ++k) v(Tile{p.down, idx, t * p.idx.ld + k, p.r0, p.r1}, t * p.k + k);
+    for (int k = 0; k < p.k; ++k) v(Tile{p.down, idx_of(c, p), t * p.idx.ld + k, p.r0, p.r1}, t * p.k + k);
 }
 
 template <int GEMV>
@@ -551,7 +552,17 @@ TILERT_DEV void k_expert_down(Ctx& c, const ExpertDownParams& p) {
   float* total = reinterpret_cast<float*>(c.smem + TILERT_SMEM_SCRATCH);  // [rows] of one token
   const int n = p.r1 - p.r0;
   const auto slot_x = [&](int i) { return act + (i / p.k) * p.act.ld + (i % p.k) * p.inter; };  // i = t k + slot
-  const bool staged = stage_x_slots<GEMV>(c, weight(c, p.down), kB * p.k, slot_x);
+  const WeightDesc& w = weight(c, p.down);
+  const bool staged = stage_x_slots<GEMV>(c, w, kB * p.k, slot_x);
+  if (slots_in_one_piece(w, p.r0, p.r1, staged)) {  // a token's k slots summed in registers, one reduction
+    for (int t = 0; t < kB; ++t) {
+      gemv_slots<GEMV>(c, w, p.k, t * p.k, p.r0, p.r1,
+                       [&](int k) { return Tile{p.down, idx_of(c, p), t * p.idx.ld + k, p.r0, p.r1}; },
+                       [&](int k) { return wts[t * p.weights.ld + k]; },
+                       [&](int r, const float* v) { x[t * p.out.ld + p.r0 + r] += v[0]; });
+    }
+    return;
+  }
   tiles_of(c, p, [&](const Tile& tile, int i) {
     const int t = i / p.k, k = i % p.k;
     const float wk = wts[t * p.weights.ld + k];
