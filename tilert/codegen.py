@@ -15,8 +15,13 @@ Program layout (int32 words)::
     targets  [num_counters]           per-step target of each counter
     streams  [num_workers]            word index of each worker's stream
     stream   [n_tasks, task...]
-    task     [task_id, n_waits, n_signals, n_stages, (counter, value) * n_waits,
+    task     [task_id, n_waits, n_signals, n_stages | IDS_KNOWN (flag), (counter, value) * n_waits,
               counter * n_signals, (kind, param word * PARAM_WORDS) * n_stages]
+
+IDS_KNOWN marks a task whose tiles name routed experts (ROUTED_KINDS) when an earlier task of
+the same worker's stream read the same layer's expert ids: the loader waited for those ids then,
+and they stay put until this task is done (the next layer's top-k depends on it), so it streams
+this task's experts at once instead of waiting for the task's inputs (`routed_ids_known`).
 
 A stage's parameter words are one of the structs in STRUCTS, zero-padded to PARAM_WORDS.  The
 C++ structs are generated from the same tables that pack them here, so they cannot disagree.
@@ -53,6 +58,10 @@ CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 KERNEL_NAME = "tilert_megakernel"
 MAGIC = 0x544C5254  # "TLRT"
 VERSION = 1
+# Header bit of a task's stage count: the loader may stream its routed experts at once (module doc).
+IDS_KNOWN = 1 << 16
+# Kinds whose weight tiles name an expert chosen by the router this step (the loader reads the id).
+ROUTED_KINDS = frozenset({"expert_gate_up", "expert_down", "expert_gate_up_union", "expert_down_union"})
 
 # ---- ids shared with the device code ----------------------------------------------------------
 
@@ -613,6 +622,7 @@ class DecodedTask:
     waits: list[tuple[int, int]]
     signals: list[int]
     stages: list[tuple[str, dict]]  # (base kind, parameter dict)
+    ids_known: bool = False  # the IDS_KNOWN flag (module doc)
 
 
 def decode_program(program: np.ndarray) -> tuple[list[int], list[list[DecodedTask]]]:
@@ -631,6 +641,7 @@ def decode_program(program: np.ndarray) -> tuple[list[int], list[list[DecodedTas
         tasks = []
         for _ in range(n):
             tid, n_w, n_s, n_st = P[at:at + 4]
+            known, n_st = bool(n_st & IDS_KNOWN), n_st & (IDS_KNOWN - 1)
             at += 4
             waits = [(P[at + 2 * i], P[at + 2 * i + 1]) for i in range(n_w)]
             at += 2 * n_w
@@ -641,7 +652,7 @@ def decode_program(program: np.ndarray) -> tuple[list[int], list[list[DecodedTas
                 kind = KIND_BY_ID[P[at]]
                 stages.append((kind.name, unpack_params(kind.struct, P[at + 1:at + STAGE_WORDS])))
                 at += STAGE_WORDS
-            tasks.append(DecodedTask(tid, waits, signals, stages))
+            tasks.append(DecodedTask(tid, waits, signals, stages, known))
         streams.append(tasks)
     return targets, streams
 
@@ -660,8 +671,9 @@ def _scratch_floats(kind: str, values: dict, B: int) -> int:
         return values["r1"] - values["r0"]
     if kind == "expert_gate_up_union":  # every token's gate results
         return B * (values["r1"] - values["r0"])
-    if kind == "expert_down_union":  # every token's totals, then each slot's weight per token
-        return B * (values["r1"] - values["r0"]) + values["slots"] * B
+    if kind == "expert_down_union":  # every token's totals, each slot's weight per token and routed
+        # tokens, gemv_union's row table (2 x 64) and one count
+        return B * (values["r1"] - values["r0"]) + values["slots"] * B + values["slots"] + 129
     return 0
 
 
@@ -967,6 +979,25 @@ def _check_alignment(plan: _Plan, vector_views: list[dict]) -> None:
                             f"is not 16-byte aligned")
 
 
+def routed_ids_known(schedule: Schedule) -> set[int]:
+    """The tasks that get the IDS_KNOWN flag (module doc): a task with a stage of ROUTED_KINDS
+    after another such task of the same layer in its worker's stream.  The expert-id buffers are
+    shared by all layers, so a task of the next layer is never marked: its ids come from a top-k
+    that may not have run yet."""
+    graph, known = schedule.graph, set()
+    for stream in schedule.streams:
+        last_layer = None
+        for t in stream:
+            task = graph.tasks[t]
+            if not any(s.kind in ROUTED_KINDS for s in _stages(task)):
+                continue
+            layer = graph.ops[task.op].layer
+            if layer is not None and layer == last_layer:
+                known.add(t)
+            last_layer = layer
+    return known
+
+
 def _encode_program(schedule: Schedule, encoded: dict[int, list[tuple[str, dict]]], pad_words: int = 0,
                     ) -> np.ndarray:
     """The program (layout in the module doc), followed by `pad_words` zeros: the compute warps
@@ -980,12 +1011,16 @@ def _encode_program(schedule: Schedule, encoded: dict[int, list[tuple[str, dict]
     words[PROG["streams"]] = len(words)
     table = len(words)
     words += [0] * schedule.num_workers
+    known = routed_ids_known(schedule)
     for w, stream in enumerate(schedule.streams):
         words[table + w] = len(words)
         words.append(len(stream))
         for t in stream:
             stages = encoded[t]
-            words += [t, len(schedule.waits[t]), len(schedule.signals[t]), len(stages)]
+            if len(stages) >= IDS_KNOWN:
+                raise UserError(f"task {t} has {len(stages)} stages (the encoding allows {IDS_KNOWN - 1})")
+            words += [t, len(schedule.waits[t]), len(schedule.signals[t]),
+                      len(stages) | (IDS_KNOWN if t in known else 0)]
             for c, v in schedule.waits[t]:
                 words += [c, v]
             words += list(schedule.signals[t])

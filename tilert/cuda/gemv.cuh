@@ -880,6 +880,127 @@ TILERT_DEV void gemv_slots(Ctx& c, const WeightDesc& w, int n, int x0, int r0, i
   if (threadIdx.x == 0) record_error(c, ERR_GEMV_PATH, -1, (uint32_t)w.fmt, (uint32_t)GEMV, 1);
 }
 
+// The t-th set bit of mask (t < popc(mask)).
+TILERT_DEV int nth_set_bit(uint32_t mask, int t) {
+  for (; t > 0; --t) mask &= mask - 1;
+  return __ffs(mask) - 1;
+}
+
+// out[b][r] = sum over the union's slots u of coef(u, b) * (W_u[r0 + r] . x_{u,b}) for the tokens b
+// routed to each slot (bit b of mask_of(u); W_u the expert of tile_of(u), skipped when empty), on
+// the tensor cores, for a multi-token step's down projection (NB: the most routed tokens of a slot
+// it takes, 4 or 8: one n8 mma tile holds hi and lo of 4).  The routed tokens' x rows of as many
+// slots as the xs region holds are staged together (one barrier a batch, not one a slot); each
+// lane adds its rows' results of every slot to its warp's per-token sums in smem (its token of
+// a slot: the (4u + t)-th routed one of mma tile u, t = lane & 3), summed across warps once at
+// the end.  Needs at most 2 ring pieces and 2 kRedRows rows a tile (union_fits).
+// `rows`: smem scratch of 2 x 64 ints (which slot and token each staged x row holds).
+// epi(r, b, v) once per (row, token), by one thread.
+template <int FMT, int NB, class TileOf, class MaskOf, class XRow, class Coef, class Epi>
+TILERT_MMA_FN void gemv_union_mma(Ctx& c, const WeightDesc& w, int slots, int r0, int r1, int* rows, TileOf tile_of,
+                                  MaskOf mask_of, XRow xrow, Coef coef, Epi epi) {
+  constexpr int kStep = MmaFmt<FMT>::kStep, NT = NB / 4;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wid = threadIdx.x >> 5;
+  const int xsb = xs_bytes(w.cols), plane = xsb / 2;
+  const int cap = min(64, TILERT_XS_BYTES / xsb);  // staged x rows a batch
+  const uint8_t* xlane = c.smem + TILERT_SMEM_XS + g * plane + 2 * (kStep / 4) * t;
+  float* red = reinterpret_cast<float*>(c.smem + TILERT_SMEM_RED);
+  const Pieces pc = pieces_of(w);
+  const int nr = r1 - r0, npc = (nr + pc.rp - 1) / pc.rp;  // row pieces of a tile (<= 2)
+  WarpShare sh{0, 0, 0, 0, 0};
+  // red[warp][row][token]: each warp's sums of its rows, one token a lane of a row group per slot
+  // (the slot's t-th routed token), so lanes and slots never write the same word at once.
+  for (int i = (int)threadIdx.x; i < kNCW * nr * kB; i += kNCT) red[i] = 0.f;
+  const float un = FMT == FMT_MXFP4 ? kFp4Unscale : 1.f;  // the E2M1 decode's 2^-14
+  for (int u = 0; u < slots;) {
+    // The batch: slots [u, ub), their routed tokens' x rows staged in order (every thread walks
+    // the same smem masks, so all agree).  A slot's lanes read 4 rows from its first: keep them
+    // inside the region.
+    int n = 0, ub = u;
+    for (; ub < slots; ++ub) {
+      const uint32_t m = tile_expert(tile_of(ub)) < 0 ? 0u : mask_of(ub);
+      if (n + NB > cap && m) break;
+      n += __popc(m);
+    }
+    if (threadIdx.x == 0) {
+      int k = 0;
+      for (int v = u; v < ub; ++v) {
+        const uint32_t m = tile_expert(tile_of(v)) < 0 ? 0u : mask_of(v);
+        for (int j = 0; j < __popc(m); ++j, ++k) { rows[k] = v; rows[64 + k] = nth_set_bit(m, j); }
+      }
+    }
+    compute_sync();  // the row table, and every reader of the previous batch's x is done
+    stage_x_rows<FMT>(c, w.cols, n, [&](int i) { return xrow(rows[i], rows[64 + i]); });
+    int row0 = 0;
+    for (int v = u; v < ub; ++v) {
+      const Tile tile = tile_of(v);
+      if (tile_expert(tile) < 0) continue;  // empty slot: the loader skipped it too
+      const uint32_t m = mask_of(v);
+      const int nt = __popc(m);
+      int tok[NT];
+      float k[NT];
+#pragma unroll
+      for (int q = 0; q < NT; ++q) {
+        tok[q] = 4 * q + t < nt ? nth_set_bit(m, 4 * q + t) : -1;
+        k[q] = tok[q] >= 0 ? coef(v, tok[q]) : 0.f;
+      }
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        if (p >= npc) break;
+        const int ra = r0 + p * pc.rp, rn = min(pc.rp, r1 - ra);
+        MmaAcc<NT> a;
+        a.zero();
+        for (int kq = 0; kq < pc.nch; ++kq) {
+          const Span sp = piece_span(w, pc, ra, rn, kq);
+          if (sh.ng != (rn + 15) / 16 || sh.ns != sp.ns) sh = warp_share((rn + 15) / 16, sp.ns);
+          mma_piece<FMT, NB>(c, w, tile_scale(w, tile_expert(tile)), ra, sp, sh, xlane + (size_t)row0 * xsb, plane, a);
+        }
+        a.template fold<FMT>();
+        const int gi = wid * ((rn + 15) / 16) / kNCW;  // warp_share's group
+#pragma unroll
+        for (int q = 0; q < NT; ++q) {
+          if (tok[q] < 0) continue;
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int r = 16 * gi + g + 8 * h;
+            if (r < rn) red[((size_t)wid * nr + p * pc.rp + r) * kB + tok[q]] += k[q] * a.acc[q][h] * un;
+          }
+        }
+      }
+      row0 += nt;
+    }
+    u = ub;
+  }
+  compute_sync();
+  for (int i = (int)threadIdx.x; i < nr * kB; i += kNCT) {
+    const int r = i / kB, b = i % kB, p = r / pc.rp, li = r % pc.rp;
+    const int ng = (min(pc.rp, nr - p * pc.rp) + 15) / 16, gr = li / 16;
+    float sum = 0.f;
+    for (int q = group_first_warp(gr, ng); q < group_first_warp(gr + 1, ng); ++q) sum += red[((size_t)q * nr + r) * kB + b];
+    epi(r, b, sum);
+  }
+  compute_sync();  // every reader of red and xs is done before the next GEMV
+}
+
+// Whether gemv_union can take a union down tile of rows [r0, r1) of w.
+TILERT_DEV bool union_fits(const WeightDesc& w, int r0, int r1) {
+  return TILERT_SLOTS_GEMV && kB > 1 && mma_ok(w) && r1 - r0 <= 2 * pieces_of(w).rp && r1 - r0 <= 2 * kRedRows &&
+         (kB <= 4 ? 4 : 8) * xs_bytes(w.cols) <= TILERT_XS_BYTES;  // a batch holds one slot's widest x
+}
+
+// gemv_union_mma for the weight's format, one mma tile of tokens when no slot has more than 4
+// (most_tokens: the most any slot has), else two (up to 8).
+template <int GEMV, class... Fns>
+TILERT_DEV void gemv_union(Ctx& c, const WeightDesc& w, int slots, int r0, int r1, int* rows, int most_tokens,
+                           Fns... fns) {
+  const bool one = most_tokens <= 4 || kB <= 4;
+  constexpr int kWide = kB <= 4 ? 4 : 8;
+  if constexpr (has_path<GEMV>(FMT_BF16, kMmaPath)) if (w.fmt == FMT_BF16) return one ? gemv_union_mma<FMT_BF16, 4>(c, w, slots, r0, r1, rows, fns...) : gemv_union_mma<FMT_BF16, kWide>(c, w, slots, r0, r1, rows, fns...);
+  if constexpr (has_path<GEMV>(FMT_FP8, kMmaPath)) if (w.fmt == FMT_FP8) return one ? gemv_union_mma<FMT_FP8, 4>(c, w, slots, r0, r1, rows, fns...) : gemv_union_mma<FMT_FP8, kWide>(c, w, slots, r0, r1, rows, fns...);
+  if constexpr (has_path<GEMV>(FMT_MXFP4, kMmaPath)) if (w.fmt == FMT_MXFP4) return one ? gemv_union_mma<FMT_MXFP4, 4>(c, w, slots, r0, r1, rows, fns...) : gemv_union_mma<FMT_MXFP4, kWide>(c, w, slots, r0, r1, rows, fns...);
+  if (threadIdx.x == 0) record_error(c, ERR_GEMV_PATH, -1, (uint32_t)w.fmt, (uint32_t)GEMV, 1);
+}
+
 // ---- loader side --------------------------------------------------------------------------------
 
 #if TILERT_LOADER

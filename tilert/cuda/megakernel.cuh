@@ -8,7 +8,7 @@
 // ahead across task boundaries (weights never change) except before a tile whose expert comes
 // from the router: then it first waits until its own compute warps finished the earlier tasks
 // of the stream (the router may have run right here, needing no counter) and on that task's
-// counters, like the compute warps do.
+// counters, like the compute warps do; once a layer (codegen IDS_KNOWN).
 //
 // Counters are never reset.  Each step adds `target` to a counter, so in step `step` the
 // threshold of a wait (c, v) is step * target[c] + v (unsigned, compared wrap-safely).
@@ -28,7 +28,9 @@ struct TaskView {
   TILERT_DEV int id() const { return p[0]; }
   TILERT_DEV int n_waits() const { return p[1]; }
   TILERT_DEV int n_signals() const { return p[2]; }
-  TILERT_DEV int n_stages() const { return p[3]; }
+  TILERT_DEV int n_stages() const { return p[3] & 0xffff; }
+  // The loader already waited for the expert ids this task's tiles read (codegen IDS_KNOWN).
+  TILERT_DEV bool ids_known() const { return p[3] >> 16; }
   TILERT_DEV const int32_t* waits() const { return p + 4; }
   TILERT_DEV const int32_t* signals() const { return p + 4 + 2 * n_waits(); }
   TILERT_DEV const int32_t* stage(int s) const { return signals() + n_signals() + s * (1 + TILERT_PARAM_WORDS); }
@@ -168,7 +170,10 @@ TILERT_DEV void loader_loop(Ctx& c) {
   for (int i = 0; i < n && ok; ++i, t = t.next()) {
     if (stopped(c, t)) break;
     c.task = t.id();
-    bool waited = false;
+    // A task whose expert ids this loader already waited for (the down projection after its
+    // gate/up, codegen IDS_KNOWN) streams its experts at once, instead of waiting for every
+    // earlier task here and for all of its inputs (the whole gate/up phase).
+    bool waited = t.ids_known();
     for (int s = 0; s < t.n_stages() && ok; ++s) {
       const int32_t* st = t.stage(s);
       stage_tiles(c, st[0], st + 1, [&](const Tile& tile, int) {
