@@ -86,6 +86,31 @@ class DFlashConfig:
         return tuple(i * (num_target_layers - 1) // (n - 1) for i in range(n))
 
     @classmethod
+    def flash_for(cls, target: MimoConfig, num_heads: int = 32, intermediate_size: int = 8192,
+                  num_conditioning: int = 5) -> "DFlashConfig":
+        """A drafter of MiMo's DFlash shape for a flash-size target (shared/notes: 5 blocks, the
+        target's hidden size, 8 KV heads of 128, partial rotary 0.5, theta 1e4, a 1024-key window
+        with a sink, the target's value scale, conditioned on 5 target layers spread first to
+        last, block 8).  The notes do not give the query heads or the MLP width: `num_heads` and
+        `intermediate_size` are assumptions a benchmark must state."""
+        return cls(
+            num_layers=5,
+            hidden_size=target.hidden_size,
+            num_heads=num_heads,
+            num_kv_heads=8,
+            head_dim=128,
+            v_head_dim=128,
+            intermediate_size=intermediate_size,
+            target_layers=cls.spread_layers(target.num_hidden_layers, min(num_conditioning, target.num_hidden_layers)),
+            vocab_size=target.vocab_size,
+            block_size=8,
+            sliding_window=1024,
+            sink=True,
+            value_scale=target.attention_value_scale,
+            rms_norm_eps=target.rms_norm_eps,
+        ).validate()
+
+    @classmethod
     def tiny_for(cls, target: MimoConfig) -> "DFlashConfig":
         """A toy drafter for a toy target: every feature on (window shorter than the context, sink)."""
         n_target = min(3, target.num_hidden_layers)

@@ -23,7 +23,7 @@ _E2M1_MEAN_SQUARE = sum(v * v for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6)) / 8
 
 def _float_values(name: str, shape, gen, device) -> torch.Tensor:
     x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+    if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
         return 1.0 + 0.1 * x
     if name.endswith("e_score_correction_bias"):
         return 0.01 * x
@@ -51,19 +51,36 @@ def _stored(name: str, shape, fmt: str, gen, device) -> StoredTensor:
     raise ValueError(f"unknown storage format {fmt}")
 
 
-def device_weights(cfg: MimoConfig, seed: int = 0, device: str = "cuda",
-                   expert_format: str | None = None) -> dict[str, StoredTensor]:
-    """Every runtime-layout weight of `cfg` (experts stacked per layer) drawn on `device`."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    out = {}
-    for spec in expected_tensors(cfg):
-        if ".mlp.experts." not in spec.name:
-            out[spec.name] = _stored(spec.name, spec.shape, spec.fmt, gen, device)
+def weight_specs(cfg: MimoConfig, expert_format: str | None = None) -> list[tuple[str, tuple, str]]:
+    """(name, shape, storage format) of every runtime-layout weight of `cfg` (experts stacked per
+    layer): what device_weights draws, known without drawing it (tools build kernels from it)."""
+    out = [(s.name, tuple(s.shape), s.fmt) for s in expected_tensors(cfg) if ".mlp.experts." not in s.name]
     fmt = expert_format or cfg.expert_format
     E, I, H = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
     for i in range(cfg.num_hidden_layers):
         if cfg.is_moe(i):
             for proj, shape in (("gate_proj", (E, I, H)), ("up_proj", (E, I, H)), ("down_proj", (E, H, I))):
-                name = stacked_expert_name(i, proj)
-                out[name] = _stored(name, shape, fmt, gen, device)
+                out.append((stacked_expert_name(i, proj), shape, fmt))
     return out
+
+
+def draft_weight_specs(dcfg) -> list[tuple[str, tuple, str]]:
+    """(name, shape, format) of every tensor of a DFlash drafter (model/dflash.py), named as in an
+    artifact (`draft.` prefix)."""
+    from model.dflash import expected_draft_tensors
+    from tilert.artifact import DRAFT_PREFIX
+
+    return [(DRAFT_PREFIX + s.name, tuple(s.shape), s.fmt) for s in expected_draft_tensors(dcfg)]
+
+
+def device_weights(cfg: MimoConfig, seed: int = 0, device: str = "cuda",
+                   expert_format: str | None = None) -> dict[str, StoredTensor]:
+    """Every runtime-layout weight of `cfg` (experts stacked per layer) drawn on `device`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return {name: _stored(name, shape, fmt, gen, device) for name, shape, fmt in weight_specs(cfg, expert_format)}
+
+
+def device_draft_weights(dcfg, seed: int = 0, device: str = "cuda") -> dict[str, StoredTensor]:
+    """Every tensor of a DFlash drafter drawn on `device` in its checkpoint format."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return {name: _stored(name.split(".", 1)[1], shape, fmt, gen, device) for name, shape, fmt in draft_weight_specs(dcfg)}

@@ -104,12 +104,14 @@ def _view_like(raw: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class MegakernelRuntime:
     def __init__(self, cubin_path, generated, runtime_weights: dict[str, StoredTensor], max_seq_len: int,
                  device: str = "cuda", timeout_s: float = 2.0, profile: bool = False,
-                 share_weights_with: "MegakernelRuntime | None" = None):
+                 share_weights_with: "MegakernelRuntime | None" = None, consume_weights: bool = False):
         """`cubin_path` and `generated` are one cubin and its GeneratedKernel, or dicts of them
         keyed by step size.  `profile`: the cubins were built with profile=True.
         `share_weights_with`: another runtime on this GPU whose uploaded weights this one reads
         where both need the same tensor in the same layout (a drafter borrows the target's
-        embedding and LM head)."""
+        embedding and LM head).  `consume_weights`: drop each weight re-laid out for the GPU
+        (tiled) from `runtime_weights` once uploaded, so the card never holds both copies of
+        every weight (a 12-layer mimo-v2-flash cut drawn on an 80 GB card)."""
         if not isinstance(generated, dict):
             generated, cubin_path = {generated.tokens: generated}, {generated.tokens: cubin_path}
         if set(generated) != set(cubin_path):
@@ -127,7 +129,8 @@ class MegakernelRuntime:
         self.seq_len = 0
         self._check_device(generated.values())
         self._weights = self._upload_weights(generated.values(), runtime_weights,
-                                             share_weights_with._weights if share_weights_with else {})
+                                             share_weights_with._weights if share_weights_with else {},
+                                             consume_weights)
         self.state = self._state_arena(generated.values())
         self.kernels: dict[int, _Kernel] = {
             B: self._load(Path(cubin_path[B]), gen, driver) for B, gen in sorted(generated.items())}
@@ -150,7 +153,8 @@ class MegakernelRuntime:
             if g.smem_bytes > optin:
                 raise UserError(f"the B={g.tokens} kernel needs {g.smem_bytes} B of shared memory; the GPU allows {optin}")
 
-    def _upload_weights(self, gens, weights: dict[str, StoredTensor], shared: dict[str, dict]) -> dict[str, dict]:
+    def _upload_weights(self, gens, weights: dict[str, StoredTensor], shared: dict[str, dict],
+                        consume: bool = False) -> dict[str, dict]:
         """Each weight once, as stored, in 16-byte padded buffers (the kernel reads 16-byte chunks);
         those in `shared` (uploaded by another runtime) in the layout wanted are not copied again."""
         out: dict[str, dict] = {}
@@ -173,7 +177,9 @@ class MegakernelRuntime:
                 if tuple(t.shape) != tuple(slot.shape):
                     raise UserError(f"weight {slot.name} has shape {tuple(t.shape)}, the kernel expects {slot.shape}")
                 out[slot.name] = up = self._upload_one(t, fmt, slot.tiled)
-                if t.data.device == self.device and not slot.tiled:
+                if consume and slot.tiled:
+                    del weights[slot.name], t
+                elif t.data.device == self.device and not slot.tiled:
                     # Already on this GPU: let the caller's tensor share the padded copy, so
                     # that the weights are held once (large models fill the card).
                     t.data = _view_like(up["data"], t.data)
