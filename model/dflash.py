@@ -86,6 +86,16 @@ class DFlashConfig:
         return tuple(i * (num_target_layers - 1) // (n - 1) for i in range(n))
 
     @classmethod
+    def for_target(cls, target: MimoConfig, conditioning: int, **shape) -> "DFlashConfig":
+        """A drafter for `target`: what it takes from the target (hidden size, vocabulary, value
+        scale, norm epsilon; `conditioning` target layers spread first to last) plus `shape`."""
+        return cls(hidden_size=target.hidden_size, vocab_size=target.vocab_size,
+                   target_layers=cls.spread_layers(target.num_hidden_layers,
+                                                   min(conditioning, target.num_hidden_layers)),
+                   value_scale=target.attention_value_scale, rms_norm_eps=target.rms_norm_eps,
+                   **shape).validate()
+
+    @classmethod
     def flash_for(cls, target: MimoConfig, num_heads: int = 32, intermediate_size: int = 8192,
                   num_conditioning: int = 5) -> "DFlashConfig":
         """A drafter of MiMo's DFlash shape for a flash-size target (shared/notes: 5 blocks, the
@@ -93,43 +103,15 @@ class DFlashConfig:
         with a sink, the target's value scale, conditioned on 5 target layers spread first to
         last, block 8).  The notes do not give the query heads or the MLP width: `num_heads` and
         `intermediate_size` are assumptions a benchmark must state."""
-        return cls(
-            num_layers=5,
-            hidden_size=target.hidden_size,
-            num_heads=num_heads,
-            num_kv_heads=8,
-            head_dim=128,
-            v_head_dim=128,
-            intermediate_size=intermediate_size,
-            target_layers=cls.spread_layers(target.num_hidden_layers, min(num_conditioning, target.num_hidden_layers)),
-            vocab_size=target.vocab_size,
-            block_size=8,
-            sliding_window=1024,
-            sink=True,
-            value_scale=target.attention_value_scale,
-            rms_norm_eps=target.rms_norm_eps,
-        ).validate()
+        return cls.for_target(target, num_conditioning, num_layers=5, num_heads=num_heads, num_kv_heads=8,
+                              head_dim=128, v_head_dim=128, intermediate_size=intermediate_size, block_size=8,
+                              sliding_window=1024, sink=True)
 
     @classmethod
     def tiny_for(cls, target: MimoConfig) -> "DFlashConfig":
         """A toy drafter for a toy target: every feature on (window shorter than the context, sink)."""
-        n_target = min(3, target.num_hidden_layers)
-        return cls(
-            num_layers=2,
-            hidden_size=target.hidden_size,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=16,
-            v_head_dim=16,
-            intermediate_size=2 * target.hidden_size,
-            target_layers=cls.spread_layers(target.num_hidden_layers, n_target),
-            vocab_size=target.vocab_size,
-            block_size=4,
-            sliding_window=12,
-            sink=True,
-            value_scale=target.attention_value_scale,
-            rms_norm_eps=target.rms_norm_eps,
-        ).validate()
+        return cls.for_target(target, 3, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, v_head_dim=16,
+                              intermediate_size=2 * target.hidden_size, block_size=4, sliding_window=12, sink=True)
 
 
 def expected_draft_tensors(dcfg: DFlashConfig) -> list[TensorSpec]:

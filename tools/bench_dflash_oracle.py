@@ -337,7 +337,7 @@ def main(argv=None) -> int:
         from tilert.timing import append_bench_log
 
         append_bench_log(args.log, f"{result['date']}: DFlash with an ORACLE drafter, mimo-v2-flash geometry", device,
-                         args.commit, "tools/bench_dflash_oracle.py " + " ".join(sys.argv[1:]), table(result))
+                         args.commit, "tools/bench_dflash_oracle.py", table(result), argv)
     return 0
 
 
