@@ -128,7 +128,7 @@ def _routed_ids_are_safe(s, known_of: dict[int, bool]) -> int:
     task r of its stream whose wait covered it (the last unflagged routed one before t) read
     expert ids that no task overwrites before t is done (every writer of the id regions t reads
     happens before r or after t).  Returns how many tasks were flagged."""
-    from tilert.codegen import ROUTED_KINDS
+    from tilert.codegen import routes_experts
     from tilert.schedule import execution_order
     from tilert.validate import happens_before_clocks
 
@@ -143,7 +143,7 @@ def _routed_ids_are_safe(s, known_of: dict[int, bool]) -> int:
     for stream in s.streams:
         waited = None
         for t in stream:
-            if not any(st.kind in ROUTED_KINDS for st in (tasks[t].stages or [tasks[t]])):
+            if not routes_experts(tasks[t]):
                 assert not known_of[t], f"task {t} is flagged but reads no routed experts"
                 continue
             if not known_of[t]:
@@ -171,13 +171,13 @@ def test_loader_skips_waits_only_for_expert_ids_it_already_waited_for(tiny, B):
     known_of = {dt.id: dt.ids_known for st in streams for dt in st}
     assert _routed_ids_are_safe(s, known_of) > 0
     # The check fails for a loader that trusts any earlier routed task (the next layer's too).
-    from tilert.codegen import ROUTED_KINDS
+    from tilert.codegen import routes_experts
 
     trusting = {t.id: False for t in s.graph.tasks}
     for stream in s.streams:
         seen = False
         for t in stream:
-            if any(st.kind in ROUTED_KINDS for st in (s.graph.tasks[t].stages or [s.graph.tasks[t]])):
+            if routes_experts(s.graph.tasks[t]):
                 trusting[t], seen = seen, True
     with pytest.raises(AssertionError, match="may rewrite the expert ids"):
         _routed_ids_are_safe(s, trusting)

@@ -979,6 +979,11 @@ def _check_alignment(plan: _Plan, vector_views: list[dict]) -> None:
                             f"is not 16-byte aligned")
 
 
+def routes_experts(task: Task) -> bool:
+    """Whether a stage of `task` streams experts the router chose this step (ROUTED_KINDS)."""
+    return any(s.kind in ROUTED_KINDS for s in _stages(task))
+
+
 def routed_ids_known(schedule: Schedule) -> set[int]:
     """The tasks that get the IDS_KNOWN flag (module doc): a task with a stage of ROUTED_KINDS
     after another such task of the same layer in its worker's stream.  The expert-id buffers are
@@ -989,7 +994,7 @@ def routed_ids_known(schedule: Schedule) -> set[int]:
         last_layer = None
         for t in stream:
             task = graph.tasks[t]
-            if not any(s.kind in ROUTED_KINDS for s in _stages(task)):
+            if not routes_experts(task):
                 continue
             layer = graph.ops[task.op].layer
             if layer is not None and layer == last_layer:

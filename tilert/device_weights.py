@@ -23,7 +23,7 @@ _E2M1_MEAN_SQUARE = sum(v * v for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6)) / 8
 
 def _float_values(name: str, shape, gen, device) -> torch.Tensor:
     x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-    if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+    if name.endswith("norm.weight"):  # every RMSNorm's weight (layers, final, drafter)
         return 1.0 + 0.1 * x
     if name.endswith("e_score_correction_bias"):
         return 0.01 * x
@@ -82,5 +82,8 @@ def device_weights(cfg: MimoConfig, seed: int = 0, device: str = "cuda",
 
 def device_draft_weights(dcfg, seed: int = 0, device: str = "cuda") -> dict[str, StoredTensor]:
     """Every tensor of a DFlash drafter drawn on `device` in its checkpoint format."""
+    from tilert.artifact import DRAFT_PREFIX
+
     gen = torch.Generator(device=device).manual_seed(seed)
-    return {name: _stored(name.split(".", 1)[1], shape, fmt, gen, device) for name, shape, fmt in draft_weight_specs(dcfg)}
+    return {name: _stored(name[len(DRAFT_PREFIX):], shape, fmt, gen, device)
+            for name, shape, fmt in draft_weight_specs(dcfg)}
