@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tilert.deps as deps_module
-from tilert.cost import GPUS, critical_path, estimate, floor, simulate
+from tilert.cost import GPUS, critical_path, estimate, floor, simulate, task_times
 from tilert.deps import derive_dependencies
 from tilert.errors import HangError, ScheduleError
 from tilert.ir import (
@@ -35,7 +35,7 @@ from tilert.ir import (
     region,
 )
 from tilert.schedule import Counter, Schedule, schedule_from_json, schedule_to_json
-from tilert.scheduler import build_schedule
+from tilert.scheduler import assign_workers, build_schedule
 from tilert.trace import timeline_to_chrome_trace
 from tilert.validate import check_static, validate
 
@@ -248,11 +248,13 @@ def test_deps_are_true_conflicts_and_order_every_conflict(seed, num_buffers, num
 
 
 @fast
-@given(**graph_args, num_workers=st.integers(1, 16), policy=st.sampled_from(["list", "round_robin"]))
-def test_built_schedules_validate_and_order_every_conflict(seed, num_buffers, num_tasks, num_workers, policy):
+@given(**graph_args, num_workers=st.integers(1, 16), policy=st.sampled_from(["list", "round_robin"]),
+       tie_break=st.sampled_from(["lowest", "longest_idle", "random:0", "random:5"]))
+def test_built_schedules_validate_and_order_every_conflict(seed, num_buffers, num_tasks, num_workers, policy,
+                                                           tie_break):
     g = random_graph(seed, num_buffers, num_tasks)
     derive_dependencies(g)
-    s = build_schedule(g, num_workers, policy)
+    s = build_schedule(g, num_workers, policy, tie_break=tie_break)
     validate(s)
     assert sorted(t for stream in s.streams for t in stream) == list(range(num_tasks))
     for w, stream in enumerate(s.streams):
@@ -431,6 +433,40 @@ def test_small_transformer_orders_every_conflict(policy):
     s = build_schedule(g, 12, policy)
     validate(s)
     assert all_ordered(s, brute_conflicts(g))
+
+
+@fast
+@given(**graph_args, num_workers=st.integers(2, 12))
+def test_every_tie_break_starts_each_task_as_early_as_any_worker_could(seed, num_buffers, num_tasks, num_workers):
+    # The list scheduler's invariant under the cost model: each task, in program order, goes to
+    # a worker on which it starts at the earliest time possible; tie-breaks only pick among those.
+    g = random_graph(seed, num_buffers, num_tasks)
+    derive_dependencies(g)
+    dur = task_times(g, GPU, num_workers)
+    for tb in ("lowest", "longest_idle", "random:1", "random:2"):
+        worker_of = assign_workers(g, num_workers, "list", GPU, tb)
+        finish, free = np.zeros(num_tasks), np.zeros(num_workers)
+        for t, w in enumerate(worker_of):
+            ready = finish[g.deps[t]].max() if g.deps[t] else 0.0
+            start = np.maximum(free, ready)
+            assert start[w] == start.min()
+            finish[t] = free[w] = start[w] + dur[t]
+        assert worker_of == assign_workers(g, num_workers, "list", GPU, tb)  # deterministic per seed
+
+
+def test_tie_breaks_spread_a_fan_out_differently():
+    # A small transformer on far more workers than it can keep busy: every tie-break places it
+    # differently (random ones differently per seed); unknown tie-breaks are refused by name.
+    g = transformer_graph(layers=1, tiles=4, heads=2, experts=2, expert_tiles=2)
+    derive_dependencies(g)
+    lowest = assign_workers(g, 64, "list", GPU, "lowest")
+    assert max(lowest) < 64
+    seeds = {tuple(assign_workers(g, 64, "list", GPU, f"random:{s}")) for s in range(4)}
+    assert len(seeds) > 1
+    assert tuple(assign_workers(g, 64, "list", GPU, "longest_idle")) != tuple(lowest)
+    for bad in ("highest", "random", "random:x", "lowest:3"):
+        with pytest.raises(ValueError, match="tie_break"):
+            assign_workers(g, 4, "list", GPU, bad)
 
 
 def test_schedule_json_round_trip():

@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Callable
 
 from model.config import MimoConfig
+from tilert.calibration import calibrated, calibration_path
+from tilert.cost import GpuSpec
 from tilert.deps import derive_dependencies
+from tilert.errors import UserError
 from tilert.fusion import apply_fusions
 from tilert.lower import lower_step
 from tilert.schedule import Schedule
@@ -27,11 +30,24 @@ def compile_step(cfg: MimoConfig, recipe: dict, tokens: int, max_seq_len: int, m
     phase("dependencies")
     derive_dependencies(graph)
     phase("scheduling")
-    schedule = build_schedule(graph, num_workers or recipe["workers"], policy=policy, gpu=gpu)
+    schedule = build_schedule(graph, num_workers or recipe["workers"], policy=policy,
+                              gpu=scheduling_gpu(gpu, recipe), tie_break=recipe.get("tie_break", "lowest"))
     schedule.meta.update({"tokens": tokens, "max_seq_len": max_seq_len, "recipe": recipe.get("source"), "gpu": gpu})
     phase("validating")
     validate(schedule)
     return schedule
+
+
+def scheduling_gpu(gpu: str, recipe: dict) -> GpuSpec | str:
+    """The cost model the scheduler places tasks with: the GPU's own, or with its measured
+    corrections (schedules/calibration.<gpu>.json) when the recipe says "calibrated": true."""
+    if not recipe.get("calibrated"):
+        return gpu
+    found = calibrated(gpu)
+    if found is None:
+        raise UserError(f"recipe {recipe.get('source', '?')} asks for the calibrated cost model, "
+                        f"but there is no {calibration_path(gpu).name} for {gpu}")
+    return found[0]
 
 
 def compile_steps(cfg: MimoConfig, recipe: dict, token_counts: list[int], max_seq_len: int,

@@ -86,16 +86,19 @@ def first_divergence(rt, vm: VM, tokens: list[int], linear_limit: int = 400, tem
             vm.state[name].copy_(t)
 
 
-def check_step_against_vm(cfg, schedules, weights, rt, context: int, token: int = 11, tol: float = 1e-2) -> dict:
-    """One decode step at position `context` on the megakernel and on the VM (on the GPU, through
-    torch) from the same KV caches; raises unless the logits agree within `tol` (relative) and are
-    finite.  Leaves `rt` at sequence length `context` (benchmarks then time that step)."""
+def check_step_against_vm(cfg, schedules, weights, rt, context: int, token: int = 11, tol: float = 1e-2,
+                          tokens: list[int] | None = None) -> dict:
+    """One step at position `context` on the megakernel and on the VM (on the GPU, through
+    torch) from the same KV caches, over [token] or `tokens`; raises unless the logits agree
+    within `tol` (relative) and are finite.  Leaves `rt` at sequence length `context`
+    (benchmarks then time that step)."""
+    tokens = [token] if tokens is None else list(tokens)
     vm = VM(cfg, schedules, weights, max_seq_len=rt.max_seq_len, device="cuda")
     for name, t in vm.state.items():
         t.copy_(rt.buffer(name).to(t.dtype))
     vm.seq_len = rt.seq_len
-    want, want_tok = vm.step([token])
-    got, got_tok = rt.step([token])
+    want, want_tok = vm.step(tokens)
+    got, got_tok = rt.step(tokens)
     got = got.float()
     err = float((got - want.to(got.device)).norm() / want.norm())
     if not (bool(torch.isfinite(got).all()) and err < tol):

@@ -233,6 +233,24 @@ class MegakernelRuntime:
         if blocks < 1:
             raise UserError(f"the B={gen.tokens} megakernel cannot be resident ({gen.threads} threads, "
                             f"{gen.smem_bytes} B shared memory)")
+        return self._instance(gen, module, function)
+
+    def use_schedule(self, gen: GeneratedKernel) -> None:
+        """Run the steps of gen.tokens tokens with `gen`'s program from now on: another schedule
+        of the same kernel (same source, same buffers; the program is data, so no new cubin).
+        tools/autotune_schedule.py times the schedules a recipe could choose this way."""
+        old = self._kernel(gen.tokens)
+        if gen.source != old.gen.source:
+            raise UserError(f"use_schedule: this B={gen.tokens} schedule needs another kernel source "
+                            f"(different kinds or sizes); build its cubin instead")
+        layout = lambda g: {n: (s.space, s.offset, tuple(s.shape)) for n, s in g.buffers.items()}  # noqa: E731
+        if layout(gen) != layout(old.gen):
+            raise UserError(f"use_schedule: this B={gen.tokens} schedule lays out the buffers differently")
+        self.kernels[gen.tokens] = self._instance(gen, old.module, old.function)
+
+    def _instance(self, gen: GeneratedKernel, module, function) -> _Kernel:
+        """The device memory of one schedule of a loaded kernel: program, constants, weight table,
+        activation arena, counters and the other zeroed buffers, and its launch arguments."""
         dev = self.device
         table = np.zeros(max(len(gen.weights), 1), dtype=numpy_dtype(WEIGHT_DESC))
         for slot in gen.weights:

@@ -22,28 +22,34 @@ from tilert.ir import TaskGraph
 from tilert.schedule import Counter, Schedule
 
 POLICIES = ("list", "round_robin")
+TIE_BREAKS = ("lowest", "longest_idle", "random:<seed>")
 
 
 def build_schedule(graph: TaskGraph, num_workers: int, policy: str = "list", gpu: GpuSpec | str = "h100",
-                   worker_of: list[int] | None = None) -> Schedule:
+                   worker_of: list[int] | None = None, tie_break: str = "lowest") -> Schedule:
     """Schedule `graph` on `num_workers` persistent workers, assigned by `assign_workers`, or
     as `worker_of` says when given (multi-GPU: each rank's tasks on that rank's workers)."""
     gpu = GPUS[gpu] if isinstance(gpu, str) else gpu
     if len(graph.deps) != len(graph.tasks):
         derive_dependencies(graph)
     if worker_of is None:
-        worker_of = assign_workers(graph, num_workers, policy, gpu)
+        worker_of = assign_workers(graph, num_workers, policy, gpu, tie_break)
     streams: list[list[int]] = [[] for _ in range(num_workers)]
     for t, w in enumerate(worker_of):
         streams[w].append(t)
     waits, signals, counters = _synchronise(graph, worker_of, streams, num_workers)
-    meta = {"policy": policy, "gpu": gpu.name}
+    meta = {"policy": policy, "gpu": gpu.name, "tie_break": tie_break}
     return Schedule(graph, num_workers, streams, waits, signals, counters, worker_of, meta)
 
 
-def assign_workers(graph: TaskGraph, num_workers: int, policy: str = "list", gpu: GpuSpec | str = "h100") -> list[int]:
+def assign_workers(graph: TaskGraph, num_workers: int, policy: str = "list", gpu: GpuSpec | str = "h100",
+                   tie_break: str = "lowest") -> list[int]:
     """The worker of every task.  policy "list": each task, in program order, goes to the worker
-    on which it can start earliest under the cost model of `gpu` (ties: lowest worker id);
+    on which it can start earliest under the cost model of `gpu`; among the workers that tie
+    (often most of the machine: all idle ones wait for the same producer), `tie_break` picks:
+    "lowest" worker id, the "longest_idle" one, or "random:<seed>" (one of them at random).
+    The model cannot tell ties apart, the GPU can (which loader has streamed what, which
+    workers the next small ops land on): tools/autotune_schedule.py measures the choices.
     "round_robin": task t goes to worker t % num_workers."""
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -51,13 +57,25 @@ def assign_workers(graph: TaskGraph, num_workers: int, policy: str = "list", gpu
     if len(graph.deps) != len(graph.tasks):
         derive_dependencies(graph)
     if policy == "list":
-        return _list_assign(graph, num_workers, gpu)
+        return _list_assign(graph, num_workers, gpu, parse_tie_break(tie_break))
     if policy == "round_robin":
         return [t % num_workers for t in range(len(graph.tasks))]
     raise ValueError(f"unknown scheduling policy {policy!r}; choose one of {POLICIES}")
 
 
-def _list_assign(graph: TaskGraph, num_workers: int, gpu: GpuSpec) -> list[int]:
+def parse_tie_break(tie_break: str) -> tuple[str, int]:
+    """("lowest" | "longest_idle" | "random", seed) from a recipe's "tie_break" string."""
+    kind, _, seed = str(tie_break).partition(":")
+    if kind in ("lowest", "longest_idle") and not seed:
+        return kind, 0
+    if kind == "random" and seed.isdigit():
+        return kind, int(seed)
+    raise ValueError(f"unknown tie_break {tie_break!r}; choose one of {TIE_BREAKS}")
+
+
+def _list_assign(graph: TaskGraph, num_workers: int, gpu: GpuSpec, tie_break: tuple[str, int] = ("lowest", 0)) -> list[int]:
+    kind, seed = tie_break
+    rng = np.random.default_rng(seed)
     dur = task_times(graph, gpu, num_workers)
     finish = np.zeros(len(graph.tasks))
     free = np.zeros(num_workers)
@@ -66,6 +84,9 @@ def _list_assign(graph: TaskGraph, num_workers: int, gpu: GpuSpec) -> list[int]:
         ready = finish[deps].max() if deps else 0.0
         start = np.maximum(free, ready)
         w = int(np.argmin(start))  # the first minimum: lowest worker id among ties
+        if kind != "lowest" and free[w] < ready:  # several workers may be idle at `ready`
+            tied = np.flatnonzero(free <= ready)
+            w = int(tied[np.argmin(free[tied])] if kind == "longest_idle" else rng.choice(tied))
         finish[t] = free[w] = start[w] + dur[t]
         worker_of.append(w)
     return worker_of
