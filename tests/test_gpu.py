@@ -22,7 +22,7 @@ from model.config import preset
 from tilert.codegen import generate
 from tilert.compiler import compile_steps
 from tilert.diff import compare, first_divergence, vm_prefix  # noqa: F401
-from tilert.errors import HangError
+from tilert.errors import HangError, UserError
 from tilert.layout import runtime_weights
 from tilert.lower import load_recipe
 from tilert.vm import VM
@@ -170,6 +170,29 @@ def test_union_of_experts_matches_the_vm(tiny, B):
         logits, nxt = runtime.step(tokens, temperature=0.7, seed=5)
         assert nxt == ref_next and rel_err(logits, ref_logits) < 1e-3, f"step {step}: rel err {rel_err(logits, ref_logits):.3g}"
         tokens = [(t * 5 + i) % cfg.vocab_size for i, t in enumerate(nxt)]
+
+
+def test_other_placements_run_on_the_same_cubin(tiny):
+    """MegakernelRuntime.use_schedule (tools/autotune_schedule.py): the B = 8 and B = 1 steps under
+    other tie-breaks, on the cubin of the recipe's schedule, equal the VM; a program that needs
+    another kernel source is refused."""
+    cfg, schedules, weights = tiny
+    rt = make_runtime(cfg, schedules, weights)
+    formats = {n: t.fmt for n, t in weights.items()}
+    for tie_break in ("longest_idle", "random:3"):
+        recipe = dict(load_recipe("mimo-tiny", "h100"), tie_break=tie_break)
+        other = compile_steps(cfg, recipe, [1, 8], max_seq_len=MAX_SEQ)
+        assert any(other[B].worker_of != schedules[B].worker_of for B in other)
+        for B in (1, 8):
+            rt.use_schedule(generate(other[B], cfg, formats))
+        rt.reset()
+        vm = VM(cfg, schedules, weights, MAX_SEQ)
+        for tokens in ([3, 1, 4, 1, 5, 9, 2, 6], [5], [3]):
+            got, got_tok = rt.step(tokens)
+            want, want_tok = vm.step(tokens)
+            assert rel_err(got, want) < 1e-4 and got_tok == want_tok
+    with pytest.raises(UserError, match="another kernel source"):
+        rt.use_schedule(generate(schedules[1], cfg, formats, loader=False))
 
 
 def test_planted_hang_names_worker_and_counter(tiny):

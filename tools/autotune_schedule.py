@@ -58,12 +58,12 @@ def flash(layers: int):
     return dataclasses.replace(preset("mimo-v2-flash", layers=layers), expert_format="mxfp4")
 
 
-def compile_variant(cfg, recipe: dict, variant, tokens: int, max_seq_len: int, formats, capture=()):
+def compile_variant(cfg, recipe: dict, variant, tokens: int, max_seq_len: int, formats, capture=(), gpu="h100"):
     from tilert.codegen import generate
     from tilert.compiler import compile_steps
 
     r = dict(recipe, tie_break=variant[0], calibrated=variant[1])
-    schedules = compile_steps(cfg, r, [tokens], max_seq_len=max_seq_len, capture_layers=capture)
+    schedules = compile_steps(cfg, r, [tokens], max_seq_len=max_seq_len, capture_layers=capture, gpu=gpu)
     return schedules, generate(schedules[tokens], cfg, formats)
 
 
@@ -102,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--launches", type=int, default=20)
     ap.add_argument("--finalists", type=int, default=3)
+    ap.add_argument("--gpu", default=None, choices=["h100", "h200"],
+                    help="whose recipe and cost model (default: the device's; h100 with --prebuild)")
     ap.add_argument("--prebuild", action="store_true", help="only build the cubin (no GPU)")
     ap.add_argument("--out", default="tune.json")
     ap.add_argument("--log", help="append the table, with date, device, command and commit, to this file")
@@ -111,8 +113,13 @@ def main(argv=None) -> int:
     from tilert.build import build_cubin
     from tilert.lower import load_recipe
 
+    if args.gpu is None and not args.prebuild:
+        import torch
+
+        args.gpu = "h200" if "H200" in torch.cuda.get_device_properties(0).name else "h100"
+    gpu = args.gpu or "h100"
     cfg = flash(args.layers)
-    recipe = load_recipe("mimo-v2-flash", "h100")
+    recipe = load_recipe("mimo-v2-flash", gpu)
     own = (recipe.get("tie_break", "lowest"), bool(recipe.get("calibrated", False)))
     variants = [own] + [v for v in parse_variants(args.tie_breaks, args.calibrated) if v != own]
     max_seq_len = args.context + 8
@@ -126,7 +133,7 @@ def main(argv=None) -> int:
         from tilert.device_weights import weight_specs
 
         formats = {n: f for n, _, f in weight_specs(cfg)}
-        _, gen = compile_variant(cfg, recipe, own, args.tokens, max_seq_len, formats, capture)
+        _, gen = compile_variant(cfg, recipe, own, args.tokens, max_seq_len, formats, capture, gpu)
         print(build_cubin(gen.source, build_dir)[0])
         return 0
 
@@ -143,7 +150,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth()
     weights = device_weights(cfg, seed=0)
     formats = {n: t.fmt for n, t in weights.items()}
-    schedules, gen = compile_variant(cfg, recipe, own, args.tokens, max_seq_len, formats, capture)
+    schedules, gen = compile_variant(cfg, recipe, own, args.tokens, max_seq_len, formats, capture, gpu)
     cubin = build_cubin(gen.source, build_dir)[0]
     check_vm = args.layers <= 6  # deeper cuts: the drawn weights are dropped once uploaded (80 GB)
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len, consume_weights=not check_vm)
@@ -161,7 +168,7 @@ def main(argv=None) -> int:
     kernels, errors, compile_s = {label(own): rt.kernels[args.tokens]}, {label(own): 0.0}, {}
     for v in variants[1:]:
         t0 = time.time()
-        _, g = compile_variant(cfg, recipe, v, args.tokens, max_seq_len, formats, capture)
+        _, g = compile_variant(cfg, recipe, v, args.tokens, max_seq_len, formats, capture, gpu)
         compile_s[label(v)] = time.time() - t0
         rt.use_schedule(g)
         logits, _ = rt.step(step_tokens)
@@ -185,7 +192,7 @@ def main(argv=None) -> int:
     rows = [{"variant": n, "sweep_us": med[n] * 1e6, "final_us": fmed.get(n, float("nan")) * 1e6,
              "vs_recipe": fmed[n] / base if n in fmed else med[n] / med[label(own)],
              "vs_floor": (fmed.get(n) or med[n]) / floor_s, "rel_err": errors[n]} for n in sorted(med, key=med.get)]
-    lines = [f"{dev}, copy {bw / 1e12:.2f} TB/s; mimo-v2-flash {args.layers} layers, context {args.context}, "
+    lines = [f"{dev}, copy {bw / 1e12:.2f} TB/s; recipe {recipe['source']}; mimo-v2-flash {args.layers} layers, context {args.context}, "
              f"B = {args.tokens}{' (DFlash target: capture layers)' if capture else ''}; floor {floor_s * 1e6:.1f} us; "
              f"sweep: median of {args.rounds} rounds x {args.launches} launches; final: {3 * args.rounds} rounds",
              "", "| schedule | sweep us | final us | / recipe's | / floor |", "|---|---|---|---|---|"]
