@@ -19,6 +19,7 @@ import torch
 
 from model.checkpoint import load_checkpoint, write_synthetic
 from model.config import preset
+from tilert import codegen
 from tilert.codegen import generate
 from tilert.compiler import compile_steps
 from tilert.diff import compare, first_divergence, vm_prefix  # noqa: F401
@@ -36,9 +37,10 @@ STEPS = 256
 # 16-byte loads (row-major, CUDA cores); a ring of 256-byte slots, too small for a step block, so
 # every weight stays row-major and every tile is cut into many pieces (ring wrap-around, rows
 # reduced across warps); 1 KiB slots, one step block each, so tiled rows of two or more steps are
-# cut into chunks (partial sums carried over a row block's pieces).
+# cut into chunks (partial sums carried over a row block's pieces); attention on the path the
+# codegen does not take by default (tensor cores or CUDA cores).
 VARIANTS = {"loader": {}, "direct": {"loader": False}, "small-slots": {"slot_bytes": 256},
-            "step-chunks": {"slot_bytes": 1024}}
+            "step-chunks": {"slot_bytes": 1024}, "other-attention": {"attention_mma": not codegen.ATTENTION_MMA}}
 
 
 def rel_err(a, b) -> float:
@@ -256,7 +258,8 @@ def kernel_sources() -> list[str]:
     out = [generate(s, cfg, **kw).source for kw in VARIANTS.values() for s in tiny.values()]
     out += [generate(s, cfg).source for B in (4, 8) for s in union_schedules(cfg, B).values()]
     flash = [flash2_config(f) for f in FLASH2_EXPERTS]
-    out += [generate(s, f2).source for f2 in flash for s in flash2_schedules(f2).values()]
+    out += [generate(s, f2, attention_mma=mma).source for f2 in flash for s in flash2_schedules(f2).values()
+            for mma in (False, True)]
     with multi_token_x_limit(SMALL_MULTI_XS):
         f4 = flash2_config("mxfp4")
         out.append(generate(flash2_schedules(f4)[8], f4).source)
@@ -282,10 +285,11 @@ def flash2(request):
     return cfg, schedules, runtime_weights(cfg, weights)
 
 
-def test_flash_geometry_matches_the_vm(flash2):
+@pytest.mark.parametrize("attention_mma", [False, True])
+def test_flash_geometry_matches_the_vm(flash2, attention_mma):
     cfg, schedules, weights = flash2
     vm = VM(cfg, schedules, weights, 64, device=next(iter(weights.values())).data.device.type)  # where they live
-    rt = make_runtime(cfg, schedules, weights, max_seq=64)
+    rt = make_runtime(cfg, schedules, weights, max_seq=64, attention_mma=attention_mma)
     prompt = [1, 17, 300, 5, 42, 7, 99, 100]
     ref_logits, ref_next = vm.step(prompt)
     logits, nxt = rt.step(prompt, poison=True)

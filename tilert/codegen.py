@@ -681,6 +681,9 @@ ATTN_CHUNK = 16  # keys per chunk of k_attention (TILERT_ATTN_CHUNK; a lane a ke
 # chunk buffers in k_attention's cp.async ring (TILERT_ATTN_STAGES): chunk ch + 1's copies in
 # flight while ch is computed (3 measured no faster, and their shared memory shrinks the ring)
 ATTN_STAGES = 2
+# k_attention on the tensor cores (kinds.cuh attn_token_mma: tf32 mmas, three products a term)
+# instead of the CUDA-core loop; generate(attention_mma=) overrides it.
+ATTENTION_MMA = False
 
 
 def _attention_group_max(stages_of) -> int:
@@ -689,12 +692,19 @@ def _attention_group_max(stages_of) -> int:
 
 
 def _attention_smem_bytes(group: int, head_dim: int, v_head_dim: int) -> int:
-    """k_attention's shared memory, from TILERT_SMEM_XS on (the GEMVs' x staging and scratch):
-    the token's queries [group][hd], ATTN_STAGES chunk buffers of keys [chunk][hd + 4] and
-    values [chunk][vd], the chunk's scores [group][chunk] and the running max, sum and rescale
-    per head."""
+    """k_attention's shared memory, from TILERT_SMEM_XS on (the GEMVs' x staging and scratch),
+    the larger of its two paths' (so that either fits the one layout; A/B runs switch with
+    `--define TILERT_ATTN_MMA=1`).  CUDA cores: the token's queries [group][hd], ATTN_STAGES
+    chunk buffers of keys [chunk][hd + 4] and values [chunk][vd], the chunk's scores
+    [group][chunk] and the running max, sum and rescale per head.  Tensor cores: queries
+    [group][hd + 4], chunk buffers of keys [chunk][hd + 4] and values [chunk][vd + 8], partial
+    scores [8 warps][16-row tiles][chunk + 4], weights [group][chunk + 4], the running state."""
     ch = ATTN_CHUNK
-    return 4 * (group * head_dim + ATTN_STAGES * ch * (head_dim + 4 + v_head_dim) + group * ch + 3 * group)
+    simt = group * head_dim + ATTN_STAGES * ch * (head_dim + 4 + v_head_dim) + group * ch + 3 * group
+    tiles = -(-group // 16)
+    mma = (group * (head_dim + 4) + ATTN_STAGES * ch * (head_dim + 4 + v_head_dim + 8)
+           + 8 * 16 * tiles * (ch + 4) + group * (ch + 4) + 3 * group)
+    return 4 * max(simt, mma)
 
 
 def _slot_row_bytes(w: WeightSlot) -> int:
@@ -869,7 +879,7 @@ def _smem_layout(ring_slots: int, slot_bytes: int, red_bytes: int, scratch_bytes
 def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str] | None = None,
              loader: bool = True, compute_warps: int = COMPUTE_WARPS, ring_slots: int = RING_SLOTS,
              smem_limit: int = SMEM_LIMIT, locals_space: str = "auto",
-             slot_bytes: int | None = None, mma_formats=MMA_FORMATS) -> GeneratedKernel:
+             slot_bytes: int | None = None, mma_formats=MMA_FORMATS, attention_mma: bool | None = None) -> GeneratedKernel:
     """The megakernel of one schedule.  `weight_formats` (name -> storage format) says how the
     weights the kernel will run with are stored (default: the formats the schedule declares);
     the runtime refuses weights in other formats.  `loader=False` gives the simpler kernel
@@ -878,7 +888,8 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     give the ring larger slots (`locals_space` "auto"), else to a per-worker global scratch area
     ("global" forces that).  `slot_bytes` overrides the ring
     slot size (tests use small slots to cut tiles into many pieces).  `mma_formats`: the weight
-    formats whose GEMVs run on the tensor cores (the rest on the CUDA-core loop)."""
+    formats whose GEMVs run on the tensor cores (the rest on the CUDA-core loop).  `attention_mma`:
+    attention on the tensor cores (default ATTENTION_MMA)."""
     g = schedule.graph
     B = g.tokens
     if not 1 <= B <= 8:
@@ -956,7 +967,7 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     return GeneratedKernel(
         source=_source(schedule, cfg, B, compute_warps, loader, slots, slot, lay, formats, scratch_stride,
                        set(mma_used), xs_bytes, _gemv_masks(enc.stages, weights, B), task_words,
-                       group_max),
+                       group_max, ATTENTION_MMA if attention_mma is None else attention_mma),
         program=_encode_program(schedule, enc.stages, task_words), tokens=B, num_workers=schedule.num_workers,
         threads=32 * compute_warps + (32 if loader else 0), smem_bytes=lay["total"], loader=loader,
         slots=slots, slot_bytes=slot, act_bytes=plan.act_bytes, state_bytes=plan.state_bytes,
@@ -1040,7 +1051,7 @@ def _encode_program(schedule: Schedule, encoded: dict[int, list[tuple[str, dict]
 
 def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool, slots: int, slot_bytes: int,
             lay: dict, formats: set[str], scratch_stride: int, mma_formats: set[str], xs_bytes: int,
-            gemv_masks: dict[str, int], task_words: int, attn_group_max: int) -> str:
+            gemv_masks: dict[str, int], task_words: int, attn_group_max: int, attention_mma: bool) -> str:
     kinds_used = sorted({k for t in schedule.graph.tasks for k in (s.kind for s in _stages(t))},
                         key=lambda k: KIND_ID[k])
     defines = {
@@ -1065,6 +1076,8 @@ def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool,
     # so schedules of one shape share a cached cubin.
     lines = ["// Generated by tilert/codegen.py: do not edit.  The static device code is tilert/cuda/*.cuh."]
     lines += [f"#define {k} {v}" for k, v in defines.items()]
+    if attention_mma:  # kinds.cuh defaults it to 0, so an A/B run can also prepend it to a source
+        lines.append("#define TILERT_ATTN_MMA 1")
     lines += ["#ifndef TILERT_PROFILE", "#define TILERT_PROFILE 0", "#endif", "", "#include <cstdint>", "",
               "namespace tilert {", ""]
     lines += [f"#define FMT_{n.upper()} {i}" for n, i in FORMATS.items()]

@@ -181,19 +181,30 @@ TILERT_DEV int visible_lo(int position, int window) { return window ? max(0, pos
 // heads' partials never meet across warps: their owners write them out at the end.  The
 // shared-memory area (TILERT_SMEM_XS onwards, the GEMVs' x staging and scratch, which attention
 // does not use) is sized by tilert/codegen.py (`_attention_smem_bytes`).
+//
+// With TILERT_ATTN_MMA the chunk runs on the tensor cores instead (attn_token_mma below): the
+// same cp.async ring and online softmax, but the scores and the weighted values are tf32 mmas
+// (three products a term, so fp32 accuracy), every shared-memory operand read once a chunk.
+#ifndef TILERT_ATTN_MMA
+#define TILERT_ATTN_MMA 0
+#endif
 constexpr int kAttnChunk = TILERT_ATTN_CHUNK;
 static_assert(kAttnChunk == 16, "the score step pairs keys j and j + 8; the softmax takes a key a lane of a half-warp");
 constexpr int kAttnStages = TILERT_ATTN_STAGES;
 constexpr int kAttnPairs = (TILERT_ATTN_GROUP_MAX + 1) / 2;                                 // pairs of heads
 constexpr int kAttnOwn = (kAttnPairs * (TILERT_VD_MAX / 4) + kNCT - 1) / kNCT;  // (head pair, 4 value dims) a thread
 constexpr int kAttnKRow = TILERT_HD_MAX + 4;  // floats a key row takes in a chunk buffer (rows 4 banks apart)
-constexpr int kAttnStage = kAttnChunk * (kAttnKRow + TILERT_VD_MAX);  // floats of one chunk buffer
+// floats a value row takes in a chunk buffer: packed for the CUDA-core loop (its float4 walk),
+// 8 banks apart for the mma's B fragments (lanes t = 0..3 read rows t: banks 8 t + g)
+constexpr int kAttnVRow = TILERT_ATTN_MMA ? TILERT_VD_MAX + 8 : TILERT_VD_MAX;
+constexpr int kAttnStage = kAttnChunk * (kAttnKRow + kAttnVRow);  // floats of one chunk buffer
 
 // Start this thread's copies of the key and value rows of keys [j0, j0 + n) into chunk buffer
-// `buf` (key rows first, then value rows; the value rows of a short chunk filled up with zeros,
+// `buf` (key rows first, then value rows `vrow` floats apart; the value rows of a short chunk filled up with zeros,
 // which the value step multiplies by its zero weights) and commit them as one group.  Every
 // thread commits a group per call, copies or not, so cp_async_wait counts chunks alike everywhere.
-TILERT_DEV void attn_issue(const AttentionParams& p, const float* kc, const float* vc, float* buf, int j0, int n) {
+TILERT_DEV void attn_issue(const AttentionParams& p, const float* kc, const float* vc, float* buf, int j0, int n,
+                           int vrow) {
   const int k4 = p.hd / 4, v4 = p.vd / 4, nk = n * k4;
   float* vb = buf + kAttnChunk * kAttnKRow;
   for (int i = ctid(); i < (n ? nk + kAttnChunk * v4 : 0); i += kNCT) {
@@ -203,7 +214,7 @@ TILERT_DEV void attn_issue(const AttentionParams& p, const float* kc, const floa
     } else {
       const int j = (i - nk) / v4, f = (i - nk) - j * v4;
       const float* src = j < n ? vc + cache_slot(j0 + j, p.window, p.slots) * p.v_cache.ld + 4 * f : vc;
-      cp_async16(vb + j * p.vd + 4 * f, src, j < n ? 16u : 0u);
+      cp_async16(vb + j * vrow + 4 * f, src, j < n ? 16u : 0u);
     }
   }
   cp_async_commit();
@@ -251,128 +262,322 @@ TILERT_DEV float half_warp_sum(float v) {
   return v;
 }
 
+// Where a token's partials go: (query head h of the group, value dim d) of this split.
+struct AttnOut {
+  float* acc;
+  float* mx;
+  float* sm;
+  TILERT_DEV void write(const AttentionParams& p, int h, int d, float v) const {
+    acc[((p.h0 + h) * p.ms + p.split) * p.vd + d] = v;
+  }
+  TILERT_DEV void stats(const AttentionParams& p, int h, float m, float l) const {
+    mx[(p.h0 + h) * p.ms + p.split] = m;
+    sm[(p.h0 + h) * p.ms + p.split] = l;
+  }
+};
+
+TILERT_DEV void attn_token_simt(const AttentionParams& p, const float* q, const float* kc, const float* vc,
+                                float* smem, int lo, int hi, const AttnOut& out);
+TILERT_DEV void attn_token_mma(const AttentionParams& p, const float* q, const float* kc, const float* vc,
+                               float* smem, int lo, int hi, const AttnOut& out);
+
 TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
-  constexpr int CH = kAttnChunk, S = kAttnStages;
   const float* q = ref_ptr<float>(c, p.q);
   const float* kc = ref_ptr<float>(c, p.k_cache);
   const float* vc = ref_ptr<float>(c, p.v_cache);
   const int* pos = ref_ptr<int>(c, p.positions);
-  float* mx = ref_ptr<float>(c, p.mx);
-  float* sm = ref_ptr<float>(c, p.sm);
-  float* acc = ref_ptr<float>(c, p.acc);
-  const int G = p.group, hd = p.hd, v4 = p.vd / 4;
-  float* qs = reinterpret_cast<float*>(c.smem + TILERT_SMEM_XS);  // [G][hd] this token's queries
-  float* ring = qs + TILERT_ATTN_GROUP_MAX * TILERT_HD_MAX;        // [S] chunk buffers
-  float* ps = ring + S * kAttnStage;                               // [G][CH] scores, then weights
-  float* run_m = ps + TILERT_ATTN_GROUP_MAX * CH;                  // [G] running maximum
-  float* run_l = run_m + TILERT_ATTN_GROUP_MAX;                    // [G] running sum
-  float* corr = run_l + TILERT_ATTN_GROUP_MAX;                     // [G] this chunk's rescale
+  float* smem = reinterpret_cast<float*>(c.smem + TILERT_SMEM_XS);
   // This split's share of the step's whole visible key range (tilert.kernels.split_range).
   const int all_lo = visible_lo(pos[0], p.window), all_hi = pos[kB - 1] + 1;
   const int span = (all_hi - all_lo + p.splits - 1) / p.splits;
   const int s_lo = all_lo + p.split * span, s_hi = min(all_hi, all_lo + (p.split + 1) * span);
   for (int b = 0; b < kB; ++b) {
+    const AttnOut out{ref_ptr<float>(c, p.acc) + b * p.acc.ld, ref_ptr<float>(c, p.mx) + b * p.mx.ld,
+                      ref_ptr<float>(c, p.sm) + b * p.sm.ld};
     // causal: up to the query's own position; a DFlash draft block (causal = 0) sees the whole block
     const int last = p.causal ? pos[b] : pos[kB - 1];
     const int lo = max(visible_lo(pos[b], p.window), s_lo), hi = min(last + 1, s_hi);
     if (hi <= lo) {  // empty split: every head of the group gets the neutral partial
-      for (int i = ctid(); i < G * p.vd; i += kNCT) {
-        const int h = p.h0 + i / p.vd, d = i % p.vd;
-        acc[b * p.acc.ld + (h * p.ms + p.split) * p.vd + d] = 0.f;
-        if (d == 0) { mx[b * p.mx.ld + h * p.ms + p.split] = -INFINITY; sm[b * p.sm.ld + h * p.ms + p.split] = 0.f; }
+      for (int i = ctid(); i < p.group * p.vd; i += kNCT) {
+        const int h = i / p.vd, d = i % p.vd;
+        out.write(p, h, d, 0.f);
+        if (d == 0) out.stats(p, h, -INFINITY, 0.f);
       }
       continue;
     }
-    const int chunks = (hi - lo + CH - 1) / CH;
-    // The first S - 1 chunks on their way (a group per stage, empty past the last chunk).
-#pragma unroll
-    for (int st = 0; st < S - 1; ++st)
-      attn_issue(p, kc, vc, ring + st * kAttnStage, lo + st * CH, st < chunks ? min(CH, hi - lo - st * CH) : 0);
-    for (int i = ctid(); i < G * hd / 4; i += kNCT)
-      reinterpret_cast<float4*>(qs)[i] = *reinterpret_cast<const float4*>(q + b * p.q.ld + p.h0 * hd + 4 * i);
-    for (int h = ctid(); h < G; h += kNCT) { run_m[h] = -INFINITY; run_l[h] = 0.f; }
-    float4 o[kAttnOwn][2];  // (head pair, value float4) items of this thread: heads 2 hp and 2 hp + 1
-#pragma unroll
-    for (int k = 0; k < kAttnOwn; ++k) o[k][0] = o[k][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int ch = 0; ch < chunks; ++ch) {
-      const int j0 = lo + ch * CH, n = min(CH, hi - j0);
-      const float* kb = ring + (ch % S) * kAttnStage;
-      const float* vb = kb + CH * kAttnKRow;
-      cp_async_wait<S - 2>();  // this thread's copies of chunk ch have landed
-      compute_sync();          // everyone's (and the queries, the running state); chunk ch - 1 is done
-      {  // chunk ch + S - 1 into the buffer chunk ch - 1 left
-        const int nx = ch + S - 1, jn = lo + nx * CH;
-        attn_issue(p, kc, vc, ring + (nx % S) * kAttnStage, jn, nx < chunks ? min(CH, hi - jn) : 0);
-      }
-      attn_scores(p, qs, kb, ps, n);
-      compute_sync();
-      // (2) softmax weights against the running maximum, half a warp a head, a lane a key
-      for (int h2 = cwarp(); 2 * h2 < G; h2 += kNCW) {  // whole warps (the shuffles), a head past G idle
-        const int h = 2 * h2 + (lane() >> 4), j = lane() & 15;
-        const bool real = h < G;
-        const float s = real ? ps[h * CH + j] : 0.f;
-        const float m_old = real ? run_m[h] : 0.f, m_new = fmaxf(m_old, half_warp_max(s));  // finite: n >= 1
-        const float e = expf(s - m_new);  // exp(-inf) = 0 past n
-        const float total = half_warp_sum(e);
-        if (real) ps[h * CH + j] = e;
-        if (real && j == 0) {
-          const float f = expf(m_old - m_new);  // 0 on the first chunk (m_old = -inf)
-          corr[h] = f;
-          run_l[h] = run_l[h] * f + total;
-          run_m[h] = m_new;
-        }
-      }
-      compute_sync();
-      // (3) the weighted values: a float4 of value dims of two heads a thread
-#pragma unroll
-      for (int k = 0; k < kAttnOwn; ++k) {
-        const int own = ctid() + k * kNCT, hp = own / v4, d4 = own % v4;
-        if (2 * hp < G) {
-          const int h0 = 2 * hp, h1 = min(2 * hp + 1, G - 1);
-          float4 a = o[k][0], z = o[k][1];
-          const float f0 = corr[h0], f1 = corr[h1];
-          a.x *= f0; a.y *= f0; a.z *= f0; a.w *= f0;
-          z.x *= f1; z.y *= f1; z.z *= f1; z.w *= f1;
-          const float4* e0 = reinterpret_cast<const float4*>(ps + h0 * CH);
-          const float4* e1 = reinterpret_cast<const float4*>(ps + h1 * CH);
-          const float4* v = reinterpret_cast<const float4*>(vb) + d4;
-#pragma unroll
-          for (int j4 = 0; j4 < CH / 4; ++j4) {  // past n: weights 0, value rows zero-filled by attn_issue
-            const float4 w0 = e0[j4], w1 = e1[j4];
-            const float ew0[4] = {w0.x, w0.y, w0.z, w0.w}, ew1[4] = {w1.x, w1.y, w1.z, w1.w};
-#pragma unroll
-            for (int jj = 0; jj < 4; ++jj) {
-              const float4 vj = v[(4 * j4 + jj) * v4];
-              a.x = fmaf(ew0[jj], vj.x, a.x); a.y = fmaf(ew0[jj], vj.y, a.y);
-              a.z = fmaf(ew0[jj], vj.z, a.z); a.w = fmaf(ew0[jj], vj.w, a.w);
-              z.x = fmaf(ew1[jj], vj.x, z.x); z.y = fmaf(ew1[jj], vj.y, z.y);
-              z.z = fmaf(ew1[jj], vj.z, z.z); z.w = fmaf(ew1[jj], vj.w, z.w);
-            }
-          }
-          o[k][0] = a;
-          o[k][1] = z;
-        }
-      }
-    }
-    cp_async_wait<0>();  // nothing of this token's copies left in flight (the groups past the last chunk are empty)
-#pragma unroll
-    for (int k = 0; k < kAttnOwn; ++k) {
-      const int own = ctid() + k * kNCT, hp = own / v4, d4 = own % v4;
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int h = 2 * hp + u;
-        if (h < G) {
-          *reinterpret_cast<float4*>(acc + b * p.acc.ld + ((p.h0 + h) * p.ms + p.split) * p.vd + 4 * d4) = o[k][u];
-          if (d4 == 0) {
-            mx[b * p.mx.ld + (p.h0 + h) * p.ms + p.split] = run_m[h];
-            sm[b * p.sm.ld + (p.h0 + h) * p.ms + p.split] = run_l[h];
-          }
-        }
-      }
-    }
+    if (TILERT_ATTN_MMA && p.hd % 8 == 0 && p.vd % 8 == 0) attn_token_mma(p, q + b * p.q.ld, kc, vc, smem, lo, hi, out);
+    else attn_token_simt(p, q + b * p.q.ld, kc, vc, smem, lo, hi, out);
     compute_sync();  // the next token overwrites the queries, buffers and running state
   }
 }
+
+// One token's keys [lo, hi) on the CUDA cores.
+TILERT_DEV void attn_token_simt(const AttentionParams& p, const float* q, const float* kc, const float* vc,
+                                float* smem, int lo, int hi, const AttnOut& out) {
+  constexpr int CH = kAttnChunk, S = kAttnStages;
+  const int G = p.group, hd = p.hd, v4 = p.vd / 4;
+  float* qs = smem;                                                // [G][hd] this token's queries
+  float* ring = qs + TILERT_ATTN_GROUP_MAX * TILERT_HD_MAX;        // [S] chunk buffers
+  float* ps = ring + S * kAttnStage;                               // [G][CH] scores, then weights
+  float* run_m = ps + TILERT_ATTN_GROUP_MAX * CH;                  // [G] running maximum
+  float* run_l = run_m + TILERT_ATTN_GROUP_MAX;                    // [G] running sum
+  float* corr = run_l + TILERT_ATTN_GROUP_MAX;                     // [G] this chunk's rescale
+  const int chunks = (hi - lo + CH - 1) / CH;
+  // The first S - 1 chunks on their way (a group per stage, empty past the last chunk).
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st)
+    attn_issue(p, kc, vc, ring + st * kAttnStage, lo + st * CH, st < chunks ? min(CH, hi - lo - st * CH) : 0, p.vd);
+  for (int i = ctid(); i < G * hd / 4; i += kNCT)
+    reinterpret_cast<float4*>(qs)[i] = *reinterpret_cast<const float4*>(q + p.h0 * hd + 4 * i);
+  for (int h = ctid(); h < G; h += kNCT) { run_m[h] = -INFINITY; run_l[h] = 0.f; }
+  float4 o[kAttnOwn][2];  // (head pair, value float4) items of this thread: heads 2 hp and 2 hp + 1
+#pragma unroll
+  for (int k = 0; k < kAttnOwn; ++k) o[k][0] = o[k][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int ch = 0; ch < chunks; ++ch) {
+    const int j0 = lo + ch * CH, n = min(CH, hi - j0);
+    const float* kb = ring + (ch % S) * kAttnStage;
+    const float* vb = kb + CH * kAttnKRow;
+    cp_async_wait<S - 2>();  // this thread's copies of chunk ch have landed
+    compute_sync();          // everyone's (and the queries, the running state); chunk ch - 1 is done
+    {  // chunk ch + S - 1 into the buffer chunk ch - 1 left
+      const int nx = ch + S - 1, jn = lo + nx * CH;
+      attn_issue(p, kc, vc, ring + (nx % S) * kAttnStage, jn, nx < chunks ? min(CH, hi - jn) : 0, p.vd);
+    }
+    attn_scores(p, qs, kb, ps, n);
+    compute_sync();
+    // (2) softmax weights against the running maximum, half a warp a head, a lane a key
+    for (int h2 = cwarp(); 2 * h2 < G; h2 += kNCW) {  // whole warps (the shuffles), a head past G idle
+      const int h = 2 * h2 + (lane() >> 4), j = lane() & 15;
+      const bool real = h < G;
+      const float s = real ? ps[h * CH + j] : 0.f;
+      const float m_old = real ? run_m[h] : 0.f, m_new = fmaxf(m_old, half_warp_max(s));  // finite: n >= 1
+      const float e = expf(s - m_new);  // exp(-inf) = 0 past n
+      const float total = half_warp_sum(e);
+      if (real) ps[h * CH + j] = e;
+      if (real && j == 0) {
+        const float f = expf(m_old - m_new);  // 0 on the first chunk (m_old = -inf)
+        corr[h] = f;
+        run_l[h] = run_l[h] * f + total;
+        run_m[h] = m_new;
+      }
+    }
+    compute_sync();
+    // (3) the weighted values: a float4 of value dims of two heads a thread
+#pragma unroll
+    for (int k = 0; k < kAttnOwn; ++k) {
+      const int own = ctid() + k * kNCT, hp = own / v4, d4 = own % v4;
+      if (2 * hp < G) {
+        const int h0 = 2 * hp, h1 = min(2 * hp + 1, G - 1);
+        float4 a = o[k][0], z = o[k][1];
+        const float f0 = corr[h0], f1 = corr[h1];
+        a.x *= f0; a.y *= f0; a.z *= f0; a.w *= f0;
+        z.x *= f1; z.y *= f1; z.z *= f1; z.w *= f1;
+        const float4* e0 = reinterpret_cast<const float4*>(ps + h0 * CH);
+        const float4* e1 = reinterpret_cast<const float4*>(ps + h1 * CH);
+        const float4* v = reinterpret_cast<const float4*>(vb) + d4;
+#pragma unroll
+        for (int j4 = 0; j4 < CH / 4; ++j4) {  // past n: weights 0, value rows zero-filled by attn_issue
+          const float4 w0 = e0[j4], w1 = e1[j4];
+          const float ew0[4] = {w0.x, w0.y, w0.z, w0.w}, ew1[4] = {w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+          for (int jj = 0; jj < 4; ++jj) {
+            const float4 vj = v[(4 * j4 + jj) * v4];
+            a.x = fmaf(ew0[jj], vj.x, a.x); a.y = fmaf(ew0[jj], vj.y, a.y);
+            a.z = fmaf(ew0[jj], vj.z, a.z); a.w = fmaf(ew0[jj], vj.w, a.w);
+            z.x = fmaf(ew1[jj], vj.x, z.x); z.y = fmaf(ew1[jj], vj.y, z.y);
+            z.z = fmaf(ew1[jj], vj.z, z.z); z.w = fmaf(ew1[jj], vj.w, z.w);
+          }
+        }
+        o[k][0] = a;
+        o[k][1] = z;
+      }
+    }
+  }
+  cp_async_wait<0>();  // nothing of this token's copies left in flight (the groups past the last chunk are empty)
+#pragma unroll
+  for (int k = 0; k < kAttnOwn; ++k) {
+    const int own = ctid() + k * kNCT, hp = own / v4, d4 = own % v4;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int h = 2 * hp + u;
+      if (h < G) {
+        *reinterpret_cast<float4*>(out.acc + ((p.h0 + h) * p.ms + p.split) * p.vd + 4 * d4) = o[k][u];
+        if (d4 == 0) out.stats(p, h, run_m[h], run_l[h]);
+      }
+    }
+  }
+}
+
+#if TILERT_ATTN_MMA
+constexpr int kAttnQRow = TILERT_HD_MAX + 4;                  // query row stride (A fragments: banks 4 g + t)
+constexpr int kAttnMT = (TILERT_ATTN_GROUP_MAX + 15) / 16;      // 16-row m-tiles of the group's heads
+constexpr int kAttnSW = kNCW < 8 ? kNCW : 8;                    // warps that split a score's head dims
+constexpr int kAttnPLd = kAttnChunk + 4;                        // partial-score / weight row stride (banks 20 g + t)
+constexpr int kAttnPVT = (TILERT_VD_MAX / 8 + kNCW - 1) / kNCW; // value n-tiles (8 dims) a warp owns
+
+TILERT_DEV uint32_t to_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+TILERT_DEV void mma_tf32(float* d, const uint32_t* a, const uint32_t* b) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%0, %1, %2, %3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+// d += a b (m16n8k8 fragments of fp32 values) at about fp32 accuracy: each operand split into a
+// tf32 head and a tf32 tail, three products (the tails' product is below fp32's rounding), small first.
+TILERT_DEV void mma_3xtf32(float* d, const float* a, const float* b) {
+  uint32_t ah[4], al[4], bh[2], bl[2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) { ah[i] = to_tf32(a[i]); al[i] = to_tf32(a[i] - __uint_as_float(ah[i])); }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) { bh[i] = to_tf32(b[i]); bl[i] = to_tf32(b[i] - __uint_as_float(bh[i])); }
+  mma_tf32(d, al, bh);
+  mma_tf32(d, ah, bl);
+  mma_tf32(d, ah, bh);
+}
+
+// One token's keys [lo, hi) on the tensor cores.  Rows are the group's query heads (16 an
+// m-tile), a chunk's 16 keys two n-tiles.  Per chunk: (1) warps w < kAttnSW each take every
+// kAttnSW-th 8-dim k-step of the scores into their own partial [rows][16]; (2) half a warp a
+// head sums the partials and takes the softmax weights against the running maximum (as the
+// CUDA-core path); (3) warp w owns value n-tiles w, w + kNCW, ..: rescales its accumulators and
+// adds weights x values (k = the chunk's keys).  Fragment names: g = lane / 4, t = lane % 4.
+TILERT_DEV void attn_token_mma(const AttentionParams& p, const float* q, const float* kc, const float* vc,
+                               float* smem, int lo, int hi, const AttnOut& out) {
+  constexpr int CH = kAttnChunk, S = kAttnStages;
+  const int G = p.group, hd = p.hd, w = cwarp(), g = lane() >> 2, t = lane() & 3;
+  const int ksteps = hd / 8, nsw = min(kAttnSW, ksteps), vtiles = p.vd / 8;
+  float* qs = smem;                                                  // [G][kAttnQRow] this token's queries
+  float* ring = qs + TILERT_ATTN_GROUP_MAX * kAttnQRow;              // [S] chunk buffers
+  float* part = ring + S * kAttnStage;                               // [kAttnSW][16 kAttnMT][kAttnPLd] partial scores
+  float* ps = part + kAttnSW * 16 * kAttnMT * kAttnPLd;              // [G][kAttnPLd] weights
+  float* run_m = ps + TILERT_ATTN_GROUP_MAX * kAttnPLd;              // [G] running maximum
+  float* run_l = run_m + TILERT_ATTN_GROUP_MAX;                      // [G] running sum
+  float* corr = run_l + TILERT_ATTN_GROUP_MAX;                       // [G] this chunk's rescale
+  const int chunks = (hi - lo + CH - 1) / CH;
+#pragma unroll
+  for (int st = 0; st < S - 1; ++st)
+    attn_issue(p, kc, vc, ring + st * kAttnStage, lo + st * CH, st < chunks ? min(CH, hi - lo - st * CH) : 0, kAttnVRow);
+  for (int i = ctid(); i < G * hd / 4; i += kNCT) {
+    const int h = i / (hd / 4), f = i % (hd / 4);
+    reinterpret_cast<float4*>(qs + h * kAttnQRow)[f] = *reinterpret_cast<const float4*>(q + (p.h0 + h) * hd + 4 * f);
+  }
+  for (int h = ctid(); h < G; h += kNCT) { run_m[h] = -INFINITY; run_l[h] = 0.f; }
+  float o[kAttnMT][kAttnPVT][4];
+#pragma unroll
+  for (int m = 0; m < kAttnMT; ++m)
+#pragma unroll
+    for (int i = 0; i < kAttnPVT; ++i) o[m][i][0] = o[m][i][1] = o[m][i][2] = o[m][i][3] = 0.f;
+  for (int ch = 0; ch < chunks; ++ch) {
+    const int j0 = lo + ch * CH, n = min(CH, hi - j0);
+    const float* kb = ring + (ch % S) * kAttnStage;
+    const float* vb = kb + CH * kAttnKRow;
+    cp_async_wait<S - 2>();
+    compute_sync();
+    {
+      const int nx = ch + S - 1, jn = lo + nx * CH;
+      attn_issue(p, kc, vc, ring + (nx % S) * kAttnStage, jn, nx < chunks ? min(CH, hi - jn) : 0, kAttnVRow);
+    }
+    // (1) partial scores: rows past G read as zero (their scores are never used)
+    if (w < nsw) {
+#pragma unroll
+      for (int m = 0; m < kAttnMT; ++m) {
+        const int r0 = 16 * m + g, r1 = r0 + 8;
+        if (16 * m < G) {
+          float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+          for (int ks = w; ks < ksteps; ks += nsw) {
+            const int d = 8 * ks + t;
+            const float a[4] = {r0 < G ? qs[r0 * kAttnQRow + d] : 0.f, r1 < G ? qs[r1 * kAttnQRow + d] : 0.f,
+                                r0 < G ? qs[r0 * kAttnQRow + d + 4] : 0.f, r1 < G ? qs[r1 * kAttnQRow + d + 4] : 0.f};
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt) {
+              const float bk[2] = {kb[(8 * nt + g) * kAttnKRow + d], kb[(8 * nt + g) * kAttnKRow + d + 4]};
+              mma_3xtf32(sc[nt], a, bk);
+            }
+          }
+          float* pw = part + (w * 16 * kAttnMT + 16 * m) * kAttnPLd;
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt) {
+            *reinterpret_cast<float2*>(pw + g * kAttnPLd + 8 * nt + 2 * t) = make_float2(sc[nt][0], sc[nt][1]);
+            *reinterpret_cast<float2*>(pw + (g + 8) * kAttnPLd + 8 * nt + 2 * t) = make_float2(sc[nt][2], sc[nt][3]);
+          }
+        }
+      }
+    }
+    compute_sync();
+    // (2) softmax weights against the running maximum, half a warp a head, a lane a key
+    for (int h2 = w; 2 * h2 < G; h2 += kNCW) {
+      const int h = 2 * h2 + (lane() >> 4), j = lane() & 15;
+      const bool real = h < G;
+      float s = 0.f;
+      if (real) {
+        for (int k = 0; k < nsw; ++k) s += part[(k * 16 * kAttnMT + h) * kAttnPLd + j];
+        s = j < n ? __fmul_rn(s, p.scale) : -INFINITY;
+      }
+      const float m_old = real ? run_m[h] : 0.f, m_new = fmaxf(m_old, half_warp_max(s));  // finite: n >= 1
+      const float e = expf(s - m_new);
+      const float total = half_warp_sum(e);
+      if (real) ps[h * kAttnPLd + j] = e;
+      if (real && j == 0) {
+        const float f = expf(m_old - m_new);
+        corr[h] = f;
+        run_l[h] = run_l[h] * f + total;
+        run_m[h] = m_new;
+      }
+    }
+    compute_sync();
+    // (3) weights x values into this warp's value n-tiles
+#pragma unroll
+    for (int i = 0; i < kAttnPVT; ++i) {
+      const int nt = w + i * kNCW;
+      if (nt < vtiles) {
+#pragma unroll
+        for (int m = 0; m < kAttnMT; ++m) {
+          const int r0 = 16 * m + g, r1 = r0 + 8;
+          if (16 * m < G) {
+            const float f0 = r0 < G ? corr[r0] : 0.f, f1 = r1 < G ? corr[r1] : 0.f;
+            o[m][i][0] *= f0; o[m][i][1] *= f0; o[m][i][2] *= f1; o[m][i][3] *= f1;
+#pragma unroll
+            for (int ks = 0; ks < CH / 8; ++ks) {
+              const int j = 8 * ks + t;
+              const float a[4] = {r0 < G ? ps[r0 * kAttnPLd + j] : 0.f, r1 < G ? ps[r1 * kAttnPLd + j] : 0.f,
+                                  r0 < G ? ps[r0 * kAttnPLd + j + 4] : 0.f, r1 < G ? ps[r1 * kAttnPLd + j + 4] : 0.f};
+              const float bv[2] = {vb[j * kAttnVRow + 8 * nt + g], vb[(j + 4) * kAttnVRow + 8 * nt + g]};
+              mma_3xtf32(o[m][i], a, bv);
+            }
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int i = 0; i < kAttnPVT; ++i) {
+    const int nt = w + i * kNCW;
+    if (nt < vtiles) {
+#pragma unroll
+      for (int m = 0; m < kAttnMT; ++m) {
+        const int r0 = 16 * m + g, r1 = r0 + 8, d = 8 * nt + 2 * t;
+        if (r0 < G) {
+          out.write(p, r0, d, o[m][i][0]);
+          out.write(p, r0, d + 1, o[m][i][1]);
+        }
+        if (r1 < G) {
+          out.write(p, r1, d, o[m][i][2]);
+          out.write(p, r1, d + 1, o[m][i][3]);
+        }
+      }
+    }
+  }
+  for (int h = ctid(); h < G; h += kNCT) out.stats(p, h, run_m[h], run_l[h]);
+}
+#else
+TILERT_DEV void attn_token_mma(const AttentionParams&, const float*, const float*, const float*, float*, int, int,
+                               const AttnOut&) {}
+#endif
 
 // ---- attn_combine: merge the splits; the sink joins the denominator only -----------------------------
 TILERT_DEV void k_attn_combine(Ctx& c, const AttnCombineParams& p) {
