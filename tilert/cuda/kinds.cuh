@@ -262,6 +262,29 @@ TILERT_DEV float half_warp_sum(float v) {
   return v;
 }
 
+// One chunk's softmax step, half a warp a head (whole warps: the shuffles), a lane a key:
+// score(h, j) is key j's scaled score for head h (-inf past the chunk's keys); writes the
+// weights exp(s - m) into w[h * ld + j] and, per head, the rescale of the earlier sums
+// (corr), the new running sum and maximum.
+template <class Score>
+TILERT_DEV void attn_softmax(int G, float* w, int ld, float* run_m, float* run_l, float* corr, Score&& score) {
+  for (int h2 = cwarp(); 2 * h2 < G; h2 += kNCW) {  // a head past G idle
+    const int h = 2 * h2 + (lane() >> 4), j = lane() & 15;
+    const bool real = h < G;
+    const float s = real ? score(h, j) : 0.f;
+    const float m_old = real ? run_m[h] : 0.f, m_new = fmaxf(m_old, half_warp_max(s));  // finite: a chunk has a key
+    const float e = expf(s - m_new);  // exp(-inf) = 0 past the chunk's keys
+    const float total = half_warp_sum(e);
+    if (real) w[h * ld + j] = e;
+    if (real && j == 0) {
+      const float f = expf(m_old - m_new);  // 0 on the first chunk (m_old = -inf)
+      corr[h] = f;
+      run_l[h] = run_l[h] * f + total;
+      run_m[h] = m_new;
+    }
+  }
+}
+
 // Where a token's partials go: (query head h of the group, value dim d) of this split.
 struct AttnOut {
   float* acc;
@@ -345,22 +368,8 @@ TILERT_DEV void attn_token_simt(const AttentionParams& p, const float* q, const 
     }
     attn_scores(p, qs, kb, ps, n);
     compute_sync();
-    // (2) softmax weights against the running maximum, half a warp a head, a lane a key
-    for (int h2 = cwarp(); 2 * h2 < G; h2 += kNCW) {  // whole warps (the shuffles), a head past G idle
-      const int h = 2 * h2 + (lane() >> 4), j = lane() & 15;
-      const bool real = h < G;
-      const float s = real ? ps[h * CH + j] : 0.f;
-      const float m_old = real ? run_m[h] : 0.f, m_new = fmaxf(m_old, half_warp_max(s));  // finite: n >= 1
-      const float e = expf(s - m_new);  // exp(-inf) = 0 past n
-      const float total = half_warp_sum(e);
-      if (real) ps[h * CH + j] = e;
-      if (real && j == 0) {
-        const float f = expf(m_old - m_new);  // 0 on the first chunk (m_old = -inf)
-        corr[h] = f;
-        run_l[h] = run_l[h] * f + total;
-        run_m[h] = m_new;
-      }
-    }
+    // (2) softmax weights against the running maximum
+    attn_softmax(G, ps, CH, run_m, run_l, corr, [&](int h, int j) { return ps[h * CH + j]; });
     compute_sync();
     // (3) the weighted values: a float4 of value dims of two heads a thread
 #pragma unroll
@@ -508,26 +517,12 @@ TILERT_DEV void attn_token_mma(const AttentionParams& p, const float* q, const f
       }
     }
     compute_sync();
-    // (2) softmax weights against the running maximum, half a warp a head, a lane a key
-    for (int h2 = w; 2 * h2 < G; h2 += kNCW) {
-      const int h = 2 * h2 + (lane() >> 4), j = lane() & 15;
-      const bool real = h < G;
-      float s = 0.f;
-      if (real) {
-        for (int k = 0; k < nsw; ++k) s += part[(k * 16 * kAttnMT + h) * kAttnPLd + j];
-        s = j < n ? __fmul_rn(s, p.scale) : -INFINITY;
-      }
-      const float m_old = real ? run_m[h] : 0.f, m_new = fmaxf(m_old, half_warp_max(s));  // finite: n >= 1
-      const float e = expf(s - m_new);
-      const float total = half_warp_sum(e);
-      if (real) ps[h * kAttnPLd + j] = e;
-      if (real && j == 0) {
-        const float f = expf(m_old - m_new);
-        corr[h] = f;
-        run_l[h] = run_l[h] * f + total;
-        run_m[h] = m_new;
-      }
-    }
+    // (2) softmax weights against the running maximum, from the summed partial scores
+    attn_softmax(G, ps, kAttnPLd, run_m, run_l, corr, [&](int h, int j) {
+      float v = 0.f;
+      for (int k = 0; k < nsw; ++k) v += part[(k * 16 * kAttnMT + h) * kAttnPLd + j];
+      return j < n ? __fmul_rn(v, p.scale) : -INFINITY;
+    });
     compute_sync();
     // (3) weights x values into this warp's value n-tiles
 #pragma unroll
@@ -706,12 +701,12 @@ TILERT_DEV void k_topk(Ctx& c, const TopkParams& p) {
         const bool open = e < p.experts && choice[j] != -INFINITY;  // not taken yet
         if (open && (choice[j] > best || (choice[j] == best && e < bi))) { best = choice[j]; bi = e; bs = score[j]; }
       }
-#pragma unroll 1
-      for (int o = 16; o; o >>= 1) {
-        const float ob = __shfl_xor_sync(kFull, best, o), os = __shfl_xor_sync(kFull, bs, o);
-        const int oi = __shfl_xor_sync(kFull, bi, o);
-        if (ob > best || (ob == best && oi < bi)) { best = ob; bi = oi; bs = os; }
-      }
+      // Across the warp in two redux instructions (not five rounds of three shuffles): the
+      // largest choice as an order-preserving key, then the lowest expert holding it.
+      const unsigned bits = __float_as_uint(best), key = bits >> 31 ? ~bits : bits | 0x80000000u;
+      const unsigned top = __reduce_max_sync(kFull, key);
+      bi = (int)__reduce_min_sync(kFull, key == top ? (unsigned)bi : 0x7fffffffu);
+      bs = __shfl_sync(kFull, bs, bi & 31);  // that expert's lane holds it as its own best
 #pragma unroll
       for (int j = 0; j < EPL; ++j)
         if (lane() + 32 * j == bi) choice[j] = -INFINITY;  // taken
