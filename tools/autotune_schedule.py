@@ -99,6 +99,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calibrated", default="both", choices=["off", "on", "both"])
     ap.add_argument("--capture", action="store_true",
                     help="schedule the target of the DFlash pair (exposes the drafter's conditioning layers)")
+    ap.add_argument("--consume", action="store_true",
+                    help="drop the drawn weights once uploaded (as 12+ layers must), skipping the VM check")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--launches", type=int, default=20)
     ap.add_argument("--finalists", type=int, default=3)
@@ -152,7 +154,7 @@ def main(argv=None) -> int:
     formats = {n: t.fmt for n, t in weights.items()}
     schedules, gen = compile_variant(cfg, recipe, own, args.tokens, max_seq_len, formats, capture, gpu)
     cubin = build_cubin(gen.source, build_dir)[0]
-    check_vm = args.layers <= 6  # deeper cuts: the drawn weights are dropped once uploaded (80 GB)
+    check_vm = args.layers <= 6 and not args.consume  # deeper cuts: the drawn weights go once uploaded (80 GB)
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len, consume_weights=not check_vm)
     rt.fill_cache(args.context, seed=1)
     step_tokens = [11 + 97 * i for i in range(args.tokens)]
