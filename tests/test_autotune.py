@@ -7,6 +7,7 @@ import pytest
 from model.config import preset
 from tilert.codegen import generate
 from tilert.compiler import compile_steps
+from tilert.errors import UserError
 from tilert.lower import load_recipe
 from tools.autotune_schedule import label, parse_variants
 
@@ -30,3 +31,11 @@ def test_every_placement_is_the_same_kernel_source(B):
         sources.add(generate(s, cfg).source)
         placements.add(tuple(s.worker_of))
     assert len(sources) == 1 and len(placements) > 3
+
+
+@pytest.mark.parametrize("key, value, words", [("tie_break", "highest", "tie_break"),
+                                               ("calibrated", "yes", "calibrated")])
+def test_a_bad_placement_key_names_the_recipe(key, value, words):
+    recipe = dict(load_recipe("mimo-tiny", "h100"), **{key: value})
+    with pytest.raises(UserError, match=f"recipe {recipe['source']}.*{words}"):
+        compile_steps(preset("mimo-tiny"), recipe, [1], max_seq_len=64)

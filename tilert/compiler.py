@@ -12,7 +12,7 @@ from tilert.errors import UserError
 from tilert.fusion import apply_fusions
 from tilert.lower import lower_step
 from tilert.schedule import Schedule
-from tilert.scheduler import build_schedule
+from tilert.scheduler import build_schedule, parse_tie_break
 from tilert.validate import validate
 
 
@@ -31,16 +31,29 @@ def compile_step(cfg: MimoConfig, recipe: dict, tokens: int, max_seq_len: int, m
     derive_dependencies(graph)
     phase("scheduling")
     schedule = build_schedule(graph, num_workers or recipe["workers"], policy=policy,
-                              gpu=scheduling_gpu(gpu, recipe), tie_break=recipe.get("tie_break", "lowest"))
+                              gpu=scheduling_gpu(gpu, recipe), tie_break=recipe_tie_break(recipe))
     schedule.meta.update({"tokens": tokens, "max_seq_len": max_seq_len, "recipe": recipe.get("source"), "gpu": gpu})
     phase("validating")
     validate(schedule)
     return schedule
 
 
+def recipe_tie_break(recipe: dict) -> str:
+    """The recipe's "tie_break", refused with the recipe's name when the scheduler knows no such."""
+    tie_break = recipe.get("tie_break", "lowest")
+    try:
+        parse_tie_break(tie_break)
+    except ValueError as e:
+        raise UserError(f"recipe {recipe.get('source', '?')}: {e}") from None
+    return tie_break
+
+
 def scheduling_gpu(gpu: str, recipe: dict) -> GpuSpec | str:
     """The cost model the scheduler places tasks with: the GPU's own, or with its measured
     corrections (schedules/calibration.<gpu>.json) when the recipe says "calibrated": true."""
+    if recipe.get("calibrated", False) not in (True, False):
+        raise UserError(f"recipe {recipe.get('source', '?')}: \"calibrated\" must be true or false, "
+                        f"not {recipe['calibrated']!r}")
     if not recipe.get("calibrated"):
         return gpu
     found = calibrated(gpu)
