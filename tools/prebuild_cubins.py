@@ -8,7 +8,8 @@ spends its time running, not compiling:
 - tools/profile_step.py / ab_profile.py default: 6 layers of mimo-v2-flash, plain and profiling,
   and its B = 8 verify step with and without expert_union (profile_step --tokens 8);
 - tools/bench.py: 6 and 12 layers at contexts 8192 and 512 (one source per depth: the program
-  is data), copied into bench's L{layers}_C{context}/ caches;
+  is data), copied into bench's L{layers}_C{context}/ caches; tools/autotune_schedule.py uses the
+  same kernels (every placement runs on one cubin) and, with --capture, the DFlash target's;
 - tools/op_bench.py: the dense and moe one-layer cuts of mimo-v2-flash and mimo-v2.5-pro, plain
   and profiling.
 The local nvcc must match the device's (CUDA 13.0 on both here); a mismatch only costs the
@@ -54,6 +55,15 @@ def jobs() -> list[tuple[str, str, bool, tuple[str, ...]]]:
         out.append((f"flash {layers}L", src, False, tuple(f"L{layers}_C{c}" for c in (8192, 512))))
         if layers == 6:
             out.append(("flash 6L profiling", src, True, ()))
+    # tools/autotune_schedule.py --capture: the DFlash target's B = 1 step (capture tasks)
+    from model.dflash import DFlashConfig
+    from tools.autotune_schedule import compile_variant
+
+    cfg = flash(6)
+    recipe = load_recipe("mimo-v2-flash", "h100")
+    _, gen = compile_variant(cfg, recipe, (recipe.get("tie_break", "lowest"), bool(recipe.get("calibrated"))), 1,
+                             8200, None, DFlashConfig.flash_for(cfg).target_layers)
+    out.append(("flash 6L capture (autotune --capture)", gen.source, False, ()))
     cfg = flash(6)
     for union in (False, True):  # profile_step --tokens 8 [--set expert_union=true]: a verify step
         recipe = dict(load_recipe("mimo-v2-flash", "h100"), expert_union=union)
