@@ -441,8 +441,11 @@ PRESETS = {
 }
 
 
-def preset(name: str, layers: int | None = None) -> MimoConfig:
+def preset(name: str, layers: int | None = None, expert_format: str | None = None) -> MimoConfig:
+    """A model config by name; `layers`: its first layers only; `expert_format`: the routed
+    experts stored in that format instead (benchmarks run mimo-v2-flash cuts with MXFP4 experts)."""
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     cfg = PRESETS[name]()
-    return cfg.with_layers(layers) if layers else cfg
+    cfg = cfg.with_layers(layers) if layers else cfg
+    return dataclasses.replace(cfg, expert_format=expert_format) if expert_format else cfg

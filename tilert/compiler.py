@@ -10,6 +10,7 @@ from tilert.cost import GpuSpec
 from tilert.deps import derive_dependencies
 from tilert.errors import UserError
 from tilert.fusion import apply_fusions
+from tilert.ir import TaskGraph
 from tilert.lower import lower_step
 from tilert.schedule import Schedule
 from tilert.scheduler import build_schedule, parse_tie_break
@@ -22,6 +23,13 @@ def compile_step(cfg: MimoConfig, recipe: dict, tokens: int, max_seq_len: int, m
     """One validated schedule for a step of `tokens` tokens.  `on_phase(name)` is called as
     each phase starts (progress reporting).  `capture_layers`: see lower_step."""
     phase = on_phase or (lambda name: None)
+    graph = step_graph(cfg, recipe, tokens, max_seq_len, max_tokens, phase, capture_layers)
+    return schedule_step(graph, recipe, max_seq_len, num_workers, policy, gpu, phase)
+
+
+def step_graph(cfg: MimoConfig, recipe: dict, tokens: int, max_seq_len: int, max_tokens: int,
+               phase: Callable[[str], None] = lambda name: None, capture_layers: tuple[int, ...] = ()) -> TaskGraph:
+    """The task graph of a step, fused, with its dependencies: what every placement of it shares."""
     phase("lowering")
     graph = lower_step(cfg, recipe, tokens=tokens, max_seq_len=max_seq_len, max_tokens=max_tokens,
                        capture_layers=capture_layers)
@@ -29,10 +37,19 @@ def compile_step(cfg: MimoConfig, recipe: dict, tokens: int, max_seq_len: int, m
     graph = apply_fusions(graph, recipe.get("fuse", []))
     phase("dependencies")
     derive_dependencies(graph)
+    return graph
+
+
+def schedule_step(graph: TaskGraph, recipe: dict, max_seq_len: int, num_workers: int | None = None,
+                  policy: str = "list", gpu: str = "h100",
+                  phase: Callable[[str], None] = lambda name: None) -> Schedule:
+    """The validated schedule of a step's graph (step_graph) under the recipe's placement keys;
+    schedules of one graph share it (tools/autotune_schedule.py times several)."""
     phase("scheduling")
     schedule = build_schedule(graph, num_workers or recipe["workers"], policy=policy,
                               gpu=scheduling_gpu(gpu, recipe), tie_break=recipe_tie_break(recipe))
-    schedule.meta.update({"tokens": tokens, "max_seq_len": max_seq_len, "recipe": recipe.get("source"), "gpu": gpu})
+    schedule.meta.update({"tokens": graph.tokens, "max_seq_len": max_seq_len, "recipe": recipe.get("source"),
+                          "gpu": gpu})
     phase("validating")
     validate(schedule)
     return schedule

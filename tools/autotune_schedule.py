@@ -22,7 +22,6 @@ must move / copy bandwidth).  Put the winner in the recipe as "tie_break" / "cal
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import random
@@ -52,19 +51,14 @@ def label(variant: tuple[str, bool]) -> str:
     return variant[0] + (" +cal" if variant[1] else "")
 
 
-def flash(layers: int):
-    from model.config import preset
-
-    return dataclasses.replace(preset("mimo-v2-flash", layers=layers), expert_format="mxfp4")
-
-
-def compile_variant(cfg, recipe: dict, variant, tokens: int, max_seq_len: int, formats, capture=(), gpu="h100"):
+def compile_variant(cfg, graph, recipe: dict, variant, max_seq_len: int, formats, gpu: str):
+    """(schedule, GeneratedKernel) of the step's graph (tilert.compiler.step_graph, lowered once
+    for every variant) placed as `variant` says."""
     from tilert.codegen import generate
-    from tilert.compiler import compile_steps
+    from tilert.compiler import schedule_step
 
-    r = dict(recipe, tie_break=variant[0], calibrated=variant[1])
-    schedules = compile_steps(cfg, r, [tokens], max_seq_len=max_seq_len, capture_layers=capture, gpu=gpu)
-    return schedules, generate(schedules[tokens], cfg, formats)
+    schedule = schedule_step(graph, dict(recipe, tie_break=variant[0], calibrated=variant[1]), max_seq_len, gpu=gpu)
+    return schedule, generate(schedule, cfg, formats)
 
 
 def time_rounds(rt, kernels: dict, tokens: int, rounds: int, launches: int) -> dict[str, list[float]]:
@@ -113,6 +107,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from tilert.build import build_cubin
+    from tilert.compiler import step_graph
     from tilert.lower import load_recipe
 
     if args.gpu is None and not args.prebuild:
@@ -120,7 +115,9 @@ def main(argv=None) -> int:
 
         args.gpu = "h200" if "H200" in torch.cuda.get_device_properties(0).name else "h100"
     gpu = args.gpu or "h100"
-    cfg = flash(args.layers)
+    from model.config import preset
+
+    cfg = preset("mimo-v2-flash", layers=args.layers, expert_format="mxfp4")
     recipe = load_recipe("mimo-v2-flash", gpu)
     own = (recipe.get("tie_break", "lowest"), bool(recipe.get("calibrated", False)))
     variants = [own] + [v for v in parse_variants(args.tie_breaks, args.calibrated) if v != own]
@@ -131,11 +128,12 @@ def main(argv=None) -> int:
 
         capture = DFlashConfig.flash_for(cfg).target_layers
     build_dir = Path(os.environ.get("TILERT_BUILD", "build/cubins"))
+    graph = step_graph(cfg, recipe, args.tokens, max_seq_len, args.tokens, capture_layers=capture)
     if args.prebuild:
         from tilert.device_weights import weight_specs
 
         formats = {n: f for n, _, f in weight_specs(cfg)}
-        _, gen = compile_variant(cfg, recipe, own, args.tokens, max_seq_len, formats, capture, gpu)
+        _, gen = compile_variant(cfg, graph, recipe, own, max_seq_len, formats, gpu)
         print(build_cubin(gen.source, build_dir)[0])
         return 0
 
@@ -152,13 +150,13 @@ def main(argv=None) -> int:
     bw = copy_bandwidth()
     weights = device_weights(cfg, seed=0)
     formats = {n: t.fmt for n, t in weights.items()}
-    schedules, gen = compile_variant(cfg, recipe, own, args.tokens, max_seq_len, formats, capture, gpu)
+    schedule, gen = compile_variant(cfg, graph, recipe, own, max_seq_len, formats, gpu)
     cubin = build_cubin(gen.source, build_dir)[0]
     check_vm = args.layers <= 6 and not args.consume  # deeper cuts: the drawn weights go once uploaded (80 GB)
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len, consume_weights=not check_vm)
     rt.fill_cache(args.context, seed=1)
     step_tokens = [11 + 97 * i for i in range(args.tokens)]
-    check = (check_step_against_vm(cfg, schedules, weights, rt, args.context, tokens=step_tokens)
+    check = (check_step_against_vm(cfg, {args.tokens: schedule}, weights, rt, args.context, tokens=step_tokens)
              if check_vm else {"vm": "skipped: weights consumed"})
     del weights
     base_logits, _ = rt.step(step_tokens)
@@ -170,7 +168,7 @@ def main(argv=None) -> int:
     kernels, errors, compile_s = {label(own): rt.kernels[args.tokens]}, {label(own): 0.0}, {}
     for v in variants[1:]:
         t0 = time.time()
-        _, g = compile_variant(cfg, recipe, v, args.tokens, max_seq_len, formats, capture, gpu)
+        _, g = compile_variant(cfg, graph, recipe, v, max_seq_len, formats, gpu)
         compile_s[label(v)] = time.time() - t0
         rt.use_schedule(g)
         logits, _ = rt.step(step_tokens)

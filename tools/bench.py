@@ -19,7 +19,6 @@ before anything is timed.  Prints a table (times, ratios to the floor) and write
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -144,7 +143,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth()
     rows = []
     for layers in [int(x) for x in args.layers.split(",")]:
-        cfg = dataclasses.replace(preset("mimo-v2-flash", layers=layers), expert_format=args.expert_format)
+        cfg = preset("mimo-v2-flash", layers=layers, expert_format=args.expert_format)
         weights = device_weights(cfg, seed=0, expert_format=args.expert_format)
         for context in [int(x) for x in args.contexts.split(",")]:
             row = {"layers": layers, "context": context, "expert_format": args.expert_format}

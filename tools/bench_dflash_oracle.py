@@ -86,12 +86,6 @@ def per_layer_projection(rows: list[dict], layers: int = FULL_LAYERS) -> dict:
 
 # ---- building the pair ---------------------------------------------------------------------------
 
-def flash_target(layers: int):
-    from model.config import preset
-
-    return dataclasses.replace(preset("mimo-v2-flash", layers=layers), expert_format="mxfp4")
-
-
 def build_backend(cfg, dcfg, backend: str, max_seq_len: int, seed: int = 0):
     """(SpeculativeBackend, {"target B=1" / "verify B=8" / "draft B=8": GeneratedKernel or None})
     for the target `cfg` and drafter `dcfg`: the target's steps of 1 and B tokens (exposing the
@@ -230,7 +224,7 @@ def measure_depth(layers: int, args, bw: float) -> dict:
     from model.config import preset
     from model.dflash import DFlashConfig
 
-    cfg = preset("mimo-tiny") if args.backend == "vm" else flash_target(layers)
+    cfg = preset("mimo-tiny") if args.backend == "vm" else preset("mimo-v2-flash", layers, "mxfp4")
     dcfg = (dataclasses.replace(DFlashConfig.tiny_for(cfg), block_size=8).validate() if args.backend == "vm" else
             DFlashConfig.flash_for(cfg, num_heads=args.draft_heads, intermediate_size=args.draft_intermediate))
     max_seq = max(args.context, len(args.prompt_ids) + args.new_tokens) + 2 * dcfg.block_size

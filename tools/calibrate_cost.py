@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     doc = json.loads(Path(args.profile).read_text())
     rows = doc["tasks"] if isinstance(doc, dict) and "tasks" in doc else doc["rows"]
-    cfg = dataclasses.replace(preset("mimo-v2-flash", layers=args.layers), expert_format=args.expert_format)
+    cfg = preset("mimo-v2-flash", layers=args.layers, expert_format=args.expert_format)
     schedule = compile_steps(cfg, load_recipe("mimo-v2-flash", args.gpu), [1], max_seq_len=args.context + 8)[1]
     if len(rows) != len(schedule.graph.tasks):
         raise SystemExit(f"{args.profile}: {len(rows)} profiled tasks, the schedule has {len(schedule.graph.tasks)}: "

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import dataclasses
 import shutil
 import sys
 import time
@@ -37,7 +36,7 @@ from tilert.lower import load_recipe  # noqa: E402
 
 
 def flash(layers: int):
-    return dataclasses.replace(preset("mimo-v2-flash", layers=layers), expert_format="mxfp4")
+    return preset("mimo-v2-flash", layers=layers, expert_format="mxfp4")
 
 
 def jobs() -> list[tuple[str, str, bool, tuple[str, ...]]]:
@@ -57,13 +56,11 @@ def jobs() -> list[tuple[str, str, bool, tuple[str, ...]]]:
             out.append(("flash 6L profiling", src, True, ()))
     # tools/autotune_schedule.py --capture: the DFlash target's B = 1 step (capture tasks)
     from model.dflash import DFlashConfig
-    from tools.autotune_schedule import compile_variant
 
     cfg = flash(6)
-    recipe = load_recipe("mimo-v2-flash", "h100")
-    _, gen = compile_variant(cfg, recipe, (recipe.get("tie_break", "lowest"), bool(recipe.get("calibrated"))), 1,
-                             8200, None, DFlashConfig.flash_for(cfg).target_layers)
-    out.append(("flash 6L capture (autotune --capture)", gen.source, False, ()))
+    s = compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=8200,
+                      capture_layers=DFlashConfig.flash_for(cfg).target_layers)[1]
+    out.append(("flash 6L capture (autotune --capture)", generate(s, cfg).source, False, ()))
     cfg = flash(6)
     for union in (False, True):  # profile_step --tokens 8 [--set expert_union=true]: a verify step
         recipe = dict(load_recipe("mimo-v2-flash", "h100"), expert_union=union)

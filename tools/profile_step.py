@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=1, help="tokens per step (a speculative verify step: 8)")
     ap.add_argument("--out", default="profile.json")
     args = ap.parse_args(argv)
-    cfg = dataclasses.replace(preset("mimo-v2-flash", layers=args.layers), expert_format=args.expert_format)
+    cfg = preset("mimo-v2-flash", layers=args.layers, expert_format=args.expert_format)
     if args.experts:
         cfg = dataclasses.replace(cfg, n_routed_experts=args.experts)
     weights = device_weights(cfg, seed=0, expert_format=args.expert_format)
