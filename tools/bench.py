@@ -11,9 +11,12 @@ device (experts in MXFP4 by default, the deployment format), it measures in one 
   the KV cache read and the new entries written) / copy bandwidth;
 - eager / graph: tilert.baseline.StaticDecoder (bf16 non-expert weights, selected experts gathered
   and dequantized each step), eagerly and as a replayed CUDA graph;
-- megakernel: one persistent-kernel launch per step (tilert.gpu.MegakernelRuntime).
-Correctness comes first: the megakernel's logits are compared with the VM's on the same state
-before anything is timed.  Prints a table (times, ratios to the floor) and writes JSON.
+- megakernel: one persistent-kernel launch per step (tilert.gpu.MegakernelRuntime);
+- ops: the op-by-op TileLang baseline (tilert.ops_backend): one standalone TileLang kernel per IR
+  op, the step replayed as a CUDA graph (kernels from --ops-kernels, built by
+  tools/build_ops_kernels.py where TileLang is installed).
+Correctness comes first: the megakernel's and the ops baseline's logits are compared with the
+VM's on the same state before anything is timed.  Prints a table (times, ratios to the floor) and writes JSON.
 """
 
 from __future__ import annotations
@@ -119,6 +122,30 @@ def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma_f
     return {"megakernel": step_s, "compile_s": compile_s, "ptxas": report, "check": check}
 
 
+def bench_ops(cfg, weights, context: int, reps: int, kernels_dir: Path) -> dict:
+    """The op-by-op TileLang baseline: checked against the VM, then one CUDA-graph replay per step."""
+    from tilert.compiler import compile_steps
+    from tilert.diff import check_step_against_vm
+    from tilert.lower import load_recipe
+    from tilert.ops_backend import OpsRuntime, build_kernels, load_kernels, ops_step_graph, plan_step
+
+    recipe = load_recipe("mimo-v2-flash", "h100")
+    graph = ops_step_graph(cfg, recipe, context + 8)
+    plan = plan_step(graph, cfg)
+    try:
+        built = load_kernels(plan, kernels_dir)
+    except Exception:
+        built = build_kernels(plan, kernels_dir)  # where TileLang is installed
+    rt = OpsRuntime(cfg, graph, plan, built, weights, max_seq_len=context + 8)
+    rt.fill_cache(context, seed=1)
+    schedules = compile_steps(cfg, recipe, [1], max_seq_len=context + 8)
+    check = check_step_against_vm(cfg, schedules, weights, rt, context)
+    step_s = median_seconds(lambda: rt.launch(1), reps)
+    rt = None
+    torch.cuda.empty_cache()
+    return {"ops": step_s, "ops_check": check, "ops_launches": len(plan.launches)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", default="6,12")
@@ -129,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mma", default=None,
                     help="weight formats whose GEMVs use the tensor cores, comma-separated, or 'none' "
                          "(default: the codegen's)")
+    ap.add_argument("--ops-kernels", default="build/ops-cubins",
+                    help="the ops baseline's built kernels (tools/build_ops_kernels.py)")
     ap.add_argument("--out", default="bench.json")
     ap.add_argument("--workdir", default="/tmp/tilert-bench")
     ap.add_argument("--log", help="append the table, with date, device, command and commit, to this file")
@@ -154,6 +183,10 @@ def main(argv=None) -> int:
             kv_bytes = 4 if row.get("kv_dtype", "f32") == "f32" else 2
             row["floor_bytes"] = floor_bytes(cfg, context, weights, kv_bytes)
             row["floor"] = row["floor_bytes"]["total"] / bw
+            if "ops" in backends:
+                row.update(bench_ops(cfg, weights, context, args.reps, Path(args.ops_kernels)))
+                print(f"ops {layers} layers, context {context}: {row['ops'] * 1e3:.3f} ms, check {row['ops_check']}",
+                      flush=True)
             if "baseline" in backends:
                 row.update(bench_baseline(cfg, weights, context, args.reps))
             rows.append(row)
@@ -173,18 +206,20 @@ def main(argv=None) -> int:
 def table(result) -> str:
     ms = lambda s: "-" if s is None else f"{s * 1e3:7.3f}"  # noqa: E731
     lines = [f"device {result['device']}, copy bandwidth {result['copy_bandwidth'] / 1e12:.2f} TB/s",
-             "| layers | context | floor ms | megakernel ms | eager ms | graph ms | mk/floor | floor/mk | graph/mk |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| layers | context | floor ms | megakernel ms | eager ms | graph ms | ops graph ms | mk/floor | floor/mk "
+             "| graph/mk | ops/mk | floor/ops |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         graphs = [r.get(k) for k in ("graph_gather", "graph_dense") if r.get(k)]
         eagers = [r.get(k) for k in ("eager_gather", "eager_dense") if r.get(k)]
         g = min(graphs) if graphs else None
         e = min(eagers) if eagers else None
-        mk = r.get("megakernel")
+        mk, ops = r.get("megakernel"), r.get("ops")
         lines.append(
-            f"| {r['layers']} | {r['context']} | {ms(r['floor'])} | {ms(mk)} | {ms(e)} | {ms(g)} | "
+            f"| {r['layers']} | {r['context']} | {ms(r['floor'])} | {ms(mk)} | {ms(e)} | {ms(g)} | {ms(ops)} | "
             f"{(mk / r['floor']) if mk else float('nan'):.2f} | {(r['floor'] / mk) if mk else float('nan'):.2f} | "
-            f"{(g / mk) if (g and mk) else float('nan'):.2f} |")
+            f"{(g / mk) if (g and mk) else float('nan'):.2f} | {(ops / mk) if (ops and mk) else float('nan'):.2f} | "
+            f"{(r['floor'] / ops) if ops else float('nan'):.2f} |")
     return "\n".join(lines)
 
 
