@@ -102,6 +102,6 @@ def check_step_against_vm(cfg, schedules, weights, rt, context: int, token: int 
     got = got.float()
     err = float((got - want.to(got.device)).norm() / want.norm())
     if not (bool(torch.isfinite(got).all()) and err < tol):
-        raise RuntimeError(f"megakernel differs from the VM: rel err {err:.3e}, tokens {got_tok} vs {want_tok}")
+        raise RuntimeError(f"{type(rt).__name__} differs from the VM: rel err {err:.3e}, tokens {got_tok} vs {want_tok}")
     rt.truncate(context)
     return {"rel_err": err, "token_match": got_tok == want_tok}

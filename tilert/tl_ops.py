@@ -295,12 +295,16 @@ def attention(kv_heads: int, group: int, head_dim: int, v_dim: int, slots: int, 
                             ks[(i * ATTN_THREADS + tid) // head_dim, (i * ATTN_THREADS + tid) % head_dim] = KC[
                                 (rng[0] + c * ATTN_KEYS + (i * ATTN_THREADS + tid) // head_dim) % slots, g,
                                 (i * ATTN_THREADS + tid) % head_dim]
+                        else:  # past the split: zeros, never stale shared memory (0 x NaN is NaN)
+                            ks[(i * ATTN_THREADS + tid) // head_dim, (i * ATTN_THREADS + tid) % head_dim] = 0.0
                 for i in T.serial(-(-ATTN_KEYS * v_dim // ATTN_THREADS)):
                     if i * ATTN_THREADS + tid < ATTN_KEYS * v_dim:
                         if rng[0] + c * ATTN_KEYS + (i * ATTN_THREADS + tid) // v_dim < rng[1]:
                             vs[(i * ATTN_THREADS + tid) // v_dim, (i * ATTN_THREADS + tid) % v_dim] = VC[
                                 (rng[0] + c * ATTN_KEYS + (i * ATTN_THREADS + tid) // v_dim) % slots, g,
                                 (i * ATTN_THREADS + tid) % v_dim]
+                        else:
+                            vs[(i * ATTN_THREADS + tid) // v_dim, (i * ATTN_THREADS + tid) % v_dim] = 0.0
                 T.sync_threads()
                 # Scores of (head, key) pairs; keys past the split are -inf.
                 for i in T.serial(-(-score_pairs // ATTN_THREADS)):
