@@ -121,6 +121,7 @@ def gemv(fmt: str, rows: int, cols: int, out_width: int, out_col0: int, accumula
             r = bx * ROWS_PER_CTA + T.get_thread_binding(1)
             wl = T.alloc_local((U, per), _STORAGE[fmt])
             acc = T.alloc_local((1,), "float32")
+            xl = T.alloc_local((n,), "float32")
             red = T.alloc_local((1,), "float32")
             acc[0] = 0.0
             if r < rows:
@@ -130,7 +131,9 @@ def gemv(fmt: str, rows: int, cols: int, out_width: int, out_col0: int, accumula
                             wl[u, v] = W[r, (u * WARP + lane) * per + v]
                 for u in T.unroll(U):
                     if (u * WARP + lane) * n < cols:
-                        acc[0] += _chunk_dot(fmt, wl, u, lambda c: X[0, c], (u * WARP + lane) * n) * (
+                        for v in T.vectorized(n):  # x in 16-byte loads, not one a value
+                            xl[v] = X[0, (u * WARP + lane) * n + v]
+                        acc[0] += _chunk_dot(fmt, wl, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n) * (
                             _chunk_scale(fmt, WS, r, (u * WARP + lane) * n) if scaled else T.float32(1.0))
             _warp_sum(acc, red, lane)
             if lane == 0 and r < rows:
@@ -437,6 +440,7 @@ def expert_gate_up(fmt: str, experts: int, rows: int, cols: int, k: int):
             gl = T.alloc_local((U, per), _STORAGE[fmt])
             ul = T.alloc_local((U, per), _STORAGE[fmt])
             acc = T.alloc_local((1,), "float32")
+            xl = T.alloc_local((n,), "float32")
             acc_up = T.alloc_local((1,), "float32")
             red = T.alloc_local((1,), "float32")
             red_up = T.alloc_local((1,), "float32")
@@ -452,10 +456,12 @@ def expert_gate_up(fmt: str, experts: int, rows: int, cols: int, k: int):
                             ul[u, v] = Up[e, r, (u * WARP + lane) * per + v]
                 for u in T.unroll(U):
                     if (u * WARP + lane) * n < cols:
-                        acc[0] += _chunk_dot(fmt, gl, u, lambda c: X[0, c], (u * WARP + lane) * n) * (
+                        for v in T.vectorized(n):  # x in 16-byte loads, not one a value
+                            xl[v] = X[0, (u * WARP + lane) * n + v]
+                        acc[0] += _chunk_dot(fmt, gl, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n) * (
                             _chunk_scale(fmt, GS, r, (u * WARP + lane) * n, e) if scaled else T.float32(1.0))
                     if (u * WARP + lane) * n < cols:
-                        acc_up[0] += _chunk_dot(fmt, ul, u, lambda c: X[0, c], (u * WARP + lane) * n) * (
+                        acc_up[0] += _chunk_dot(fmt, ul, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n) * (
                             _chunk_scale(fmt, UpS, r, (u * WARP + lane) * n, e) if scaled else T.float32(1.0))
             _warp_sum(acc, red, lane)
             _warp_sum(acc_up, red_up, lane)
@@ -479,6 +485,7 @@ def expert_down(fmt: str, experts: int, rows: int, cols: int, k: int):
             r = bx * ROWS_PER_CTA + T.get_thread_binding(1)
             wl = T.alloc_local((k * U, per), _STORAGE[fmt])
             part = T.alloc_local((1,), "float32")
+            xl = T.alloc_local((n,), "float32")
             red = T.alloc_local((1,), "float32")
             tot = T.alloc_local((1,), "float32")
             tot[0] = 0.0
@@ -493,7 +500,9 @@ def expert_down(fmt: str, experts: int, rows: int, cols: int, k: int):
                 if r < rows:
                     for u in T.unroll(U):
                         if (u * WARP + lane) * n < cols:
-                            part[0] += _chunk_dot(fmt, wl, j * U + u, lambda c: Act[0, j, c], (u * WARP + lane) * n) * (
+                            for v in T.vectorized(n):  # x in 16-byte loads, not one a value
+                                xl[v] = Act[0, j, (u * WARP + lane) * n + v]
+                            part[0] += _chunk_dot(fmt, wl, j * U + u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n) * (
                                 _chunk_scale(fmt, DS, r, (u * WARP + lane) * n, Idx[0, j]) if scaled else T.float32(1.0))
                 _warp_sum(part, red, lane)
                 tot[0] += Wt[0, j] * red[0]
@@ -523,6 +532,7 @@ def lm_head(vocab: int, hidden: int):
             r = bx * LM_ROWS + w
             wl = T.alloc_local((U, n), "bfloat16")
             acc = T.alloc_local((1,), "float32")
+            xl = T.alloc_local((n,), "float32")
             red = T.alloc_local((1,), "float32")
             sc = T.alloc_shared((LM_ROWS,), "float32", scope="shared")
             acc[0] = 0.0
@@ -533,7 +543,9 @@ def lm_head(vocab: int, hidden: int):
                             wl[u, v] = W[r, (u * WARP + lane) * n + v]
                 for u in T.unroll(U):
                     if (u * WARP + lane) * n < cols:
-                        acc[0] += _chunk_dot("bf16", wl, u, lambda c: X[0, c], (u * WARP + lane) * n)
+                        for v in T.vectorized(n):  # x in 16-byte loads, not one a value
+                            xl[v] = X[0, (u * WARP + lane) * n + v]
+                        acc[0] += _chunk_dot("bf16", wl, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n)
             _warp_sum(acc, red, lane)
             if lane == 0:
                 if r < vocab:
