@@ -33,8 +33,8 @@ KERNELS = Path(__file__).resolve().parent.parent / "build" / "ops-cubins"
 TINY_SEQ = 64
 
 
-def tiny_plan(max_seq_len: int = TINY_SEQ):
-    cfg = preset("mimo-tiny")
+def tiny_plan(max_seq_len: int = TINY_SEQ, expert_format: str | None = None):
+    cfg = preset("mimo-tiny", None, expert_format)
     graph = ops_step_graph(cfg, load_recipe(None, "h100"), max_seq_len)
     return cfg, graph, plan_step(graph, cfg)
 
@@ -102,12 +102,14 @@ def _kernels_for(plan):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (H100 / H200, sm_90a)")
-def test_ops_baseline_decodes_like_the_vm(tmp_path):
+@pytest.mark.parametrize("expert_format", ["fp8", "mxfp4"])
+def test_ops_baseline_decodes_like_the_vm(tmp_path, expert_format):
     from tilert.ops_backend import OpsRuntime
 
-    cfg, graph, plan = tiny_plan()
+    cfg, graph, plan = tiny_plan(expert_format=expert_format)
     write_synthetic(cfg, tmp_path / "ckpt", seed=7)
     cfg, weights = load_checkpoint(tmp_path / "ckpt")
+    assert weights[next(n for n in weights if ".mlp.experts." in n)].fmt == expert_format
     weights = runtime_weights(cfg, weights)
     rt = OpsRuntime(cfg, graph, plan, _kernels_for(plan), weights, max_seq_len=TINY_SEQ)
     vm = VM(cfg, compile_steps(cfg, load_recipe(None, "h100"), [1], max_seq_len=TINY_SEQ), weights,

@@ -59,6 +59,17 @@ class StepPlan:
     inv_freq: dict[str, tuple[float, int]] = field(default_factory=dict)  # extra name -> (theta, rotary dim)
 
 
+FILL_CTAS = 264  # attention CTAs wanted in flight: two per SM of an H100 (132 SMs)
+MIN_SPLIT_KEYS = 64  # ... but no split shorter than this many cache slots
+
+
+def attention_splits(graph_splits: int, kv_heads: int, slots: int) -> int:
+    """Splits of the keys the baseline's attention uses: the graph's, or more where that fills the
+    machine (a standalone kernel sizes its split-KV for the whole GPU; the megakernel's splits
+    share the SMs with other ops' tasks).  The split partials live in the baseline's own buffers."""
+    return max(graph_splits, min(-(-FILL_CTAS // kv_heads), slots // MIN_SPLIT_KEYS))
+
+
 def _tasks_of(graph: TaskGraph, op) -> list:
     return [graph.tasks[t] for t in op.tasks]
 
@@ -158,19 +169,27 @@ def plan_step(graph: TaskGraph, cfg: MimoConfig) -> StepPlan:
             slots, kvh, hd = kc.shape
             vd = vc.shape[2]
             ring = bool(p.get("ring") or p.get("window"))
-            args = (kvh, p["group"], hd, vd, slots, p["splits"], p["window"], ring, p["scale"])
+            splits = attention_splits(p["splits"], kvh, slots)
+            heads = kvh * p["group"]
+            parts = {name: f"{name}@{splits}" for name in ("attn_max", "attn_sum", "attn_acc")}
+            plan.extras[parts["attn_max"]] = plan.extras[parts["attn_sum"]] = ((1, heads, splits), "f32")
+            plan.extras[parts["attn_acc"]] = ((1, heads, splits, vd), "f32")
+            args = (kvh, p["group"], hd, vd, slots, splits, p["window"], ring, p["scale"])
             key = kernel("attention", *args)
             plan.launches.append(Launch(op.name, key, {"Q": "q", "Pos": "positions", "KC": p["k_cache"],
-                                                       "VC": p["v_cache"], "AMax": "attn_max", "ASum": "attn_sum",
-                                                       "AAcc": "attn_acc"}))
+                                                       "VC": p["v_cache"], "AMax": "extra:" + parts["attn_max"],
+                                                       "ASum": "extra:" + parts["attn_sum"],
+                                                       "AAcc": "extra:" + parts["attn_acc"]}))
         elif kind == "attn_combine":
             heads = max(t.params["heads"][1] for t in tasks)
             vd = bufs["attn_acc"].shape[3]
             sink = p["sink"]
-            key = kernel("attn_combine", heads, p["splits"], vd, bool(sink))
+            key = kernel("attn_combine", heads, splits, vd, bool(sink))  # the layer's attention's splits
             if not sink:
                 plan.extras["zeros_heads"] = ((heads,), "f32")
-            plan.launches.append(Launch(op.name, key, {"AMax": "attn_max", "ASum": "attn_sum", "AAcc": "attn_acc",
+            plan.launches.append(Launch(op.name, key, {"AMax": "extra:" + parts["attn_max"],
+                                                       "ASum": "extra:" + parts["attn_sum"],
+                                                       "AAcc": "extra:" + parts["attn_acc"],
                                                        "Sink": f"weight:{sink}:data" if sink else "extra:zeros_heads",
                                                        "Out": "attn_out"}))
         elif kind == "topk":

@@ -32,16 +32,26 @@ WARP = 32
 ROWS_PER_CTA = 8  # warps of a GEMV CTA, one row each
 CHUNK = 16  # bytes a lane loads at once
 _VALUES = {"bf16": 8, "fp8": 16, "mxfp4": 32, "fp32": 4}  # values in one 16-byte chunk
-_STORAGE = {"bf16": "bfloat16", "fp8": "float8_e4m3", "mxfp4": "uint8", "fp32": "float32"}
+# MXFP4 codes are read as 32-bit words of 8 codes (the bytes' memory is the same).
+_STORAGE = {"bf16": "bfloat16", "fp8": "float8_e4m3", "mxfp4": "uint32", "fp32": "float32"}
 _FP4_UNSCALE = 16384.0  # the E2M1 decode below yields value * 2^-14 (an fp16 subnormal shift)
 
 
-def _fp4(code):
-    """E2M1 code (0..15, uint16) -> its value * 2^-14: sign to bit 15, exponent and mantissa to
-    bits 11..9 of an fp16, so e = 0 lands on the subnormals (0, 0.5) and e > 0 on 2^(e - 1) (1 + m / 2)."""
-    bits = T.bitwise_or(T.shift_left(T.bitwise_and(code, T.uint16(7)), T.uint16(9)),
-                        T.shift_left(T.bitwise_and(code, T.uint16(8)), T.uint16(12)))
-    return T.cast(T.reinterpret(bits, "float16"), "float32")
+def _fp4_pair(word, j: int):
+    """Codes j and j + 4 of a 32-bit word of 8 E2M1 codes (code k in bits 4k..4k+3) as an fp16
+    pair in one word (code j in the low half), each value * 2^-14: a code's sign goes to bit 15
+    of its half, its exponent and mantissa to bits 11..9, so e = 0 lands on the fp16 subnormals
+    (0, 0.5) and e > 0 on 2^(e - 1) (1 + m / 2).  Two shifts and two masks for two values."""
+    def shifted(by):
+        return T.shift_left(word, T.uint32(by)) if by >= 0 else T.shift_right(word, T.uint32(-by))
+    return T.bitwise_or(T.bitwise_and(shifted(9 - 4 * j), T.uint32(0x0E000E00)),
+                        T.bitwise_and(shifted(12 - 4 * j), T.uint32(0x80008000)))
+
+
+def _f16_half(pair, hi: bool):
+    """One fp16 half of a 32-bit word, as float32."""
+    bits = T.shift_right(pair, T.uint32(16)) if hi else T.bitwise_and(pair, T.uint32(0xFFFF))
+    return T.cast(T.reinterpret(T.cast(bits, "uint16"), "float16"), "float32")
 
 
 def _e8m0(byte):
@@ -50,17 +60,18 @@ def _e8m0(byte):
 
 
 def storage_shapes(fmt: str, rows: int, cols: int) -> dict[str, tuple[int, ...]]:
-    """The arrays one stored [rows, cols] weight is (model/weights.py StoredTensor: data, scale)."""
+    """The arrays one stored [rows, cols] weight is, as the kernels read them (model/weights.py
+    StoredTensor: data, scale; MXFP4 codes in 32-bit words)."""
     if fmt == "mxfp4":
-        return {"data": (rows, cols // 2), "scale": (rows, cols // 32)}
+        return {"data": (rows, cols // 8), "scale": (rows, cols // 32)}
     if fmt == "fp8":
         return {"data": (rows, cols), "scale": (-(-rows // 128), -(-cols // 128))}
     return {"data": (rows, cols)}
 
 
 def _per_chunk(fmt: str) -> int:
-    """Storage elements in one 16-byte chunk (MXFP4: bytes of two codes)."""
-    return CHUNK if fmt == "mxfp4" else _VALUES[fmt]
+    """Storage elements in one 16-byte chunk (MXFP4: words of eight codes)."""
+    return 4 if fmt == "mxfp4" else _VALUES[fmt]
 
 
 def _chunks(fmt: str, cols: int) -> int:
@@ -70,16 +81,20 @@ def _chunks(fmt: str, cols: int) -> int:
     return -(-cols // (_VALUES[fmt] * WARP))
 
 
-def _chunk_dot(fmt: str, wl, u, x, col0):
-    """Sum over chunk u's values of w * x(col0 + v) (x: column -> element of the input; unscaled: MXFP4 and FP8 chunks take
-    their block scale from the caller)."""
+def _chunk_dot(fmt: str, wl, u, x, col0, wh=None):
+    """Sum over chunk u's values of w * x(col0 + v) (x: column -> element of the input; unscaled:
+    MXFP4 and FP8 chunks take their block scale from the caller).  FP8: wh holds the chunk
+    converted to fp16 (a vectorized cast: one conversion instruction a pair)."""
     n = _VALUES[fmt]
     if fmt == "mxfp4":
         terms = []
-        for v in range(n // 2):
-            byte = T.cast(wl[u, v], "uint16")
-            terms.append(_fp4(byte) * x(col0 + 2 * v))
-            terms.append(_fp4(T.shift_right(byte, T.uint16(4))) * x(col0 + 2 * v + 1))
+        for q in range(4):
+            for j in range(4):
+                pair = _fp4_pair(wl[u, q], j)
+                terms.append(_f16_half(pair, False) * x(col0 + 8 * q + j))
+                terms.append(_f16_half(pair, True) * x(col0 + 8 * q + j + 4))
+    elif fmt == "fp8":
+        terms = [T.cast(wh[v], "float32") * x(col0 + v) for v in range(n)]
     else:
         terms = [T.cast(wl[u, v], "float32") * x(col0 + v) for v in range(n)]
     total = terms[0]
@@ -122,6 +137,7 @@ def gemv(fmt: str, rows: int, cols: int, out_width: int, out_col0: int, accumula
             wl = T.alloc_local((U, per), _STORAGE[fmt])
             acc = T.alloc_local((1,), "float32")
             xl = T.alloc_local((n,), "float32")
+            wh = T.alloc_local((n,), "float16")
             red = T.alloc_local((1,), "float32")
             acc[0] = 0.0
             if r < rows:
@@ -133,7 +149,11 @@ def gemv(fmt: str, rows: int, cols: int, out_width: int, out_col0: int, accumula
                     if (u * WARP + lane) * n < cols:
                         for v in T.vectorized(n):  # x in 16-byte loads, not one a value
                             xl[v] = X[0, (u * WARP + lane) * n + v]
-                        acc[0] += _chunk_dot(fmt, wl, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n) * (
+                        if fmt == "fp8":
+                            for v in T.vectorized(n):
+                                wh[v] = T.cast(wl[u, v], "float16")
+                        acc[0] += _chunk_dot(fmt, wl, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n,
+                                             wh) * (
                             _chunk_scale(fmt, WS, r, (u * WARP + lane) * n) if scaled else T.float32(1.0))
             _warp_sum(acc, red, lane)
             if lane == 0 and r < rows:
@@ -441,6 +461,7 @@ def expert_gate_up(fmt: str, experts: int, rows: int, cols: int, k: int):
             ul = T.alloc_local((U, per), _STORAGE[fmt])
             acc = T.alloc_local((1,), "float32")
             xl = T.alloc_local((n,), "float32")
+            wh = T.alloc_local((n,), "float16")
             acc_up = T.alloc_local((1,), "float32")
             red = T.alloc_local((1,), "float32")
             red_up = T.alloc_local((1,), "float32")
@@ -458,10 +479,18 @@ def expert_gate_up(fmt: str, experts: int, rows: int, cols: int, k: int):
                     if (u * WARP + lane) * n < cols:
                         for v in T.vectorized(n):  # x in 16-byte loads, not one a value
                             xl[v] = X[0, (u * WARP + lane) * n + v]
-                        acc[0] += _chunk_dot(fmt, gl, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n) * (
+                        if fmt == "fp8":
+                            for v in T.vectorized(n):
+                                wh[v] = T.cast(gl[u, v], "float16")
+                        acc[0] += _chunk_dot(fmt, gl, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n,
+                                             wh) * (
                             _chunk_scale(fmt, GS, r, (u * WARP + lane) * n, e) if scaled else T.float32(1.0))
                     if (u * WARP + lane) * n < cols:
-                        acc_up[0] += _chunk_dot(fmt, ul, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n) * (
+                        if fmt == "fp8":
+                            for v in T.vectorized(n):
+                                wh[v] = T.cast(ul[u, v], "float16")
+                        acc_up[0] += _chunk_dot(fmt, ul, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n,
+                                                wh) * (
                             _chunk_scale(fmt, UpS, r, (u * WARP + lane) * n, e) if scaled else T.float32(1.0))
             _warp_sum(acc, red, lane)
             _warp_sum(acc_up, red_up, lane)
@@ -486,6 +515,7 @@ def expert_down(fmt: str, experts: int, rows: int, cols: int, k: int):
             wl = T.alloc_local((k * U, per), _STORAGE[fmt])
             part = T.alloc_local((1,), "float32")
             xl = T.alloc_local((n,), "float32")
+            wh = T.alloc_local((n,), "float16")
             red = T.alloc_local((1,), "float32")
             tot = T.alloc_local((1,), "float32")
             tot[0] = 0.0
@@ -502,7 +532,11 @@ def expert_down(fmt: str, experts: int, rows: int, cols: int, k: int):
                         if (u * WARP + lane) * n < cols:
                             for v in T.vectorized(n):  # x in 16-byte loads, not one a value
                                 xl[v] = Act[0, j, (u * WARP + lane) * n + v]
-                            part[0] += _chunk_dot(fmt, wl, j * U + u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n) * (
+                            if fmt == "fp8":
+                                for v in T.vectorized(n):
+                                    wh[v] = T.cast(wl[j * U + u, v], "float16")
+                            part[0] += _chunk_dot(fmt, wl, j * U + u, lambda c: xl[c - (u * WARP + lane) * n],
+                                                  (u * WARP + lane) * n, wh) * (
                                 _chunk_scale(fmt, DS, r, (u * WARP + lane) * n, Idx[0, j]) if scaled else T.float32(1.0))
                 _warp_sum(part, red, lane)
                 tot[0] += Wt[0, j] * red[0]
@@ -533,6 +567,7 @@ def lm_head(vocab: int, hidden: int):
             wl = T.alloc_local((U, n), "bfloat16")
             acc = T.alloc_local((1,), "float32")
             xl = T.alloc_local((n,), "float32")
+            wh = T.alloc_local((n,), "float16")
             red = T.alloc_local((1,), "float32")
             sc = T.alloc_shared((LM_ROWS,), "float32", scope="shared")
             acc[0] = 0.0
