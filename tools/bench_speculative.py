@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from model.weights import stored_nbytes  # noqa: E402
-from tilert.timing import append_bench_log, median_seconds  # noqa: E402
+from tilert.timing import append_bench_log  # noqa: E402
 from tools.bench import copy_bandwidth  # noqa: E402
 
 PRETRAINED = Path(__file__).resolve().parent.parent / "model" / "pretrained" / "mimo-tiny-py"
@@ -117,18 +117,15 @@ def main(argv=None) -> int:
                      "acceptance_length": spec.acceptance_length, "rounds": spec.rounds})
         print(json.dumps(rows[-1]), flush=True)
 
-    # Step times against their floors, at the context the last run reached.
+    # Step times against their floors, at the context the last run reached (the oracle tool's
+    # step_times: each target step first run at that context, since launch() repeats a kernel's
+    # last step; the timing resets the backend, so it comes last).
+    from tools.bench_dflash_oracle import step_times
+
     context = be.seq_len
-    k = cfg.num_experts_per_tok
-    steps = {}
-    for name, launch, gen, tokens, lookups in (
-            ("target B=1", lambda: be.target.launch(1), be.target.kernels[1].gen, 1, None),
-            (f"verify B={B}", lambda: be.target.launch(B), be.target.kernels[B].gen, B, None),
-            (f"draft B={B}", lambda: be.drafter.rt.launch(B), be.drafter.rt.kernels[B].gen, B, 1)):
-        t = median_seconds(launch, args.reps)
-        floor = kernel_floor_bytes(gen, tokens, context, k, lookups) / bw
-        steps[name] = {"seconds": t, "floor_s": floor, "ratio": t / floor}
-        print(f"{name}: {t * 1e6:.1f} us, floor {floor * 1e6:.2f} us ({t / floor:.1f}x)", flush=True)
+    gens = {"target B=1": be.target.kernels[1].gen, f"verify B={B}": be.target.kernels[B].gen,
+            f"draft B={B}": be.drafter.rt.kernels[B].gen}
+    steps = step_times(be, gens, context, args.reps, bw, cfg.num_experts_per_tok)
     result = {"device": dev.name, "copy_bandwidth": bw, "date": time.strftime("%Y-%m-%d"), "rows": rows,
               "steps": steps, "context": context, "argv": sys.argv}
     Path(args.out).write_text(json.dumps(result, indent=1))
