@@ -248,10 +248,13 @@ class BuiltKernel:
     params: tuple[str, ...]  # parameter names in the function's order
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
+    smem: int = 0  # dynamic shared memory bytes
 
 
-def kernel_source(builder: str, args: tuple) -> tuple[str, object]:
-    """CUDA source of one TileLang kernel (lowering needs no GPU), and its tl_ops.TLKernel."""
+def kernel_source(builder: str, args: tuple) -> tuple[str, dict]:
+    """CUDA source of one TileLang kernel (lowering needs no GPU) and its launch as the lowered
+    module records it (grid, block, dynamic shared memory), checked against what the builder
+    declared."""
     import tilelang
     from tvm.target import Target
 
@@ -259,7 +262,15 @@ def kernel_source(builder: str, args: tuple) -> tuple[str, object]:
 
     tlk = getattr(tl_ops, builder)(*args)
     with Target(TARGET):
-        return tilelang.lower(tlk.func, target=TARGET).kernel_source, tlk
+        art = tilelang.lower(tlk.func, target=TARGET)
+    (attrs,) = [fn.attrs for fn in art.device_mod.functions.values()]
+    ext = {str(k): int(v) for k, v in attrs["thread_extent"].items()}
+    grid = tuple(ext.get(f"blockIdx.{a}", 1) for a in "xyz")
+    block = tuple(ext.get(f"threadIdx.{a}", 1) for a in "xyz")
+    if grid != tuple(tlk.grid) or block != tuple(tlk.block):
+        raise AssertionError(f"{builder}{args}: lowered launch {grid} x {block}, declared {tlk.grid} x {tlk.block}")
+    smem = int(attrs["dyn_shared_memory_buf"]) if "dyn_shared_memory_buf" in attrs else 0
+    return art.kernel_source, {"grid": list(grid), "block": list(block), "smem": smem}
 
 
 def _signature(source: str) -> tuple[str, tuple[str, ...]]:
@@ -296,7 +307,7 @@ def build_kernels(plan: StepPlan, out_dir: str | Path, log=print) -> dict[str, B
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     built = {}
     for key, (builder, args) in plan.kernels.items():
-        src, tlk = kernel_source(builder, args)
+        src, launch = kernel_source(builder, args)
         name, params = _signature(src)
         digest = hashlib.sha256((src + " ".join(_nvcc_flags())).encode()).hexdigest()[:16]
         cubin = out / f"{digest}.cubin"
@@ -314,9 +325,8 @@ def build_kernels(plan: StepPlan, out_dir: str | Path, log=print) -> dict[str, B
             (out / f"{digest}.ptxas.txt").write_text(proc.stdout + proc.stderr)
             os.replace(tmp, cubin)
             log(f"built {key} in {time.time() - t0:.1f} s")
-        built[key] = BuiltKernel(cubin, name, params, tuple(tlk.grid), tuple(tlk.block))
-        manifest[key] = {"cubin": cubin.name, "name": name, "params": list(params), "grid": list(tlk.grid),
-                         "block": list(tlk.block)}
+        built[key] = BuiltKernel(cubin, name, params, tuple(launch["grid"]), tuple(launch["block"]), launch["smem"])
+        manifest[key] = {"cubin": cubin.name, "name": name, "params": list(params), **launch}
     tmp = manifest_path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     os.replace(tmp, manifest_path)
@@ -334,7 +344,7 @@ def load_kernels(plan: StepPlan, out_dir: str | Path) -> dict[str, BuiltKernel]:
         raise UserError(f"{path} lacks {len(missing)} kernels of this step, e.g. {missing[0]} "
                         f"(build them with tools/build_ops_kernels.py for the same model, layers and context)")
     return {k: BuiltKernel(Path(out_dir) / m["cubin"], m["name"], tuple(m["params"]), tuple(m["grid"]),
-                           tuple(m["block"])) for k in plan.kernels for m in [manifest[k]]}
+                           tuple(m["block"]), m.get("smem", 0)) for k in plan.kernels for m in [manifest[k]]}
 
 
 # ---- run: load the cubins, hold the buffers, replay the step as a CUDA graph ---------------------
@@ -371,7 +381,11 @@ class OpsRuntime:
         for key, bk in built.items():
             image = np.frombuffer(bk.cubin.read_bytes(), dtype=np.uint8).copy()
             module = _check(driver.cuModuleLoadData(image.ctypes.data))
-            functions[key] = (module, _check(driver.cuModuleGetFunction(module, bk.name.encode())))
+            function = _check(driver.cuModuleGetFunction(module, bk.name.encode()))
+            if bk.smem > 48 * 1024:
+                _check(driver.cuFuncSetAttribute(
+                    function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bk.smem))
+            functions[key] = (module, function)
         self._launches = []
         for launch in plan.launches:
             bk = built[launch.kernel]
@@ -396,7 +410,8 @@ class OpsRuntime:
     def _run_launches(self) -> None:
         stream = self._driver.CUstream(torch.cuda.current_stream(self.device).cuda_stream)
         for function, bk, _, ptrs in self._launches:
-            self._checkfn(self._driver.cuLaunchKernel(function, *bk.grid, *bk.block, 0, stream, ptrs.ctypes.data, 0))
+            self._checkfn(self._driver.cuLaunchKernel(function, *bk.grid, *bk.block, bk.smem, stream,
+                                                      ptrs.ctypes.data, 0))
 
     def _replay(self) -> None:
         if self._graph is None:
