@@ -125,3 +125,43 @@ def test_ops_baseline_decodes_like_the_vm(tmp_path, expert_format):
         token = want_tok[0]
     with pytest.raises(UserError, match="greedily"):
         rt.step([token], temperature=1.0)
+
+
+def _compile_tiny(tmp_path, expert_format: str | None = None) -> Path:
+    from tilert.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    write_synthetic(preset("mimo-tiny", None, expert_format), ckpt, seed=3)
+    art = tmp_path / "art"
+    assert main(["compile", "--model", str(ckpt), "--out", str(art), "--max-seq-len", str(TINY_SEQ),
+                 "--no-kernel"]) == 0
+    return art
+
+
+def test_run_backend_ops_refusals(tmp_path, capsys):
+    from tilert.cli import main
+
+    art = _compile_tiny(tmp_path)
+    assert main(["run", str(art), "--prompt-ids", "1,2", "--backend", "ops", "--temperature", "0.7"]) != 0
+    assert "decodes greedily" in capsys.readouterr().err
+    assert main(["run", str(art), "--prompt-ids", "1,2", "--backend", "vm", "--ops-kernels", "x"]) != 0
+    assert "--ops-kernels only applies" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["run", str(art), "--prompt-ids", "1,2", "--backend", "ops"]) != 0
+        assert "CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (H100 / H200, sm_90a)")
+def test_run_backend_ops_gives_the_vm_tokens(tmp_path, capsys):
+    import json
+
+    from tilert.cli import main
+
+    art = _compile_tiny(tmp_path)
+    _kernels_for(tiny_plan()[2])  # the artifact's step is mimo-tiny's at TINY_SEQ: these kernels
+    common = ["run", str(art), "--prompt-ids", "5,6,7", "--max-new-tokens", "24", "--json"]
+    assert main(common + ["--backend", "ops", "--ops-kernels", str(KERNELS)]) == 0
+    ops = json.loads(capsys.readouterr().out)
+    assert main(common + ["--backend", "vm"]) == 0
+    vm = json.loads(capsys.readouterr().out)
+    assert ops["tokens"] == vm["tokens"] and ops["backend"] == "ops"

@@ -552,6 +552,11 @@ def cmd_run(args) -> int:
         raise UserError("--interleave only applies to --backend vm")
     if args.profile_out is not None and args.backend != "megakernel":
         raise UserError("--profile-out only applies to --backend megakernel")
+    if args.backend == "ops" and (args.speculative or args.temperature != 0.0):
+        raise UserError("--backend ops (the op-by-op TileLang baseline) decodes greedily without a drafter: "
+                        "drop --speculative and --temperature")
+    if args.ops_kernels is not None and args.backend != "ops":
+        raise UserError("--ops-kernels only applies to --backend ops")
     if args.speculative and args.profile_out is not None:
         raise UserError("--profile-out profiles plain decode steps; it does not combine with --speculative")
     path = Path(args.artifact) if args.artifact else default_artifact()
@@ -593,6 +598,13 @@ def cmd_run(args) -> int:
                         f"--max-seq-len")
     if args.backend == "megakernel" and multi:
         refuse_megakernel(meta)
+    if args.backend == "ops" and multi:
+        raise UserError(f"{path}: split over {meta.get('gpus', '?')} GPUs; --backend ops runs one-GPU artifacts")
+    if args.backend == "ops":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--backend ops runs on a CUDA GPU (H100 / H200); none is visible here")
     if args.backend == "megakernel" and args.speculative and not multi:
         from tilert.artifact import kernel_info
 
@@ -624,6 +636,11 @@ def cmd_run(args) -> int:
                                       profile_out=args.profile_out, bar=bar)
         if args.profile_out:
             print(f"wrote the last step's profile to {args.profile_out}", file=sys.stderr)
+    elif args.backend == "ops":
+        from tilert.ops_backend import generate_ops
+
+        with _bar(total=len(prompt) + args.max_new_tokens, desc="generating", unit="tok") as bar:
+            new = generate_ops(art, prompt, args.max_new_tokens, args.ops_kernels, bar=bar)
     elif args.backend == "vm":
         new = generate_vm(art, prompt, args.max_new_tokens, args.temperature, args.seed, args.interleave,
                           vm=art.vm() if multi else None)
@@ -708,8 +725,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--prompt", help="prompt text (needs the artifact's tokenizer.json)")
     r.add_argument("--prompt-ids", help="prompt as token ids, e.g. 1,2,3")
     r.add_argument("--max-new-tokens", type=int, default=32)
-    r.add_argument("--backend", choices=["vm", "reference", "megakernel"], default="vm",
-                   help="vm (CPU), reference (PyTorch decoder), megakernel (the artifact's cubins on an H100/H200)")
+    r.add_argument("--backend", choices=["vm", "reference", "megakernel", "ops"], default="vm",
+                   help="vm (CPU), reference (PyTorch decoder), megakernel (the artifact's cubins on an H100/H200), "
+                        "ops (the op-by-op TileLang baseline on an H100/H200: one kernel per op, a CUDA graph; greedy)")
+    r.add_argument("--ops-kernels", metavar="DIR",
+                   help="ops only: the baseline's built kernels (tools/build_ops_kernels.py; default: built into "
+                        "~/.cache/tilert/ops-kernels where TileLang is installed)")
     r.add_argument("--profile-out", metavar="FILE",
                    help="megakernel only: write the last step's per-task profile (needs compile --profile-kernel)")
     r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

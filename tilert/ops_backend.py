@@ -465,3 +465,46 @@ def ops_step_graph(cfg: MimoConfig, recipe: dict, max_seq_len: int) -> TaskGraph
     from tilert.lower import lower_step
 
     return lower_step(cfg, recipe, tokens=1, max_seq_len=max_seq_len, max_tokens=1)
+
+
+def default_kernels_dir() -> Path:
+    return Path(os.environ.get("TILERT_CACHE", Path.home() / ".cache" / "tilert")) / "ops-kernels"
+
+
+def generate_ops(art, prompt: list[int], max_new_tokens: int, kernels_dir: str | Path | None = None,
+                 bar=None) -> list[int]:
+    """Greedy decoding of an artifact with the ops baseline (`tilert run --backend ops`): the
+    prompt one token a step, then the new tokens.  Kernels come from kernels_dir (built there
+    first where TileLang is installed)."""
+    if not torch.cuda.is_available():
+        raise UserError("--backend ops runs on a CUDA GPU (H100 / H200); none is visible here")
+    recipe = art.meta.get("recipe")
+    if not isinstance(recipe, dict):
+        raise UserError(f"{art.path}: the artifact's metadata holds no recipe to plan the ops baseline with")
+    kernels_dir = Path(kernels_dir) if kernels_dir else default_kernels_dir()
+    graph = ops_step_graph(art.cfg, recipe, art.max_seq_len)
+    plan = plan_step(graph, art.cfg)
+    try:
+        built = load_kernels(plan, kernels_dir)
+    except UserError:
+        import importlib.util
+
+        if importlib.util.find_spec("tilelang") is None:
+            raise
+        built = build_kernels(plan, kernels_dir, log=lambda *_: None)
+    rt = OpsRuntime(art.cfg, graph, plan, built, {k: v for k, v in art.weights.items() if not k.startswith("draft.")},
+                    art.max_seq_len)
+    art.weights = None  # the host copies are no longer needed
+    token = None
+    for t in prompt:
+        token = rt.step([t])[1][0]
+        if bar is not None:
+            bar.update()
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        out.append(token)
+        if bar is not None:
+            bar.update()
+        if len(out) < max_new_tokens:
+            token = rt.step([token])[1][0]
+    return out
