@@ -219,12 +219,12 @@ def plan_step(graph: TaskGraph, cfg: MimoConfig) -> StepPlan:
             V, H = bufs[p["weight"]].shape
             if any(t.params.get("weight_row0", 0) for t in tasks):
                 raise UserError(f"op {op.name}: the ops baseline runs on one GPU (no vocabulary split)")
-            key = kernel("lm_head", V, H)
+            key = kernel("gemv", "bf16", V, H, V, 0, False, True)  # with the CTAs' bests for argmax
             parts = -(-V // LM_ROWS)
             plan.extras["best_score"] = ((parts,), "f32")
             plan.extras["best_row"] = ((parts,), "i32")
-            plan.launches.append(Launch(op.name, key, {"W": f"weight:{p['weight']}:data", "X": p["in"],
-                                                       "Logits": "logits", "BestScore": "extra:best_score",
+            plan.launches.append(Launch(op.name, key, {"W": f"weight:{p['weight']}:data", "WS": "extra:one",
+                                                       "X": p["in"], "Y": "logits", "BestScore": "extra:best_score",
                                                        "BestRow": "extra:best_row"}))
         elif kind == "argmax":
             parts = plan.extras["best_score"][0][0]

@@ -124,16 +124,22 @@ def _layout(fmt: str, rows: int, cols: int, experts: int | None = None):
             lead + scale, "uint8" if fmt == "mxfp4" else "float32")
 
 
-def gemv(fmt: str, rows: int, cols: int, out_width: int, out_col0: int, accumulate: bool):
-    """Y[0, out_col0 + r] (+)= W[r] . X[0] for r < rows: a linear op's segment, the router."""
+def gemv(fmt: str, rows: int, cols: int, out_width: int, out_col0: int, accumulate: bool, best: bool = False):
+    """Y[0, out_col0 + r] (+)= W[r] . X[0] for r < rows: a linear op's segment, the router.
+    `best` (the LM head): also each CTA's best (Y, row), ties to the lower row, in BestScore /
+    BestRow (argmax finishes: greedy decoding, kernels.lm_head at temperature 0)."""
     U, n, per, scaled, dshape, sshape, sdtype = _layout(fmt, rows, cols)
+    ctas = -(-rows // ROWS_PER_CTA)
 
     @T.prim_func
     def kernel(W: T.Tensor(dshape, _STORAGE[fmt]), WS: T.Tensor(sshape, sdtype),
-               X: T.Tensor((1, cols), "float32"), Y: T.Tensor((1, out_width), "float32")):
-        with T.Kernel(T.ceildiv(rows, ROWS_PER_CTA), threads=(WARP, ROWS_PER_CTA)) as bx:
+               X: T.Tensor((1, cols), "float32"), Y: T.Tensor((1, out_width), "float32"),
+               BestScore: T.Tensor((ctas,), "float32"), BestRow: T.Tensor((ctas,), "int32")):
+        with T.Kernel(ctas, threads=(WARP, ROWS_PER_CTA)) as bx:
             lane = T.get_thread_binding(0)
-            r = bx * ROWS_PER_CTA + T.get_thread_binding(1)
+            w = T.get_thread_binding(1)
+            r = bx * ROWS_PER_CTA + w
+            sc = T.alloc_shared((ROWS_PER_CTA,), "float32", scope="shared")
             wl = T.alloc_local((U, per), _STORAGE[fmt])
             acc = T.alloc_local((1,), "float32")
             xl = T.alloc_local((n,), "float32")
@@ -161,8 +167,23 @@ def gemv(fmt: str, rows: int, cols: int, out_width: int, out_col0: int, accumula
                     Y[0, out_col0 + r] = Y[0, out_col0 + r] + red[0]
                 else:
                     Y[0, out_col0 + r] = red[0]
+            if best:
+                if lane == 0:
+                    sc[w] = T.if_then_else(r < rows, red[0], -T.infinity("float32"))
+                T.sync_threads()
+                if lane == 0 and w == 0:
+                    top = T.alloc_local((1,), "float32")
+                    at = T.alloc_local((1,), "int32")
+                    top[0] = sc[0]
+                    at[0] = 0
+                    for i in T.serial(1, ROWS_PER_CTA):
+                        if sc[i] > top[0]:
+                            top[0] = sc[i]
+                            at[0] = i
+                    BestScore[bx] = top[0]
+                    BestRow[bx] = bx * ROWS_PER_CTA + at[0]
 
-    return TLKernel(kernel, (-(-rows // ROWS_PER_CTA), 1, 1), (WARP, ROWS_PER_CTA, 1))
+    return TLKernel(kernel, (ctas, 1, 1), (WARP, ROWS_PER_CTA, 1))
 
 
 def _warp_sum(acc, red, lane):
@@ -546,62 +567,7 @@ def expert_down(fmt: str, experts: int, rows: int, cols: int, k: int):
     return TLKernel(kernel, (-(-rows // ROWS_PER_CTA), 1, 1), (WARP, ROWS_PER_CTA, 1))
 
 
-LM_ROWS = ROWS_PER_CTA
-
-
-def lm_head(vocab: int, hidden: int):
-    """Logits[0, r] = W[r] . X[0] (bf16), and each CTA's best (logit, row), ties to the lower
-    row, in BestScore / BestRow (argmax finishes; greedy decoding, kernels.lm_head at temperature 0)."""
-    U = _chunks("bf16", hidden)
-    n, cols = _VALUES["bf16"], hidden
-    ctas = -(-vocab // LM_ROWS)
-
-    @T.prim_func
-    def kernel(W: T.Tensor((vocab, hidden), "bfloat16"), X: T.Tensor((1, hidden), "float32"),
-               Logits: T.Tensor((1, vocab), "float32"), BestScore: T.Tensor((ctas,), "float32"),
-               BestRow: T.Tensor((ctas,), "int32")):
-        with T.Kernel(ctas, threads=(WARP, LM_ROWS)) as bx:
-            lane = T.get_thread_binding(0)
-            w = T.get_thread_binding(1)
-            r = bx * LM_ROWS + w
-            wl = T.alloc_local((U, n), "bfloat16")
-            acc = T.alloc_local((1,), "float32")
-            xl = T.alloc_local((n,), "float32")
-            wh = T.alloc_local((n,), "float16")
-            red = T.alloc_local((1,), "float32")
-            sc = T.alloc_shared((LM_ROWS,), "float32", scope="shared")
-            acc[0] = 0.0
-            if r < vocab:
-                for u in T.unroll(U):
-                    if (u * WARP + lane) * n < cols:
-                        for v in T.vectorized(n):
-                            wl[u, v] = W[r, (u * WARP + lane) * n + v]
-                for u in T.unroll(U):
-                    if (u * WARP + lane) * n < cols:
-                        for v in T.vectorized(n):  # x in 16-byte loads, not one a value
-                            xl[v] = X[0, (u * WARP + lane) * n + v]
-                        acc[0] += _chunk_dot("bf16", wl, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n)
-            _warp_sum(acc, red, lane)
-            if lane == 0:
-                if r < vocab:
-                    Logits[0, r] = red[0]
-                    sc[w] = red[0]
-                else:
-                    sc[w] = -T.infinity("float32")
-            T.sync_threads()
-            if lane == 0 and w == 0:
-                best = T.alloc_local((1,), "float32")
-                at = T.alloc_local((1,), "int32")
-                best[0] = sc[0]
-                at[0] = 0
-                for i in T.serial(1, LM_ROWS):
-                    if sc[i] > best[0]:
-                        best[0] = sc[i]
-                        at[0] = i
-                BestScore[bx] = best[0]
-                BestRow[bx] = bx * LM_ROWS + at[0]
-
-    return TLKernel(kernel, (ctas, 1, 1), (WARP, LM_ROWS, 1))
+LM_ROWS = ROWS_PER_CTA  # vocabulary rows an LM-head CTA takes (one best a CTA)
 
 
 def argmax(parts: int):
