@@ -1,15 +1,17 @@
 """Standalone TileLang kernels, one per IR op kind, for the op-by-op baseline (`--backend ops`).
 
-Each builder returns a TileLang prim_func for one op of a batch-1 decode step, every shape fixed
-at build time; tilert/ops_backend.py lowers them to CUDA, builds cubins and runs a step as a
+Each builder returns a TLKernel (a TileLang prim_func and its launch shape) for one op of a
+batch-1 decode step, every shape fixed at build time; tilert/ops_backend.py lowers them to CUDA, builds cubins and runs a step as a
 CUDA graph of them.  They compute what tilert/kernels.py says (the VM's semantics), on the
 weights as stored (bf16, FP8 with 128 x 128 block scales, MXFP4 with E8M0 scales per 32, fp32).
 
 The GEMV-shaped kernels give each warp one weight row: lane l reads 16-byte chunks l, l + 32, ...
 of the row (all the row's loads are issued before the first multiply, so each lane keeps
-K / 512 B-chunks of bytes in flight), multiplies them with x in fp32 and the warp sums its lanes.
-That is the plain, bandwidth-first decode GEMV an op-by-op system would run; the baseline is
-meant to be honest, not strawman.
+K / 512 B-chunks of bytes in flight), multiplies them with x (16-byte loads) in fp32 on the CUDA
+cores and the warp sums its lanes: the plain, bandwidth-first decode GEMV.  Measured on an H100
+(BENCHMARKS.md, stop 19) bf16 reaches 2.1-2.4 TB/s, but MXFP4 only 0.44-0.70: its decode costs
+~5 instructions a weight, so those GEMVs are issue-bound; a tensor-core MXFP4 GEMV is what would
+make this baseline a fair "best op-by-op" (the megakernel runs its MXFP4 on the tensor cores).
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the kernels' annotations (tensor shapes
