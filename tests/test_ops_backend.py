@@ -165,3 +165,15 @@ def test_run_backend_ops_gives_the_vm_tokens(tmp_path, capsys):
     assert main(common + ["--backend", "vm"]) == 0
     vm = json.loads(capsys.readouterr().out)
     assert ops["tokens"] == vm["tokens"] and ops["backend"] == "ops"
+
+
+def test_build_tool_plans_an_artifacts_step(tmp_path, monkeypatch):
+    """tools/build_ops_kernels.py --artifact plans what `tilert run ART --backend ops` loads."""
+    import tools.build_ops_kernels as tool
+
+    art = _compile_tiny(tmp_path)
+    seen = {}
+    monkeypatch.setattr(tool, "build_kernels", lambda plan, out: seen.setdefault("plan", plan) and {})
+    assert tool.main(["--artifact", str(art), "--out", str(tmp_path / "k")]) == 0
+    assert set(seen["plan"].kernels) == set(tiny_plan()[2].kernels)
+    assert tool.main(["--artifact", str(tmp_path / "missing")]) == 1

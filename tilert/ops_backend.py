@@ -337,7 +337,8 @@ def load_kernels(plan: StepPlan, out_dir: str | Path) -> dict[str, BuiltKernel]:
     """The built kernels of the plan, from out_dir/manifest.json (build_kernels wrote it)."""
     path = Path(out_dir) / MANIFEST
     if not path.exists():
-        raise UserError(f"{path}: no ops-baseline kernels built here (tools/build_ops_kernels.py builds them)")
+        raise UserError(f"{path}: no ops-baseline kernels built here (tools/build_ops_kernels.py builds them; "
+                        f"--artifact ART for an artifact's)")
     manifest = json.loads(path.read_text())
     missing = [k for k in plan.kernels if k not in manifest]
     if missing:

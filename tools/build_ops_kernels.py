@@ -3,6 +3,7 @@ machine without TileLang: lowers every kernel of the step to CUDA, builds the cu
 and writes OUT/manifest.json (tilert.ops_backend.load_kernels reads it).
 
     python tools/build_ops_kernels.py --model mimo-v2-flash --layers 6 --max-seq-len 8200 --out build/ops-cubins
+    python tools/build_ops_kernels.py --artifact ART --out build/ops-cubins   # for `tilert run ART --backend ops`
 
 The kernels depend on the shapes: build for the same model, layers, expert format and max
 sequence length the run uses (tools/bench.py runs context + 8).  Several calls may share OUT.
@@ -29,6 +30,18 @@ def build(model: str, layers: int | None, expert_format: str | None, max_seq_len
     return plan, build_kernels(plan, out)
 
 
+def build_for_artifact(path: str, out: str):
+    """The kernels `tilert run ART --backend ops` needs: the artifact's config, recipe and max sequence length."""
+    from tilert.artifact import read_artifact
+
+    art = read_artifact(Path(path), load_weights=False)
+    recipe = art.meta.get("recipe")
+    if not isinstance(recipe, dict):
+        raise UserError(f"{path}: the artifact's metadata holds no recipe to plan the ops baseline with")
+    plan = plan_step(ops_step_graph(art.cfg, recipe, art.max_seq_len), art.cfg)
+    return plan, build_kernels(plan, out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="mimo-v2-flash")
@@ -36,9 +49,14 @@ def main(argv=None) -> int:
     ap.add_argument("--expert-format", default="mxfp4")
     ap.add_argument("--max-seq-len", default="8200", help="comma-separated")
     ap.add_argument("--gpu", default="h100")
+    ap.add_argument("--artifact", help="build for a compiled artifact instead (its model, recipe and max_seq_len)")
     ap.add_argument("--out", default="build/ops-cubins")
     args = ap.parse_args(argv)
     try:
+        if args.artifact:
+            plan, built = build_for_artifact(args.artifact, args.out)
+            print(f"{args.artifact}: {len(plan.launches)} launches, {len(built)} kernels in {args.out}")
+            return 0
         for layers in args.layers.split(","):
             for msl in args.max_seq_len.split(","):
                 plan, built = build(args.model, int(layers), args.expert_format or None, int(msl), args.out, args.gpu)
