@@ -83,22 +83,22 @@ def _chunks(fmt: str, cols: int) -> int:
     return -(-cols // (_VALUES[fmt] * WARP))
 
 
-def _chunk_dot(fmt: str, wl, u, x, col0, wh=None):
-    """Sum over chunk u's values of w * x(col0 + v) (x: column -> element of the input; unscaled:
-    MXFP4 and FP8 chunks take their block scale from the caller).  FP8: wh holds the chunk
-    converted to fp16 (a vectorized cast: one conversion instruction a pair)."""
+def _chunk_dot(fmt: str, wl, u, xl, wh=None):
+    """Sum over chunk u's values v of w[v] * xl[v] (xl: the chunk's x; unscaled: MXFP4 and FP8
+    chunks take their block scale from the caller).  FP8: wh holds the chunk converted to fp16
+    (a vectorized cast: one conversion instruction a pair)."""
     n = _VALUES[fmt]
     if fmt == "mxfp4":
         terms = []
         for q in range(4):
             for j in range(4):
                 pair = _fp4_pair(wl[u, q], j)
-                terms.append(_f16_half(pair, False) * x(col0 + 8 * q + j))
-                terms.append(_f16_half(pair, True) * x(col0 + 8 * q + j + 4))
+                terms.append(_f16_half(pair, False) * xl[8 * q + j])
+                terms.append(_f16_half(pair, True) * xl[8 * q + j + 4])
     elif fmt == "fp8":
-        terms = [T.cast(wh[v], "float32") * x(col0 + v) for v in range(n)]
+        terms = [T.cast(wh[v], "float32") * xl[v] for v in range(n)]
     else:
-        terms = [T.cast(wl[u, v], "float32") * x(col0 + v) for v in range(n)]
+        terms = [T.cast(wl[u, v], "float32") * xl[v] for v in range(n)]
     total = terms[0]
     for t in terms[1:]:
         total = total + t
@@ -117,20 +117,20 @@ def _chunk_scale(fmt: str, scale, row, col0, expert=None):
 
 def _layout(fmt: str, rows: int, cols: int, experts: int | None = None):
     """What a GEMV kernel over a [rows, cols] weight (or a stack of `experts` of them) needs:
-    chunks a lane takes, values and storage elements a chunk, whether it has block scales, the
-    data and scale shapes and the scale dtype."""
+    chunks a lane takes, values and storage elements a chunk, the data and scale shapes and the
+    scale dtype."""
     one = storage_shapes(fmt, rows, cols)
     lead = (experts,) if experts is not None else ()
     scale = one.get("scale", (1, 1) if experts is not None else (1,))
-    return (_chunks(fmt, cols), _VALUES[fmt], _per_chunk(fmt), fmt in ("mxfp4", "fp8"), lead + one["data"],
-            lead + scale, "uint8" if fmt == "mxfp4" else "float32")
+    return (_chunks(fmt, cols), _VALUES[fmt], _per_chunk(fmt), lead + one["data"], lead + scale,
+            "uint8" if fmt == "mxfp4" else "float32")
 
 
 def gemv(fmt: str, rows: int, cols: int, out_width: int, out_col0: int, accumulate: bool, best: bool = False):
     """Y[0, out_col0 + r] (+)= W[r] . X[0] for r < rows: a linear op's segment, the router.
     `best` (the LM head): also each CTA's best (Y, row), ties to the lower row, in BestScore /
     BestRow (argmax finishes: greedy decoding, kernels.lm_head at temperature 0)."""
-    U, n, per, scaled, dshape, sshape, sdtype = _layout(fmt, rows, cols)
+    U, n, per, dshape, sshape, sdtype = _layout(fmt, rows, cols)
     ctas = -(-rows // ROWS_PER_CTA)
 
     @T.prim_func
@@ -160,9 +160,8 @@ def gemv(fmt: str, rows: int, cols: int, out_width: int, out_col0: int, accumula
                         if fmt == "fp8":
                             for v in T.vectorized(n):
                                 wh[v] = T.cast(wl[u, v], "float16")
-                        acc[0] += _chunk_dot(fmt, wl, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n,
-                                             wh) * (
-                            _chunk_scale(fmt, WS, r, (u * WARP + lane) * n) if scaled else T.float32(1.0))
+                        acc[0] += _chunk_dot(fmt, wl, u, xl, wh) * \
+                            _chunk_scale(fmt, WS, r, (u * WARP + lane) * n)
             _warp_sum(acc, red, lane)
             if lane == 0 and r < rows:
                 if accumulate:
@@ -469,7 +468,7 @@ def expert_gate_up(fmt: str, experts: int, rows: int, cols: int, k: int):
     """Act[0, j, r] = silu(G_e[r] . X[0]) * (U_e[r] . X[0]) for the expert e = Idx[0, j] of each
     of the token's k choices: grid (k, row blocks) (kernels.expert_gate_up).  A dense FFN's
     gate/up (kernels.gate_up) is the case of one expert and one choice, Idx = [[0]]."""
-    U, n, per, scaled, dshape, sshape, sdtype = _layout(fmt, rows, cols, experts)
+    U, n, per, dshape, sshape, sdtype = _layout(fmt, rows, cols, experts)
 
     @T.prim_func
     def kernel(G: T.Tensor(dshape, _STORAGE[fmt]), GS: T.Tensor(sshape, sdtype),
@@ -495,7 +494,6 @@ def expert_gate_up(fmt: str, experts: int, rows: int, cols: int, k: int):
                     if (u * WARP + lane) * n < cols:
                         for v in T.vectorized(per):
                             gl[u, v] = G[e, r, (u * WARP + lane) * per + v]
-                    if (u * WARP + lane) * n < cols:
                         for v in T.vectorized(per):
                             ul[u, v] = Up[e, r, (u * WARP + lane) * per + v]
                 for u in T.unroll(U):
@@ -505,16 +503,13 @@ def expert_gate_up(fmt: str, experts: int, rows: int, cols: int, k: int):
                         if fmt == "fp8":
                             for v in T.vectorized(n):
                                 wh[v] = T.cast(gl[u, v], "float16")
-                        acc[0] += _chunk_dot(fmt, gl, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n,
-                                             wh) * (
-                            _chunk_scale(fmt, GS, r, (u * WARP + lane) * n, e) if scaled else T.float32(1.0))
-                    if (u * WARP + lane) * n < cols:
+                        acc[0] += _chunk_dot(fmt, gl, u, xl, wh) * \
+                            _chunk_scale(fmt, GS, r, (u * WARP + lane) * n, e)
                         if fmt == "fp8":
                             for v in T.vectorized(n):
                                 wh[v] = T.cast(ul[u, v], "float16")
-                        acc_up[0] += _chunk_dot(fmt, ul, u, lambda c: xl[c - (u * WARP + lane) * n], (u * WARP + lane) * n,
-                                                wh) * (
-                            _chunk_scale(fmt, UpS, r, (u * WARP + lane) * n, e) if scaled else T.float32(1.0))
+                        acc_up[0] += _chunk_dot(fmt, ul, u, xl, wh) * \
+                            _chunk_scale(fmt, UpS, r, (u * WARP + lane) * n, e)
             _warp_sum(acc, red, lane)
             _warp_sum(acc_up, red_up, lane)
             if lane == 0 and r < rows:
@@ -526,7 +521,7 @@ def expert_gate_up(fmt: str, experts: int, rows: int, cols: int, k: int):
 def expert_down(fmt: str, experts: int, rows: int, cols: int, k: int):
     """X[0, r] += sum over the token's choices j, in order, of Wt[0, j] (D_e[r] . Act[0, j]) with
     e = Idx[0, j] (kernels.expert_down): each warp loads its row of all k experts before multiplying."""
-    U, n, per, scaled, dshape, sshape, sdtype = _layout(fmt, rows, cols, experts)
+    U, n, per, dshape, sshape, sdtype = _layout(fmt, rows, cols, experts)
 
     @T.prim_func
     def kernel(D: T.Tensor(dshape, _STORAGE[fmt]), DS: T.Tensor(sshape, sdtype), Idx: T.Tensor((1, k), "int32"),
@@ -558,9 +553,8 @@ def expert_down(fmt: str, experts: int, rows: int, cols: int, k: int):
                             if fmt == "fp8":
                                 for v in T.vectorized(n):
                                     wh[v] = T.cast(wl[j * U + u, v], "float16")
-                            part[0] += _chunk_dot(fmt, wl, j * U + u, lambda c: xl[c - (u * WARP + lane) * n],
-                                                  (u * WARP + lane) * n, wh) * (
-                                _chunk_scale(fmt, DS, r, (u * WARP + lane) * n, Idx[0, j]) if scaled else T.float32(1.0))
+                            part[0] += _chunk_dot(fmt, wl, j * U + u, xl, wh) * \
+                                _chunk_scale(fmt, DS, r, (u * WARP + lane) * n, Idx[0, j])
                 _warp_sum(part, red, lane)
                 tot[0] += Wt[0, j] * red[0]
             if lane == 0 and r < rows:
