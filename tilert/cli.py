@@ -453,27 +453,35 @@ def chunks(n: int, steps: list[int]) -> list[int]:
     return out
 
 
+def prefill_and_decode(step, prompt: list[int], step_sizes: list[int], max_new_tokens: int, bar=None) -> list[int]:
+    """The prompt in chunks of the step sizes, then max_new_tokens new tokens one step each (the
+    last one chosen needs no step of its own).  step(tokens) runs one step and returns the
+    tokens it chose; bar (optional) advances a token at a time."""
+    pos, token = 0, None
+    for b in chunks(len(prompt), step_sizes):
+        token = step(prompt[pos:pos + b])[-1]
+        pos += b
+        if bar is not None:
+            bar.update(b)
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        out.append(token)
+        if bar is not None:
+            bar.update()
+        if len(out) < max_new_tokens:
+            token = step([token])[0]
+    return out
+
+
 def generate_vm(art, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
                 interleave: int | None = None, vm=None) -> list[int]:
     """Generate on the VM (`vm`: another VM with the same step interface, e.g. the multi-GPU one)."""
     from tilert.vm import VM
 
     vm = vm or VM(art.cfg, art.schedules, art.weights, art.max_seq_len)
-    pos, token = 0, None
     with _bar(total=len(prompt) + max_new_tokens, desc="generating", unit="tok") as bar:
-        for b in chunks(len(prompt), list(vm.schedules)):
-            _, nxt = vm.step(prompt[pos:pos + b], temperature, seed, interleave)
-            token = nxt[-1]
-            pos += b
-            bar.update(b)
-        out: list[int] = []
-        while len(out) < max_new_tokens:
-            out.append(token)
-            bar.update()
-            if len(out) < max_new_tokens:
-                _, nxt = vm.step([token], temperature, seed, interleave)
-                token = nxt[0]
-    return out
+        return prefill_and_decode(lambda tokens: vm.step(tokens, temperature, seed, interleave)[1], prompt,
+                                  list(vm.schedules), max_new_tokens, bar)
 
 
 def generate_reference(art, prompt: list[int], max_new_tokens: int, temperature: float = 0.0,

@@ -59,6 +59,26 @@ def _check(result):
     return rest[0] if len(rest) == 1 else rest
 
 
+def load_function(cubin: Path, name: str, dynamic_smem: int) -> tuple[Any, Any]:
+    """(module, function) of kernel `name` in a cubin, allowed `dynamic_smem` bytes of dynamic
+    shared memory.  The module must stay referenced while the function is used."""
+    driver = _driver()
+    image = np.frombuffer(Path(cubin).read_bytes(), dtype=np.uint8).copy()
+    module = _check(driver.cuModuleLoadData(image.ctypes.data))
+    function = _check(driver.cuModuleGetFunction(module, name.encode()))
+    _check(driver.cuFuncSetAttribute(
+        function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic_smem))
+    return module, function
+
+
+def fill_caches(views, length: int, seed: int, device) -> None:
+    """Random keys and values in the first `length` rows of each cache view (benchmarks at a
+    given context without a prefill; rings hold at most their slots)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for view in views:
+        view[:min(length, view.shape[0])].normal_(generator=gen)
+
+
 @dataclass
 class _Kernel:
     """One loaded megakernel (one step size) and its private memory."""
@@ -224,11 +244,7 @@ class MegakernelRuntime:
         return torch.zeros(max(g.state_bytes for g in gens) or 16, dtype=torch.uint8, device=self.device)
 
     def _load(self, cubin: Path, gen: GeneratedKernel, driver) -> _Kernel:
-        image = np.frombuffer(cubin.read_bytes(), dtype=np.uint8).copy()
-        module = _check(driver.cuModuleLoadData(image.ctypes.data))
-        function = _check(driver.cuModuleGetFunction(module, gen.kernel_name.encode()))
-        _check(driver.cuFuncSetAttribute(
-            function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, gen.smem_bytes))
+        module, function = load_function(cubin, gen.kernel_name, gen.smem_bytes)
         blocks = _check(driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(function, gen.threads, gen.smem_bytes))
         if blocks < 1:
             raise UserError(f"the B={gen.tokens} megakernel cannot be resident ({gen.threads} threads, "
@@ -377,12 +393,9 @@ class MegakernelRuntime:
         cache (benchmarks at a given context without a prefill)."""
         if length > self.max_seq_len:
             raise UserError(f"context {length} exceeds the max sequence length {self.max_seq_len}")
-        gen = torch.Generator(device=self.device).manual_seed(seed)
         k = self._kernel(None)
-        for name, slot in k.gen.buffers.items():
-            if slot.space == "state":
-                view = self.buffer(name)
-                view[:min(length, view.shape[0])].normal_(generator=gen)
+        fill_caches([self.buffer(name) for name, slot in k.gen.buffers.items() if slot.space == "state"], length,
+                    seed, self.device)
         self.seq_len = length
 
     def launch(self, tokens: int = 1) -> None:

@@ -218,7 +218,7 @@ def generate_megakernel(art, prompt: list[int], max_new_tokens: int, temperature
                         profile_out: str | None = None, bar=None) -> list[int]:
     """Prefill in chunks of the compiled step sizes, then decode, one megakernel launch a step."""
     from tilert.artifact import load_kernels
-    from tilert.cli import chunks
+    from tilert.cli import prefill_and_decode
     from tilert.gpu import MegakernelRuntime
 
     kernels = load_kernels(art, profile=profile_out is not None)
@@ -226,21 +226,14 @@ def generate_megakernel(art, prompt: list[int], max_new_tokens: int, temperature
                            {k: v for k, v in art.weights.items() if not k.startswith("draft.")}, art.max_seq_len,
                            profile=profile_out is not None)
     art.weights = None  # the host copies are no longer needed
-    pos, token, last_b = 0, None, None
-    for b in chunks(len(prompt), list(kernels)):
-        _, nxt = rt.step(prompt[pos:pos + b], temperature, seed)
-        token, last_b = nxt[-1], b
-        pos += b
-        if bar is not None:
-            bar.update(b)
-    out: list[int] = []
-    while len(out) < max_new_tokens:
-        out.append(token)
-        if bar is not None:
-            bar.update()
-        if len(out) < max_new_tokens:
-            _, nxt = rt.step([token], temperature, seed)
-            token, last_b = nxt[0], 1
+    last_b = None  # the size of the last step run: the one whose profile is written
+
+    def step(tokens: list[int]) -> list[int]:
+        nonlocal last_b
+        last_b = len(tokens)
+        return rt.step(tokens, temperature, seed)[1]
+
+    out = prefill_and_decode(step, prompt, list(kernels), max_new_tokens, bar)
     if profile_out is not None and last_b is not None:
         write_profile(profile_out, rt.profile(last_b), last_b)
     return out

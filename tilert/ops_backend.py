@@ -356,7 +356,7 @@ class OpsRuntime:
 
     def __init__(self, cfg: MimoConfig, graph: TaskGraph, plan: StepPlan, built: dict[str, BuiltKernel],
                  weights: dict[str, StoredTensor], max_seq_len: int, device: str = "cuda"):
-        from tilert.gpu import _check, _driver
+        from tilert.gpu import _check, _driver, load_function
 
         self.cfg, self.graph, self.plan, self.max_seq_len = cfg, graph, plan, max_seq_len
         self.device = torch.device(device)
@@ -378,15 +378,7 @@ class OpsRuntime:
             self.extras[name].copy_(1.0 / (theta ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd)))
         driver = _driver()
         self._driver, self._checkfn = driver, _check
-        functions = {}
-        for key, bk in built.items():
-            image = np.frombuffer(bk.cubin.read_bytes(), dtype=np.uint8).copy()
-            module = _check(driver.cuModuleLoadData(image.ctypes.data))
-            function = _check(driver.cuModuleGetFunction(module, bk.name.encode()))
-            if bk.smem > 48 * 1024:
-                _check(driver.cuFuncSetAttribute(
-                    function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bk.smem))
-            functions[key] = (module, function)
+        functions = {key: load_function(bk.cubin, bk.name, bk.smem) for key, bk in built.items()}
         self._launches = []
         for launch in plan.launches:
             bk = built[launch.kernel]
@@ -448,11 +440,10 @@ class OpsRuntime:
         """Random keys and values in every KV cache, as if `length` tokens were decoded."""
         if length > self.max_seq_len:
             raise UserError(f"context {length} exceeds the max sequence length {self.max_seq_len}")
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        for name, b in self.graph.buffers.items():
-            if b.kind == STATE:
-                view = self.buffers[name]
-                view[:min(length, view.shape[0])].normal_(generator=gen)
+        from tilert.gpu import fill_caches
+
+        fill_caches([self.buffers[name] for name, b in self.graph.buffers.items() if b.kind == STATE], length, seed,
+                    self.device)
         self.seq_len = length
 
     def truncate(self, seq_len: int) -> None:
@@ -477,6 +468,8 @@ def generate_ops(art, prompt: list[int], max_new_tokens: int, kernels_dir: str |
     """Greedy decoding of an artifact with the ops baseline (`tilert run --backend ops`): the
     prompt one token a step, then the new tokens.  Kernels come from kernels_dir (built there
     first where TileLang is installed)."""
+    from tilert.cli import prefill_and_decode
+
     if not torch.cuda.is_available():
         raise UserError("--backend ops runs on a CUDA GPU (H100 / H200); none is visible here")
     recipe = art.meta.get("recipe")
@@ -496,16 +489,4 @@ def generate_ops(art, prompt: list[int], max_new_tokens: int, kernels_dir: str |
     rt = OpsRuntime(art.cfg, graph, plan, built, {k: v for k, v in art.weights.items() if not k.startswith("draft.")},
                     art.max_seq_len)
     art.weights = None  # the host copies are no longer needed
-    token = None
-    for t in prompt:
-        token = rt.step([t])[1][0]
-        if bar is not None:
-            bar.update()
-    out: list[int] = []
-    while len(out) < max_new_tokens:
-        out.append(token)
-        if bar is not None:
-            bar.update()
-        if len(out) < max_new_tokens:
-            token = rt.step([token])[1][0]
-    return out
+    return prefill_and_decode(lambda tokens: rt.step(tokens)[1], prompt, [1], max_new_tokens, bar)

@@ -86,17 +86,10 @@ def main(argv=None) -> int:
     B = be.block_size
 
     def plain(prompt):
-        be.reset()
-        from tilert.cli import chunks
+        from tilert.cli import prefill_and_decode
 
-        pos = 0
-        for b in chunks(len(prompt), be.step_sizes):
-            _, nxt = be.target.step(prompt[pos:pos + b])
-            pos += b
-        out = [nxt[-1]]
-        while len(out) < args.new_tokens:
-            out.append(be.target.step([out[-1]])[1][0])
-        return out
+        be.reset()
+        return prefill_and_decode(lambda tokens: be.target.step(tokens)[1], prompt, be.step_sizes, args.new_tokens)
 
     rows = []
     for i, text in enumerate(HELDOUT_PROMPTS):
