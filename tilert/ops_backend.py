@@ -348,6 +348,19 @@ def load_kernels(plan: StepPlan, out_dir: str | Path) -> dict[str, BuiltKernel]:
                            tuple(m["block"]), m.get("smem", 0)) for k in plan.kernels for m in [manifest[k]]}
 
 
+def kernels_for(plan: StepPlan, kernels_dir: str | Path) -> dict[str, BuiltKernel]:
+    """The plan's kernels from kernels_dir, built there first where TileLang is installed (else
+    load_kernels' error, which says how to build them)."""
+    try:
+        return load_kernels(plan, kernels_dir)
+    except UserError:
+        import importlib.util
+
+        if importlib.util.find_spec("tilelang") is None:
+            raise
+        return build_kernels(plan, kernels_dir, log=lambda *_: None)
+
+
 # ---- run: load the cubins, hold the buffers, replay the step as a CUDA graph ---------------------
 
 class OpsRuntime:
@@ -478,15 +491,7 @@ def generate_ops(art, prompt: list[int], max_new_tokens: int, kernels_dir: str |
     kernels_dir = Path(kernels_dir) if kernels_dir else default_kernels_dir()
     graph = ops_step_graph(art.cfg, recipe, art.max_seq_len)
     plan = plan_step(graph, art.cfg)
-    try:
-        built = load_kernels(plan, kernels_dir)
-    except UserError:
-        import importlib.util
-
-        if importlib.util.find_spec("tilelang") is None:
-            raise
-        built = build_kernels(plan, kernels_dir, log=lambda *_: None)
-    rt = OpsRuntime(art.cfg, graph, plan, built, {k: v for k, v in art.weights.items() if not k.startswith("draft.")},
+    rt = OpsRuntime(art.cfg, graph, plan, kernels_for(plan, kernels_dir), {k: v for k, v in art.weights.items() if not k.startswith("draft.")},
                     art.max_seq_len)
     art.weights = None  # the host copies are no longer needed
     return prefill_and_decode(lambda tokens: rt.step(tokens)[1], prompt, [1], max_new_tokens, bar)

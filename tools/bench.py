@@ -127,16 +127,12 @@ def bench_ops(cfg, weights, context: int, reps: int, kernels_dir: Path) -> dict:
     from tilert.compiler import compile_steps
     from tilert.diff import check_step_against_vm
     from tilert.lower import load_recipe
-    from tilert.ops_backend import OpsRuntime, build_kernels, load_kernels, ops_step_graph, plan_step
+    from tilert.ops_backend import OpsRuntime, kernels_for, ops_step_graph, plan_step
 
     recipe = load_recipe("mimo-v2-flash", "h100")
     graph = ops_step_graph(cfg, recipe, context + 8)
     plan = plan_step(graph, cfg)
-    try:
-        built = load_kernels(plan, kernels_dir)
-    except Exception:
-        built = build_kernels(plan, kernels_dir)  # where TileLang is installed
-    rt = OpsRuntime(cfg, graph, plan, built, weights, max_seq_len=context + 8)
+    rt = OpsRuntime(cfg, graph, plan, kernels_for(plan, kernels_dir), weights, max_seq_len=context + 8)
     rt.fill_cache(context, seed=1)
     schedules = compile_steps(cfg, recipe, [1], max_seq_len=context + 8)
     check = check_step_against_vm(cfg, schedules, weights, rt, context)
