@@ -738,6 +738,44 @@ class InterpretedDraft(DraftRunner):
         return torch.from_numpy(self.interp.buffer("logits").copy()), [int(x) for x in self.interp.buffer("next_token")]
 
 
+def test_attention_passes_share_keys_among_tokens_within_the_memory_there_is():
+    """k_attention's CUDA-core pass takes whole tokens' (token, head) rows, as many as fit the
+    x staging and scratch the GEMVs already take (never more than one token needs otherwise),
+    evened out over the passes; a B = 8 flash step's global layers (groups of 16 heads) run two
+    passes of 4 tokens, so its ring keeps the slots it has without attention."""
+    from tilert import codegen
+
+    hd, vd = 192, 128
+    one = codegen._attention_smem_bytes(16, 16, hd, vd)
+    assert codegen._attention_rows(16, 8, hd, vd, 0) == 16  # no room beyond one token's
+    assert codegen._attention_rows(16, 1, hd, vd, 10**6) == 16
+    assert codegen._attention_rows(16, 8, hd, vd, 10**6) == 128
+    for room in range(one, 200_000, 7919):
+        for tokens in range(1, 9):
+            rows = codegen._attention_rows(16, tokens, hd, vd, room)
+            per = rows // 16
+            assert rows % 16 == 0 and 1 <= per <= tokens
+            assert codegen._attention_smem_bytes(16, rows, hd, vd) <= room
+            passes = -(-tokens // per)
+            assert -(-tokens // passes) == per  # evened out: no pass smaller than it must be
+            if per < tokens:  # one more token a pass would not fit, or would not save a pass
+                most = -(-tokens // (passes - 1)) if passes > 1 else tokens
+                assert codegen._attention_smem_bytes(16, most * 16, hd, vd) > room
+
+    flash = preset("mimo-v2-flash").with_layers(2)
+    steps = compile_steps(flash, load_recipe("mimo-v2-flash", "h100"), [1, 8], max_seq_len=64)
+    assert _define(generate(steps[1], flash).source, "TILERT_ATTN_ROWS_MAX") == 16
+    eight = generate(steps[8], flash)
+    assert _define(eight.source, "TILERT_ATTN_ROWS_MAX") == 64
+    shared = codegen._attention_rows
+    try:  # the same step with one token a pass: the same ring
+        codegen._attention_rows = lambda group, *_: group
+        alone = generate(steps[8], flash)
+    finally:
+        codegen._attention_rows = shared
+    assert (eight.slots, eight.slot_bytes, eight.smem_bytes) == (alone.slots, alone.slot_bytes, alone.smem_bytes)
+
+
 def test_encoded_draft_step_reproduces_the_draft_vm_across_ring_wraps():
     """The draft step's kernel program (draft_embed, the context path's named positions and K/V,
     non-causal block attention, padding rows skipped) gives DraftVM's drafts and logits, round

@@ -691,20 +691,34 @@ def _attention_group_max(stages_of) -> int:
     return max([0] + [v["group"] for stages in stages_of.values() for k, v in stages if k == "attention"])
 
 
-def _attention_smem_bytes(group: int, head_dim: int, v_head_dim: int) -> int:
+def _attention_smem_bytes(group: int, rows: int, head_dim: int, v_head_dim: int) -> int:
     """k_attention's shared memory, from TILERT_SMEM_XS on (the GEMVs' x staging and scratch),
     the larger of its two paths' (so that either fits the one layout; A/B runs switch with
-    `--define TILERT_ATTN_MMA=1`).  CUDA cores: the token's queries [group][hd], ATTN_STAGES
-    chunk buffers of keys [chunk][hd + 4] and values [chunk][vd], the chunk's scores
-    [group][chunk] and the running max, sum and rescale per head.  Tensor cores: queries
-    [group][hd + 4], chunk buffers of keys [chunk][hd + 4] and values [chunk][vd + 8], partial
-    scores [8 warps][16-row tiles][chunk + 4], weights [group][chunk + 4], the running state."""
+    `--define TILERT_ATTN_MMA=1`).  CUDA cores, a pass of `rows` (token, head) rows: their
+    queries [rows][hd], ATTN_STAGES chunk buffers of keys [chunk][hd + 4] and values [chunk][vd],
+    the chunk's scores [rows][chunk], the running max, sum and rescale per row, each token's
+    visible key range (16 ints).  Tensor cores, a token at a time: queries [group][hd + 4], chunk
+    buffers of keys [chunk][hd + 4] and values [chunk][vd + 8], partial scores [8 warps][16-row
+    tiles][chunk + 4], weights [group][chunk + 4], the running state."""
     ch = ATTN_CHUNK
-    simt = group * head_dim + ATTN_STAGES * ch * (head_dim + 4 + v_head_dim) + group * ch + 3 * group
+    simt = rows * head_dim + ATTN_STAGES * ch * (head_dim + 4 + v_head_dim) + rows * ch + 3 * rows + 16
     tiles = -(-group // 16)
     mma = (group * (head_dim + 4) + ATTN_STAGES * ch * (head_dim + 4 + v_head_dim + 8)
            + 8 * 16 * tiles * (ch + 4) + group * (ch + 4) + 3 * group)
     return 4 * max(simt, mma)
+
+
+def _attention_rows(group: int, tokens: int, head_dim: int, v_head_dim: int, room: int) -> int:
+    """Rows of k_attention's CUDA-core pass (TILERT_ATTN_ROWS_MAX): the most whole tokens' worth
+    of the largest group whose pass fits `room` (the x staging and scratch the GEMVs already
+    take), one token's at least, then evened out over the passes that takes (every row costs
+    each thread registers for its share of the value sums).  More tokens a pass read each chunk
+    of keys fewer times in a multi-token step; the pass never grows shared memory past what one
+    token needs or the GEMVs take, so the weight ring keeps its slots."""
+    room = max(room, _attention_smem_bytes(group, group, head_dim, v_head_dim))
+    most = max(t for t in range(1, tokens + 1) if _attention_smem_bytes(group, t * group, head_dim, v_head_dim) <= room)
+    passes = -(-tokens // most)
+    return group * -(-tokens // passes)
 
 
 def _slot_row_bytes(w: WeightSlot) -> int:
@@ -924,9 +938,11 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
             raise UserError(f"slot_bytes {slot} must be a multiple of 128 and hold the largest weight row "
                             f"({need} B)")
         in_smem = locals_bytes if space == "smem" else 0
-        group_max = _attention_group_max(enc.stages)
+        group_max, attn_rows = _attention_group_max(enc.stages), 0
         if group_max:  # attention's area spans x staging + scratch
-            need_attn = _attention_smem_bytes(group_max, max(cfg.head_dim, 4), max(cfg.v_head_dim, 1))
+            hd, vd = max(cfg.head_dim, 4), max(cfg.v_head_dim, 1)
+            attn_rows = _attention_rows(group_max, B, hd, vd, xs_bytes + enc.scratch_bytes)
+            need_attn = _attention_smem_bytes(group_max, attn_rows, hd, vd)
             enc.scratch_bytes = max(enc.scratch_bytes, _align(need_attn - xs_bytes, 16))
         for slots in (range(ring_slots, 1, -1) if loader else [0]):
             slot_here = slot
@@ -967,7 +983,7 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     return GeneratedKernel(
         source=_source(schedule, cfg, B, compute_warps, loader, slots, slot, lay, formats, scratch_stride,
                        set(mma_used), xs_bytes, _gemv_masks(enc.stages, weights, B), task_words,
-                       group_max, ATTENTION_MMA if attention_mma is None else attention_mma),
+                       group_max, attn_rows, ATTENTION_MMA if attention_mma is None else attention_mma),
         program=_encode_program(schedule, enc.stages, task_words), tokens=B, num_workers=schedule.num_workers,
         threads=32 * compute_warps + (32 if loader else 0), smem_bytes=lay["total"], loader=loader,
         slots=slots, slot_bytes=slot, act_bytes=plan.act_bytes, state_bytes=plan.state_bytes,
@@ -1051,7 +1067,8 @@ def _encode_program(schedule: Schedule, encoded: dict[int, list[tuple[str, dict]
 
 def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool, slots: int, slot_bytes: int,
             lay: dict, formats: set[str], scratch_stride: int, mma_formats: set[str], xs_bytes: int,
-            gemv_masks: dict[str, int], task_words: int, attn_group_max: int, attention_mma: bool) -> str:
+            gemv_masks: dict[str, int], task_words: int, attn_group_max: int, attn_rows: int,
+            attention_mma: bool) -> str:
     kinds_used = sorted({k for t in schedule.graph.tasks for k in (s.kind for s in _stages(t))},
                         key=lambda k: KIND_ID[k])
     defines = {
@@ -1065,7 +1082,7 @@ def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool,
         "TILERT_H_MAX": max(cfg.hidden_size, 4),
         "TILERT_K_MAX": max(cfg.num_experts_per_tok, 1),
         "TILERT_ATTN_CHUNK": ATTN_CHUNK, "TILERT_ATTN_STAGES": ATTN_STAGES,
-        "TILERT_ATTN_GROUP_MAX": max(attn_group_max, 1),
+        "TILERT_ATTN_GROUP_MAX": max(attn_group_max, 1), "TILERT_ATTN_ROWS_MAX": max(attn_rows, 1),
         "TILERT_MMA_FORMATS": sum(1 << FORMATS[f] for f in mma_formats & formats),
         "TILERT_SMEM_XS": lay["xs"], "TILERT_XS_BYTES": xs_bytes,
         "TILERT_SMEM_TASKS": lay["tasks"], "TILERT_TASK_WORDS": task_words, "TILERT_SMEM_BASES": lay["bases"],

@@ -166,7 +166,10 @@ TILERT_DEV void k_kv_write(Ctx& c, const KvWriteParams& p) {
 // ---- attention: split-KV partials (max, sum, acc) per query head of one KV head's group ------------------
 TILERT_DEV int visible_lo(int position, int window) { return window ? max(0, position - window + 1) : 0; }
 
-// A task owns one KV head's split of the keys for the query heads of its group.  The keys come
+// A task owns one KV head's split of the keys for the query heads of its group, for every token
+// of the step.  On the CUDA cores the tokens share the keys: a pass takes the (token, head) rows
+// of up to TILERT_ATTN_ROWS_MAX / group tokens at once (a verify step's 8 tokens read each chunk
+// once or twice, not 8 times), each row masked to its own token's visible keys.  The keys come
 // in chunks of kAttnChunk = 16 through a ring of kAttnStages chunk buffers in shared memory:
 // every thread copies its 16-byte pieces of a chunk's key and value rows with cp.async
 // (straight to shared memory, no register on the way) while the chunk before is computed.
@@ -191,8 +194,9 @@ TILERT_DEV int visible_lo(int position, int window) { return window ? max(0, pos
 constexpr int kAttnChunk = TILERT_ATTN_CHUNK;
 static_assert(kAttnChunk == 16, "the score step pairs keys j and j + 8; the softmax takes a key a lane of a half-warp");
 constexpr int kAttnStages = TILERT_ATTN_STAGES;
-constexpr int kAttnPairs = (TILERT_ATTN_GROUP_MAX + 1) / 2;                                 // pairs of heads
-constexpr int kAttnOwn = (kAttnPairs * (TILERT_VD_MAX / 4) + kNCT - 1) / kNCT;  // (head pair, 4 value dims) a thread
+constexpr int kAttnRows = TILERT_ATTN_ROWS_MAX;  // (token, head) rows one CUDA-core pass holds (>= a group)
+constexpr int kAttnPairs = (kAttnRows + 1) / 2;                                 // pairs of rows
+constexpr int kAttnOwn = (kAttnPairs * (TILERT_VD_MAX / 4) + kNCT - 1) / kNCT;  // (row pair, 4 value dims) a thread
 constexpr int kAttnKRow = TILERT_HD_MAX + 4;  // floats a key row takes in a chunk buffer (rows 4 banks apart)
 // floats a value row takes in a chunk buffer: packed for the CUDA-core loop (its float4 walk),
 // 8 banks apart for the mma's B fragments (lanes t = 0..3 read rows t: banks 8 t + g)
@@ -224,31 +228,36 @@ TILERT_DEV float dot4(float4 a, float4 b, float acc) {
   return fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, fmaf(a.x, b.x, acc))));
 }
 
-// (1) The chunk's scores into ps[G][16] (-inf past the chunk's n keys): warp w takes heads 2w and
-// 2w + 1; lane = 8 * quarter + kp takes keys kp and kp + 8 over head-dim float4s quarter + 4i.
-TILERT_DEV void attn_scores(const AttentionParams& p, const float* qs, const float* kb, float* ps, int n) {
-  const int w = cwarp(), kp = lane() & 7, qt = lane() >> 3, k4 = p.hd / 4;
-  if (w >= (p.group + 1) / 2) return;
-  const int h0 = 2 * w, h1 = min(2 * w + 1, p.group - 1);
-  const float4* q0 = reinterpret_cast<const float4*>(qs + h0 * p.hd);
-  const float4* q1 = reinterpret_cast<const float4*>(qs + h1 * p.hd);
-  const float4* ka = reinterpret_cast<const float4*>(kb + kp * kAttnKRow);
-  const float4* kz = reinterpret_cast<const float4*>(kb + (kp + 8) * kAttnKRow);
-  float s00 = 0.f, s01 = 0.f, s10 = 0.f, s11 = 0.f;  // (head, key)
+// (1) The chunk's scores into ps[R][16] (-inf for keys outside the row's token's [tlo, thi),
+// which covers the chunk's end): warp w takes rows 2w and 2w + 1 (then 2w + 2 kNCW, ...); lane =
+// 8 * quarter + kp takes keys kp and kp + 8 over head-dim float4s quarter + 4i.  Row r is head
+// r % G of the pass's token r / G.
+TILERT_DEV void attn_scores(const AttentionParams& p, int R, const float* qs, const float* kb, float* ps, int j0,
+                            const int* tlo, const int* thi) {
+  const int kp = lane() & 7, qt = lane() >> 3, k4 = p.hd / 4;
+  for (int w = cwarp(); 2 * w < R; w += kNCW) {
+    const int h0 = 2 * w, h1 = min(2 * w + 1, R - 1);
+    const float4* q0 = reinterpret_cast<const float4*>(qs + h0 * p.hd);
+    const float4* q1 = reinterpret_cast<const float4*>(qs + h1 * p.hd);
+    const float4* ka = reinterpret_cast<const float4*>(kb + kp * kAttnKRow);
+    const float4* kz = reinterpret_cast<const float4*>(kb + (kp + 8) * kAttnKRow);
+    float s00 = 0.f, s01 = 0.f, s10 = 0.f, s11 = 0.f;  // (row, key)
 #pragma unroll 2
-  for (int f = qt; f < k4; f += 4) {
-    const float4 a = q0[f], b = q1[f], x = ka[f], y = kz[f];
-    s00 = dot4(a, x, s00); s01 = dot4(a, y, s01); s10 = dot4(b, x, s10); s11 = dot4(b, y, s11);
-  }
+    for (int f = qt; f < k4; f += 4) {
+      const float4 a = q0[f], b = q1[f], x = ka[f], y = kz[f];
+      s00 = dot4(a, x, s00); s01 = dot4(a, y, s01); s10 = dot4(b, x, s10); s11 = dot4(b, y, s11);
+    }
 #pragma unroll
-  for (int o = 8; o < 32; o <<= 1) {
-    s00 += __shfl_xor_sync(kFull, s00, o); s01 += __shfl_xor_sync(kFull, s01, o);
-    s10 += __shfl_xor_sync(kFull, s10, o); s11 += __shfl_xor_sync(kFull, s11, o);
+    for (int o = 8; o < 32; o <<= 1) {
+      s00 += __shfl_xor_sync(kFull, s00, o); s01 += __shfl_xor_sync(kFull, s01, o);
+      s10 += __shfl_xor_sync(kFull, s10, o); s11 += __shfl_xor_sync(kFull, s11, o);
+    }
+    // Quarter qt writes one of the four (row, key) scores.
+    const int h = qt < 2 ? h0 : h1, j = kp + 8 * (qt & 1), tb = h / p.group, key = j0 + j;
+    const float v = qt == 0 ? s00 : qt == 1 ? s01 : qt == 2 ? s10 : s11;
+    if (qt < 2 || 2 * w + 1 < R)
+      ps[h * kAttnChunk + j] = key >= tlo[tb] && key < thi[tb] ? __fmul_rn(v, p.scale) : -INFINITY;
   }
-  // Quarter qt writes one of the four (head, key) scores.
-  const int h = qt < 2 ? h0 : h1, j = kp + 8 * (qt & 1);
-  const float v = qt == 0 ? s00 : qt == 1 ? s01 : qt == 2 ? s10 : s11;
-  if (qt < 2 || 2 * w + 1 < p.group) ps[h * kAttnChunk + j] = j < n ? __fmul_rn(v, p.scale) : -INFINITY;
 }
 
 TILERT_DEV float half_warp_max(float v) {
@@ -265,19 +274,21 @@ TILERT_DEV float half_warp_sum(float v) {
 // One chunk's softmax step, half a warp a head (whole warps: the shuffles), a lane a key:
 // score(h, j) is key j's scaled score for head h (-inf past the chunk's keys); writes the
 // weights exp(s - m) into w[h * ld + j] and, per head, the rescale of the earlier sums
-// (corr), the new running sum and maximum.
+// (corr), the new running sum and maximum.  A row none of whose keys so far was visible (its
+// token's range starts later, or is empty) keeps maximum -inf, sum 0 and weights 0.
 template <class Score>
 TILERT_DEV void attn_softmax(int G, float* w, int ld, float* run_m, float* run_l, float* corr, Score&& score) {
   for (int h2 = cwarp(); 2 * h2 < G; h2 += kNCW) {  // a head past G idle
     const int h = 2 * h2 + (lane() >> 4), j = lane() & 15;
     const bool real = h < G;
     const float s = real ? score(h, j) : 0.f;
-    const float m_old = real ? run_m[h] : 0.f, m_new = fmaxf(m_old, half_warp_max(s));  // finite: a chunk has a key
-    const float e = expf(s - m_new);  // exp(-inf) = 0 past the chunk's keys
+    const float m_old = real ? run_m[h] : 0.f, m_new = fmaxf(m_old, half_warp_max(s));
+    const bool none = m_new == -INFINITY;     // (exp(-inf - -inf) would be NaN)
+    const float e = none ? 0.f : expf(s - m_new);  // exp(-inf) = 0 for keys the row does not see
     const float total = half_warp_sum(e);
     if (real) w[h * ld + j] = e;
     if (real && j == 0) {
-      const float f = expf(m_old - m_new);  // 0 on the first chunk (m_old = -inf)
+      const float f = none ? 1.f : expf(m_old - m_new);  // 0 on the row's first visible chunk
       corr[h] = f;
       run_l[h] = run_l[h] * f + total;
       run_m[h] = m_new;
@@ -299,28 +310,44 @@ struct AttnOut {
   }
 };
 
-TILERT_DEV void attn_token_simt(const AttentionParams& p, const float* q, const float* kc, const float* vc,
-                                float* smem, int lo, int hi, const AttnOut& out);
+TILERT_DEV void attn_pass_simt(Ctx& c, const AttentionParams& p, int b0, int nt, int s_lo, int s_hi, float* smem);
 TILERT_DEV void attn_token_mma(const AttentionParams& p, const float* q, const float* kc, const float* vc,
                                float* smem, int lo, int hi, const AttnOut& out);
 
+// Token b's visible keys within the split [s_lo, s_hi): from its window's start (causal: up to
+// its own position; a DFlash draft block, causal = 0, sees the whole block).
+struct KeyRange {
+  int lo, hi;
+};
+TILERT_DEV KeyRange token_keys(const AttentionParams& p, const int* pos, int b, int s_lo, int s_hi) {
+  const int last = p.causal ? pos[b] : pos[kB - 1];
+  return KeyRange{max(visible_lo(pos[b], p.window), s_lo), min(last + 1, s_hi)};
+}
+
 TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
-  const float* q = ref_ptr<float>(c, p.q);
-  const float* kc = ref_ptr<float>(c, p.k_cache);
-  const float* vc = ref_ptr<float>(c, p.v_cache);
   const int* pos = ref_ptr<int>(c, p.positions);
   float* smem = reinterpret_cast<float*>(c.smem + TILERT_SMEM_XS);
   // This split's share of the step's whole visible key range (tilert.kernels.split_range).
   const int all_lo = visible_lo(pos[0], p.window), all_hi = pos[kB - 1] + 1;
   const int span = (all_hi - all_lo + p.splits - 1) / p.splits;
   const int s_lo = all_lo + p.split * span, s_hi = min(all_hi, all_lo + (p.split + 1) * span);
+  if (!TILERT_ATTN_MMA || p.hd % 8 || p.vd % 8) {
+    // CUDA cores: the tokens in as few passes as the rows allow, evened out (8 tokens of 16
+    // heads in 64 rows: two passes of 4)
+    const int passes = (kB + max(1, kAttnRows / p.group) - 1) / max(1, kAttnRows / p.group);
+    const int per = (kB + passes - 1) / passes;
+    for (int b0 = 0; b0 < kB; b0 += per) {
+      attn_pass_simt(c, p, b0, min(per, kB - b0), s_lo, s_hi, smem);
+      compute_sync();  // the next pass overwrites the queries, buffers and running state
+    }
+    return;
+  }
+  const float* q = ref_ptr<float>(c, p.q);
   for (int b = 0; b < kB; ++b) {
     const AttnOut out{ref_ptr<float>(c, p.acc) + b * p.acc.ld, ref_ptr<float>(c, p.mx) + b * p.mx.ld,
                       ref_ptr<float>(c, p.sm) + b * p.sm.ld};
-    // causal: up to the query's own position; a DFlash draft block (causal = 0) sees the whole block
-    const int last = p.causal ? pos[b] : pos[kB - 1];
-    const int lo = max(visible_lo(pos[b], p.window), s_lo), hi = min(last + 1, s_hi);
-    if (hi <= lo) {  // empty split: every head of the group gets the neutral partial
+    const KeyRange r = token_keys(p, pos, b, s_lo, s_hi);
+    if (r.hi <= r.lo) {  // empty split: every head of the group gets the neutral partial
       for (int i = ctid(); i < p.group * p.vd; i += kNCT) {
         const int h = i / p.vd, d = i % p.vd;
         out.write(p, h, d, 0.f);
@@ -328,36 +355,53 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
       }
       continue;
     }
-    if (TILERT_ATTN_MMA && p.hd % 8 == 0 && p.vd % 8 == 0) attn_token_mma(p, q + b * p.q.ld, kc, vc, smem, lo, hi, out);
-    else attn_token_simt(p, q + b * p.q.ld, kc, vc, smem, lo, hi, out);
+    attn_token_mma(p, q + b * p.q.ld, ref_ptr<float>(c, p.k_cache), ref_ptr<float>(c, p.v_cache), smem, r.lo, r.hi,
+                   out);
     compute_sync();  // the next token overwrites the queries, buffers and running state
   }
 }
 
-// One token's keys [lo, hi) on the CUDA cores.
-TILERT_DEV void attn_token_simt(const AttentionParams& p, const float* q, const float* kc, const float* vc,
-                                float* smem, int lo, int hi, const AttnOut& out) {
+// Tokens [b0, b0 + nt) on the CUDA cores: rows r = (token b0 + r / G, head r % G), every chunk of
+// the keys any of them sees read once for all of them.  A row none of whose keys is in the split
+// ends with the neutral partial (sum 0, maximum -inf).
+TILERT_DEV void attn_pass_simt(Ctx& c, const AttentionParams& p, int b0, int nt, int s_lo, int s_hi, float* smem) {
   constexpr int CH = kAttnChunk, S = kAttnStages;
-  const int G = p.group, hd = p.hd, v4 = p.vd / 4;
-  float* qs = smem;                                                // [G][hd] this token's queries
-  float* ring = qs + TILERT_ATTN_GROUP_MAX * TILERT_HD_MAX;        // [S] chunk buffers
-  float* ps = ring + S * kAttnStage;                               // [G][CH] scores, then weights
-  float* run_m = ps + TILERT_ATTN_GROUP_MAX * CH;                  // [G] running maximum
-  float* run_l = run_m + TILERT_ATTN_GROUP_MAX;                    // [G] running sum
-  float* corr = run_l + TILERT_ATTN_GROUP_MAX;                     // [G] this chunk's rescale
-  const int chunks = (hi - lo + CH - 1) / CH;
+  const float* q = ref_ptr<float>(c, p.q);
+  const float* kc = ref_ptr<float>(c, p.k_cache);
+  const float* vc = ref_ptr<float>(c, p.v_cache);
+  const int* pos = ref_ptr<int>(c, p.positions);
+  const int G = p.group, R = nt * G, hd = p.hd, v4 = p.vd / 4;
+  float* qs = smem;                                                // [R][hd] the rows' queries
+  float* ring = qs + kAttnRows * TILERT_HD_MAX;                    // [S] chunk buffers
+  float* ps = ring + S * kAttnStage;                               // [R][CH] scores, then weights
+  float* run_m = ps + kAttnRows * CH;                              // [R] running maximum
+  float* run_l = run_m + kAttnRows;                                // [R] running sum
+  float* corr = run_l + kAttnRows;                                 // [R] this chunk's rescale
+  int* tlo = reinterpret_cast<int*>(corr + kAttnRows);             // [nt] each token's visible keys
+  int* thi = tlo + 8;
+  // The keys any token of the pass sees (every thread works them out: no barrier before the copies).
+  int lo = s_hi, hi = s_lo;
+  for (int t = 0; t < nt; ++t) {
+    const KeyRange r = token_keys(p, pos, b0 + t, s_lo, s_hi);
+    if (r.lo < r.hi) { lo = min(lo, r.lo); hi = max(hi, r.hi); }
+    if (ctid() == t) { tlo[t] = r.lo; thi[t] = r.hi; }
+  }
+  const int chunks = hi > lo ? (hi - lo + CH - 1) / CH : 0;
   // The first S - 1 chunks on their way (a group per stage, empty past the last chunk).
 #pragma unroll
   for (int st = 0; st < S - 1; ++st)
     attn_issue(p, kc, vc, ring + st * kAttnStage, lo + st * CH, st < chunks ? min(CH, hi - lo - st * CH) : 0, p.vd);
-  for (int i = ctid(); i < G * hd / 4; i += kNCT)
-    reinterpret_cast<float4*>(qs)[i] = *reinterpret_cast<const float4*>(q + p.h0 * hd + 4 * i);
-  for (int h = ctid(); h < G; h += kNCT) { run_m[h] = -INFINITY; run_l[h] = 0.f; }
-  float4 o[kAttnOwn][2];  // (head pair, value float4) items of this thread: heads 2 hp and 2 hp + 1
+  for (int i = ctid(); i < R * hd / 4; i += kNCT) {
+    const int r = i / (hd / 4), f = i % (hd / 4);
+    reinterpret_cast<float4*>(qs)[i] =
+        *reinterpret_cast<const float4*>(q + (b0 + r / G) * p.q.ld + (p.h0 + r % G) * hd + 4 * f);
+  }
+  for (int h = ctid(); h < R; h += kNCT) { run_m[h] = -INFINITY; run_l[h] = 0.f; }
+  float4 o[kAttnOwn][2];  // (row pair, value float4) items of this thread: rows 2 hp and 2 hp + 1
 #pragma unroll
   for (int k = 0; k < kAttnOwn; ++k) o[k][0] = o[k][1] = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int ch = 0; ch < chunks; ++ch) {
-    const int j0 = lo + ch * CH, n = min(CH, hi - j0);
+    const int j0 = lo + ch * CH;
     const float* kb = ring + (ch % S) * kAttnStage;
     const float* vb = kb + CH * kAttnKRow;
     cp_async_wait<S - 2>();  // this thread's copies of chunk ch have landed
@@ -366,17 +410,17 @@ TILERT_DEV void attn_token_simt(const AttentionParams& p, const float* q, const 
       const int nx = ch + S - 1, jn = lo + nx * CH;
       attn_issue(p, kc, vc, ring + (nx % S) * kAttnStage, jn, nx < chunks ? min(CH, hi - jn) : 0, p.vd);
     }
-    attn_scores(p, qs, kb, ps, n);
+    attn_scores(p, R, qs, kb, ps, j0, tlo, thi);
     compute_sync();
     // (2) softmax weights against the running maximum
-    attn_softmax(G, ps, CH, run_m, run_l, corr, [&](int h, int j) { return ps[h * CH + j]; });
+    attn_softmax(R, ps, CH, run_m, run_l, corr, [&](int h, int j) { return ps[h * CH + j]; });
     compute_sync();
-    // (3) the weighted values: a float4 of value dims of two heads a thread
+    // (3) the weighted values: a float4 of value dims of two rows a thread
 #pragma unroll
     for (int k = 0; k < kAttnOwn; ++k) {
       const int own = ctid() + k * kNCT, hp = own / v4, d4 = own % v4;
-      if (2 * hp < G) {
-        const int h0 = 2 * hp, h1 = min(2 * hp + 1, G - 1);
+      if (2 * hp < R) {
+        const int h0 = 2 * hp, h1 = min(2 * hp + 1, R - 1);
         float4 a = o[k][0], z = o[k][1];
         const float f0 = corr[h0], f1 = corr[h1];
         a.x *= f0; a.y *= f0; a.z *= f0; a.w *= f0;
@@ -385,7 +429,7 @@ TILERT_DEV void attn_token_simt(const AttentionParams& p, const float* q, const 
         const float4* e1 = reinterpret_cast<const float4*>(ps + h1 * CH);
         const float4* v = reinterpret_cast<const float4*>(vb) + d4;
 #pragma unroll
-        for (int j4 = 0; j4 < CH / 4; ++j4) {  // past n: weights 0, value rows zero-filled by attn_issue
+        for (int j4 = 0; j4 < CH / 4; ++j4) {  // keys a row does not see: weight 0; rows past the chunk zero-filled
           const float4 w0 = e0[j4], w1 = e1[j4];
           const float ew0[4] = {w0.x, w0.y, w0.z, w0.w}, ew1[4] = {w1.x, w1.y, w1.z, w1.w};
 #pragma unroll
@@ -402,16 +446,20 @@ TILERT_DEV void attn_token_simt(const AttentionParams& p, const float* q, const 
       }
     }
   }
-  cp_async_wait<0>();  // nothing of this token's copies left in flight (the groups past the last chunk are empty)
+  cp_async_wait<0>();  // nothing of this pass's copies left in flight (the groups past the last chunk are empty)
+  compute_sync();      // the running state of the last chunk (or, with no chunk, its initial values)
 #pragma unroll
   for (int k = 0; k < kAttnOwn; ++k) {
     const int own = ctid() + k * kNCT, hp = own / v4, d4 = own % v4;
 #pragma unroll
     for (int u = 0; u < 2; ++u) {
       const int h = 2 * hp + u;
-      if (h < G) {
-        *reinterpret_cast<float4*>(out.acc + ((p.h0 + h) * p.ms + p.split) * p.vd + 4 * d4) = o[k][u];
-        if (d4 == 0) out.stats(p, h, run_m[h], run_l[h]);
+      if (h < R) {
+        const int b = b0 + h / G, hh = h % G;
+        const AttnOut out{ref_ptr<float>(c, p.acc) + b * p.acc.ld, ref_ptr<float>(c, p.mx) + b * p.mx.ld,
+                          ref_ptr<float>(c, p.sm) + b * p.sm.ld};
+        *reinterpret_cast<float4*>(out.acc + ((p.h0 + hh) * p.ms + p.split) * p.vd + 4 * d4) = o[k][u];
+        if (d4 == 0) out.stats(p, hh, run_m[h], run_l[h]);
       }
     }
   }
