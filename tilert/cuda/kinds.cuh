@@ -224,6 +224,37 @@ TILERT_DEV void attn_issue(const AttentionParams& p, const float* kc, const floa
   cp_async_commit();
 }
 
+// The chunks of keys [lo, hi) on their way through the S chunk buffers at `ring` (value rows
+// `vrow` floats apart), S - 1 chunks ahead of the one computed.  Both attention paths walk it:
+// start() before the loop, then per chunk next(ch): its buffer, once every thread's copies
+// landed (a barrier, which also means chunk ch - 1 is done), with chunk ch + S - 1 issued into
+// the buffer ch - 1 left.
+struct AttnChunks {
+  const AttentionParams& p;
+  const float* kc;
+  const float* vc;
+  float* ring;
+  int lo, hi, chunks, vrow;
+  TILERT_DEV AttnChunks(const AttentionParams& p_, const float* kc_, const float* vc_, float* ring_, int lo_, int hi_,
+                        int vrow_)
+      : p(p_), kc(kc_), vc(vc_), ring(ring_), lo(lo_), hi(hi_),
+        chunks(hi_ > lo_ ? (hi_ - lo_ + kAttnChunk - 1) / kAttnChunk : 0), vrow(vrow_) {}
+  TILERT_DEV void issue(int ch) const {  // empty groups past the last chunk
+    const int j0 = lo + ch * kAttnChunk;
+    attn_issue(p, kc, vc, ring + (ch % kAttnStages) * kAttnStage, j0, ch < chunks ? min(kAttnChunk, hi - j0) : 0, vrow);
+  }
+  TILERT_DEV void start() const {
+#pragma unroll
+    for (int st = 0; st < kAttnStages - 1; ++st) issue(st);
+  }
+  TILERT_DEV const float* next(int ch) const {
+    cp_async_wait<kAttnStages - 2>();  // this thread's copies of chunk ch have landed
+    compute_sync();                    // everyone's; chunk ch - 1 is done with its buffer
+    issue(ch + kAttnStages - 1);
+    return ring + (ch % kAttnStages) * kAttnStage;
+  }
+};
+
 TILERT_DEV float dot4(float4 a, float4 b, float acc) {
   return fmaf(a.w, b.w, fmaf(a.z, b.z, fmaf(a.y, b.y, fmaf(a.x, b.x, acc))));
 }
@@ -386,11 +417,8 @@ TILERT_DEV void attn_pass_simt(Ctx& c, const AttentionParams& p, int b0, int nt,
     if (r.lo < r.hi) { lo = min(lo, r.lo); hi = max(hi, r.hi); }
     if (ctid() == t) { tlo[t] = r.lo; thi[t] = r.hi; }
   }
-  const int chunks = hi > lo ? (hi - lo + CH - 1) / CH : 0;
-  // The first S - 1 chunks on their way (a group per stage, empty past the last chunk).
-#pragma unroll
-  for (int st = 0; st < S - 1; ++st)
-    attn_issue(p, kc, vc, ring + st * kAttnStage, lo + st * CH, st < chunks ? min(CH, hi - lo - st * CH) : 0, p.vd);
+  const AttnChunks keys(p, kc, vc, ring, lo, hi, p.vd);
+  keys.start();
   for (int i = ctid(); i < R * hd / 4; i += kNCT) {
     const int r = i / (hd / 4), f = i % (hd / 4);
     reinterpret_cast<float4*>(qs)[i] =
@@ -400,16 +428,10 @@ TILERT_DEV void attn_pass_simt(Ctx& c, const AttentionParams& p, int b0, int nt,
   float4 o[kAttnOwn][2];  // (row pair, value float4) items of this thread: rows 2 hp and 2 hp + 1
 #pragma unroll
   for (int k = 0; k < kAttnOwn; ++k) o[k][0] = o[k][1] = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int ch = 0; ch < chunks; ++ch) {
+  for (int ch = 0; ch < keys.chunks; ++ch) {
     const int j0 = lo + ch * CH;
-    const float* kb = ring + (ch % S) * kAttnStage;
+    const float* kb = keys.next(ch);  // (its barrier also publishes the queries and the running state)
     const float* vb = kb + CH * kAttnKRow;
-    cp_async_wait<S - 2>();  // this thread's copies of chunk ch have landed
-    compute_sync();          // everyone's (and the queries, the running state); chunk ch - 1 is done
-    {  // chunk ch + S - 1 into the buffer chunk ch - 1 left
-      const int nx = ch + S - 1, jn = lo + nx * CH;
-      attn_issue(p, kc, vc, ring + (nx % S) * kAttnStage, jn, nx < chunks ? min(CH, hi - jn) : 0, p.vd);
-    }
     attn_scores(p, R, qs, kb, ps, j0, tlo, thi);
     compute_sync();
     // (2) softmax weights against the running maximum
@@ -514,10 +536,8 @@ TILERT_DEV void attn_token_mma(const AttentionParams& p, const float* q, const f
   float* run_m = ps + TILERT_ATTN_GROUP_MAX * kAttnPLd;              // [G] running maximum
   float* run_l = run_m + TILERT_ATTN_GROUP_MAX;                      // [G] running sum
   float* corr = run_l + TILERT_ATTN_GROUP_MAX;                       // [G] this chunk's rescale
-  const int chunks = (hi - lo + CH - 1) / CH;
-#pragma unroll
-  for (int st = 0; st < S - 1; ++st)
-    attn_issue(p, kc, vc, ring + st * kAttnStage, lo + st * CH, st < chunks ? min(CH, hi - lo - st * CH) : 0, kAttnVRow);
+  const AttnChunks keys(p, kc, vc, ring, lo, hi, kAttnVRow);
+  keys.start();
   for (int i = ctid(); i < G * hd / 4; i += kNCT) {
     const int h = i / (hd / 4), f = i % (hd / 4);
     reinterpret_cast<float4*>(qs + h * kAttnQRow)[f] = *reinterpret_cast<const float4*>(q + (p.h0 + h) * hd + 4 * f);
@@ -528,16 +548,10 @@ TILERT_DEV void attn_token_mma(const AttentionParams& p, const float* q, const f
   for (int m = 0; m < kAttnMT; ++m)
 #pragma unroll
     for (int i = 0; i < kAttnPVT; ++i) o[m][i][0] = o[m][i][1] = o[m][i][2] = o[m][i][3] = 0.f;
-  for (int ch = 0; ch < chunks; ++ch) {
+  for (int ch = 0; ch < keys.chunks; ++ch) {
     const int j0 = lo + ch * CH, n = min(CH, hi - j0);
-    const float* kb = ring + (ch % S) * kAttnStage;
+    const float* kb = keys.next(ch);
     const float* vb = kb + CH * kAttnKRow;
-    cp_async_wait<S - 2>();
-    compute_sync();
-    {
-      const int nx = ch + S - 1, jn = lo + nx * CH;
-      attn_issue(p, kc, vc, ring + (nx % S) * kAttnStage, jn, nx < chunks ? min(CH, hi - jn) : 0, kAttnVRow);
-    }
     // (1) partial scores: rows past G read as zero (their scores are never used)
     if (w < nsw) {
 #pragma unroll
