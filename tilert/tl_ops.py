@@ -10,8 +10,9 @@ of the row (all the row's loads are issued before the first multiply, so each la
 K / 512 B-chunks of bytes in flight), multiplies them with x (16-byte loads) in fp32 on the CUDA
 cores and the warp sums its lanes: the plain, bandwidth-first decode GEMV.  Measured on an H100
 (BENCHMARKS.md, stop 19) bf16 reaches 2.1-2.4 TB/s, but MXFP4 only 0.44-0.70: its decode costs
-~5 instructions a weight, so those GEMVs are issue-bound; a tensor-core MXFP4 GEMV is what would
-make this baseline a fair "best op-by-op" (the megakernel runs its MXFP4 on the tensor cores).
+~5 instructions a weight, so those GEMVs are issue-bound.  The MXFP4 expert GEMVs therefore run on
+the tensor cores (expert_gate_up_mma / expert_down_mma, below), as the megakernel's do; the
+CUDA-core versions remain for shapes their tiles do not take.
 """
 
 # No `from __future__ import annotations`: TileLang evaluates the kernels' annotations (tensor shapes
@@ -561,6 +562,172 @@ def expert_down(fmt: str, experts: int, rows: int, cols: int, k: int):
                 X[0, r] = X[0, r] + tot[0]
 
     return TLKernel(kernel, (-(-rows // ROWS_PER_CTA), 1, 1), (WARP, ROWS_PER_CTA, 1))
+
+
+# ---- MXFP4 expert GEMVs on the tensor cores --------------------------------------------------------
+#
+# The CUDA-core GEMVs above decode MXFP4 at ~5 instructions a weight and stream it at 0.44-0.70
+# TB/s; these run the products on the tensor cores instead.  A CTA takes MMA_ROWS weight rows and
+# walks the columns MMA_COLS at a time: the codes (cp.async, pipelined) are decoded in shared
+# memory to fp16 (E2M1 value * 2^-14, exact, two codes a word operation), and x goes in as the B
+# operand *block-diagonally*: column 2b + h of B holds the hi (h = 0) or lo (h = 1) fp16 half of
+# x on the 32 columns of E8M0 block b and zeros elsewhere.  So one gemm gives every row's partial
+# sum per 32-column block, hi and lo apart, and each is scaled by its own block's E8M0 scale
+# before the row sums them: the scales never touch the fp16 weights (which could not hold them),
+# x keeps ~22 bits, and the sums are fp32.
+MMA_FILL = 128  # CTAs a tensor-core GEMV wants at least (about one per SM of an H100)
+
+
+def _mma_tiles(rows: int, cols: int, grid_other: int = 1) -> tuple[int, int, int]:
+    """(rows a CTA, columns a step, B columns: hi / lo of each 32-column block, at least 8); the
+    CTA has a warp per 16 rows, and as many rows as still give MMA_FILL CTAs with `grid_other`
+    CTAs a row block.  Which weights qualify is the planner's rule (it runs without TileLang):
+    ops_backend.mxfp4_on_tensor_cores."""
+    from tilert.ops_backend import MMA_COLS, MMA_ROWS, mxfp4_on_tensor_cores
+
+    if not mxfp4_on_tensor_cores(rows, cols):
+        raise ValueError(f"an MXFP4 [{rows}, {cols}] weight does not fit the tensor-core GEMV's tiles")
+    fits = [b for b in (MMA_ROWS, 32, 16) if rows % b == 0]
+    bm = next((b for b in fits if rows // b * grid_other >= MMA_FILL), fits[-1])
+    bk = min(MMA_COLS, cols)
+    return bm, bk, max(8, 2 * (bk // 32))
+
+
+def _fp4_pair_at(word, j):
+    """Codes j and j + 4 of a 32-bit word (j a run-time value) as an fp16 pair, code j low, each
+    value * 2^-14 (as _fp4_pair, from the word shifted so code j sits at bit 0)."""
+    t = T.shift_right(word, T.cast(4 * j, "uint32"))
+    return T.bitwise_or(T.bitwise_and(T.shift_left(t, T.uint32(9)), T.uint32(0x0E000E00)),
+                        T.bitwise_and(T.shift_left(t, T.uint32(12)), T.uint32(0x80008000)))
+
+
+def _half_of(pair, hi: bool):
+    bits = T.shift_right(pair, T.uint32(16)) if hi else T.bitwise_and(pair, T.uint32(0xFFFF))
+    return T.reinterpret(T.cast(bits, "uint16"), "float16")
+
+
+@T.macro
+def _decode_codes(Wq, Wd, bm, bk):
+    """Wd[i, 8w + 2j + h] = code j + 4h of word w of row i (fp16 * 2^-14): the columns of a word
+    in the order (0, 4, 1, 5, 2, 6, 3, 7), which the staged x follows (_stage_x_blocks)."""
+    for i, q in T.Parallel(bm, bk // 2):
+        Wd[i, 2 * q] = _half_of(_fp4_pair_at(Wq[i, q // 4], q % 4), False)
+        Wd[i, 2 * q + 1] = _half_of(_fp4_pair_at(Wq[i, q // 4], q % 4), True)
+
+
+def _x_col(kk):
+    """The x column of staged column kk of a step (the decode's order within each word of 8)."""
+    return (kk // 8) * 8 + (kk % 8) // 2 + 4 * (kk % 2)
+
+
+@T.macro
+def _stage_x_blocks(X, row, col0, Xb, bn, bk):
+    """Xb[c, kk] = the hi (c even) / lo (c odd) fp16 half of x on block c // 2's columns, else 0."""
+    for c, kk in T.Parallel(bn, bk):
+        xv = X[row, col0 + _x_col(kk)]
+        hi = T.cast(xv, "float16")
+        Xb[c, kk] = T.if_then_else(kk // 32 == c // 2,
+                                   T.if_then_else(c % 2 == 0, hi, T.cast(xv - T.cast(hi, "float32"), "float16")),
+                                   T.float16(0))
+
+
+@T.macro
+def _block_sums(C, WS, e, r0, blk0, bm, bn, bk, part, coef=None):
+    """part[i] = sum over the step's blocks b of (hi + lo partials of row r0 + i) * 2^(scale - 127)
+    (* coef): C's columns scaled in place, then summed across."""
+    nblk = bk // 32
+    for i, c in T.Parallel(bm, bn):
+        s = T.if_then_else(c // 2 < nblk, _e8m0(WS[e, r0 + i, blk0 + T.min(c // 2, nblk - 1)]), T.float32(0))
+        C[i, c] = C[i, c] * (s if coef is None else s * coef)
+    T.reduce_sum(C, part, dim=1)
+
+
+def expert_gate_up_mma(experts: int, rows: int, cols: int, k: int):
+    """expert_gate_up for MXFP4 weights on the tensor cores (section comment above): grid (k,
+    row blocks), the gate and up products of a step from one staged x."""
+    bm, bk, bn = _mma_tiles(rows, cols, k)
+    words, blocks = cols // 8, cols // 32
+
+    @T.prim_func
+    def kernel(G: T.Tensor((experts, rows, words), "uint32"), GS: T.Tensor((experts, rows, blocks), "uint8"),
+               Up: T.Tensor((experts, rows, words), "uint32"), UpS: T.Tensor((experts, rows, blocks), "uint8"),
+               Idx: T.Tensor((1, k), "int32"), X: T.Tensor((1, cols), "float32"),
+               Act: T.Tensor((1, k, rows), "float32")):
+        with T.Kernel(k, rows // bm, threads=2 * bm) as (j, bx):
+            e = Idx[0, j]
+            Gq = T.alloc_shared((bm, bk // 8), "uint32")
+            Uq = T.alloc_shared((bm, bk // 8), "uint32")
+            Gd = T.alloc_shared((bm, bk), "float16")
+            Ud = T.alloc_shared((bm, bk), "float16")
+            Xb = T.alloc_shared((bn, bk), "float16")
+            Cg = T.alloc_fragment((bm, bn), "float32")
+            Cu = T.alloc_fragment((bm, bn), "float32")
+            pg = T.alloc_fragment((bm,), "float32")
+            pu = T.alloc_fragment((bm,), "float32")
+            ag = T.alloc_fragment((bm,), "float32")
+            au = T.alloc_fragment((bm,), "float32")
+            T.clear(ag)
+            T.clear(au)
+            for ko in T.Pipelined(cols // bk, num_stages=2):
+                T.copy(G[e, bx * bm, ko * (bk // 8)], Gq, disable_tma=True)
+                T.copy(Up[e, bx * bm, ko * (bk // 8)], Uq, disable_tma=True)
+                _stage_x_blocks(X, 0, ko * bk, Xb, bn, bk)
+                _decode_codes(Gq, Gd, bm, bk)
+                _decode_codes(Uq, Ud, bm, bk)
+                T.clear(Cg)
+                T.clear(Cu)
+                T.gemm(Gd, Xb, Cg, transpose_B=True)
+                T.gemm(Ud, Xb, Cu, transpose_B=True)
+                _block_sums(Cg, GS, e, bx * bm, ko * (bk // 32), bm, bn, bk, pg)
+                _block_sums(Cu, UpS, e, bx * bm, ko * (bk // 32), bm, bn, bk, pu)
+                for i in T.Parallel(bm):
+                    ag[i] += pg[i]
+                    au[i] += pu[i]
+            for i in T.Parallel(bm):
+                g = ag[i] * _FP4_UNSCALE
+                Act[0, j, bx * bm + i] = g / (1.0 + T.exp(-g)) * (au[i] * _FP4_UNSCALE)
+
+    return TLKernel(kernel, (k, rows // bm, 1), (2 * bm, 1, 1))
+
+
+def expert_down_mma(experts: int, rows: int, cols: int, k: int):
+    """expert_down for MXFP4 weights on the tensor cores: grid (row blocks); the k choices' steps
+    run as one pipelined walk (choice j = step // steps a choice), each step's block sums
+    weighted by Wt[0, j] as they are added."""
+    bm, bk, bn = _mma_tiles(rows, cols)
+    words, blocks, per = cols // 8, cols // 32, cols // bk
+
+    @T.prim_func
+    def kernel(D: T.Tensor((experts, rows, words), "uint32"), DS: T.Tensor((experts, rows, blocks), "uint8"),
+               Idx: T.Tensor((1, k), "int32"), Wt: T.Tensor((1, k), "float32"), Act: T.Tensor((1, k, cols), "float32"),
+               X: T.Tensor((1, rows), "float32")):
+        with T.Kernel(rows // bm, threads=2 * bm) as bx:
+            Dq = T.alloc_shared((bm, bk // 8), "uint32")
+            Dd = T.alloc_shared((bm, bk), "float16")
+            Xb = T.alloc_shared((bn, bk), "float16")
+            C = T.alloc_fragment((bm, bn), "float32")
+            part = T.alloc_fragment((bm,), "float32")
+            acc = T.alloc_fragment((bm,), "float32")
+            T.clear(acc)
+            for st in T.Pipelined(k * per, num_stages=2):
+                T.copy(D[Idx[0, st // per], bx * bm, (st % per) * (bk // 8)], Dq, disable_tma=True)
+                for c, kk in T.Parallel(bn, bk):
+                    xv = Act[0, st // per, (st % per) * bk + _x_col(kk)]
+                    hi = T.cast(xv, "float16")
+                    Xb[c, kk] = T.if_then_else(kk // 32 == c // 2,
+                                               T.if_then_else(c % 2 == 0, hi, T.cast(xv - T.cast(hi, "float32"), "float16")),
+                                               T.float16(0))
+                _decode_codes(Dq, Dd, bm, bk)
+                T.clear(C)
+                T.gemm(Dd, Xb, C, transpose_B=True)
+                _block_sums(C, DS, Idx[0, st // per], bx * bm, (st % per) * (bk // 32), bm, bn, bk, part,
+                            Wt[0, st // per])
+                for i in T.Parallel(bm):
+                    acc[i] += part[i]
+            for i in T.Parallel(bm):
+                X[0, bx * bm + i] = X[0, bx * bm + i] + acc[i] * _FP4_UNSCALE
+
+    return TLKernel(kernel, (rows // bm, 1, 1), (2 * bm, 1, 1))
 
 
 LM_ROWS = ROWS_PER_CTA  # vocabulary rows an LM-head CTA takes (one best a CTA)
