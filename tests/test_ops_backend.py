@@ -57,11 +57,6 @@ def test_every_op_gets_a_launch_with_every_buffer_bound(model, layers, fmt):
                 assert ref in graph.buffers, ref
     # one kernel per distinct shape: the layers of one kind share theirs
     assert len(plan.kernels) < len(plan.launches)
-    # MXFP4 experts on the tensor cores (shapes that fit their tiles), other formats on the CUDA cores
-    expert_kernels = {plan.kernels[launch.kernel][0] for launch in plan.launches
-                      if launch.op.endswith(("expert_gate_up", "expert_down"))}
-    assert expert_kernels == ({"expert_gate_up_mma", "expert_down_mma"} if fmt == "mxfp4"
-                              else {"expert_gate_up", "expert_down"})
 
 
 def test_refuses_steps_it_cannot_run():
@@ -85,9 +80,8 @@ def test_missing_kernels_are_one_clear_error(tmp_path):
 
 
 @pytest.mark.skipif(not (HAVE_TILELANG and HAVE_NVCC), reason="needs TileLang and nvcc")
-@pytest.mark.parametrize("expert_format", [None, "mxfp4"])
-def test_tiny_kernels_build_without_spills(tmp_path, expert_format):
-    _, _, plan = tiny_plan(expert_format=expert_format)
+def test_tiny_kernels_build_without_spills(tmp_path):
+    _, _, plan = tiny_plan()
     built = build_kernels(plan, tmp_path, log=lambda *_: None)
     assert load_kernels(plan, tmp_path) == built
     for key, bk in built.items():

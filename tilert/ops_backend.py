@@ -59,16 +59,6 @@ class StepPlan:
     inv_freq: dict[str, tuple[float, int]] = field(default_factory=dict)  # extra name -> (theta, rotary dim)
 
 
-# The MXFP4 expert GEMVs run on the tensor cores (tl_ops.expert_gate_up_mma / expert_down_mma) in
-# tiles of up to MMA_ROWS rows (a warp per 16) and MMA_COLS columns (whole 32-column E8M0 blocks).
-MMA_ROWS, MMA_COLS = 64, 256
-
-
-def mxfp4_on_tensor_cores(rows: int, cols: int) -> bool:
-    """Whether an MXFP4 [rows, cols] weight's GEMVs take the tensor-core kernels' tiles."""
-    return rows % 16 == 0 and cols % 32 == 0 and (cols <= MMA_COLS or cols % MMA_COLS == 0)
-
-
 FILL_CTAS = 264  # attention CTAs wanted in flight: two per SM of an H100 (132 SMs)
 MIN_SPLIT_KEYS = 64  # ... but no split shorter than this many cache slots
 
@@ -104,11 +94,6 @@ def plan_step(graph: TaskGraph, cfg: MimoConfig) -> StepPlan:
         fmt = weight_fmt(name)
         return {prefix: f"weight:{name}:data",
                 prefix + "S": f"weight:{name}:scale" if fmt in ("fp8", "mxfp4") else "extra:one"}
-
-    def gate_up_kernel(fmt: str, experts: int, rows: int, cols: int, k: int) -> str:
-        if fmt == "mxfp4" and mxfp4_on_tensor_cores(rows, cols):
-            return kernel("expert_gate_up_mma", experts, rows, cols, k)
-        return kernel("expert_gate_up", fmt, experts, rows, cols, k)
 
     plan.extras["one"] = ((1,), "f32")  # the scale parameter of an unscaled weight (never read)
     for op in graph.ops:
@@ -148,7 +133,7 @@ def plan_step(graph: TaskGraph, cfg: MimoConfig) -> StepPlan:
             rows, cols = bufs[p["gate"]].shape
             fmt = weight_fmt(p["gate"])
             # One expert chosen once: the expert kernel reads the [rows, cols] weights as [1, rows, cols].
-            key = gate_up_kernel(fmt, 1, rows, cols, 1)
+            key = kernel("expert_gate_up", fmt, 1, rows, cols, 1)
             plan.extras["zero_idx"] = ((1, 1), "i32")
             plan.launches.append(Launch(op.name, key, {**wargs("G", p["gate"]), **wargs("Up", p["up"]),
                                                        "Idx": "extra:zero_idx", "X": p["in"], "Act": p["out"]}))
@@ -220,15 +205,14 @@ def plan_step(graph: TaskGraph, cfg: MimoConfig) -> StepPlan:
             E, rows, cols = bufs[p["gate"]].shape
             k = bufs["topk_idx"].shape[1]
             fmt = weight_fmt(p["gate"])
-            key = gate_up_kernel(fmt, E, rows, cols, k)
+            key = kernel("expert_gate_up", fmt, E, rows, cols, k)
             plan.launches.append(Launch(op.name, key, {**wargs("G", p["gate"]), **wargs("Up", p["up"]),
                                                        "Idx": "topk_idx", "X": p["in"], "Act": "moe_act"}))
         elif kind == "expert_down":
             E, rows, cols = bufs[p["down"]].shape
             k = p["k"]
             fmt = weight_fmt(p["down"])
-            key = (kernel("expert_down_mma", E, rows, cols, k) if fmt == "mxfp4" and mxfp4_on_tensor_cores(rows, cols)
-                   else kernel("expert_down", fmt, E, rows, cols, k))
+            key = kernel("expert_down", fmt, E, rows, cols, k)
             plan.launches.append(Launch(op.name, key, {**wargs("D", p["down"]), "Idx": "topk_idx",
                                                        "Wt": "topk_weight", "Act": "moe_act", "X": p.get("out", "x")}))
         elif kind == "lm_head":
