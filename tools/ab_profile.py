@@ -11,6 +11,8 @@ otherwise) with the variant's extra arguments, in its own process (so each gets 
 GPU), always with --time-plain.  The table gives, per variant, the plain kernel's step time
 (device events, median of 20), the profiling build's step time, and per op kind the span per
 layer (first start to last end); the variants' full outputs and profiles land in --out.
+The plain step times of variants run one after another drift by 2-3 % on a shared machine: to
+tell variants apart by less, time them with tools/ab_plain.py (interleaved rounds, one process).
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -62,26 +61,17 @@ def compile_variant(cfg, graph, recipe: dict, variant, max_seq_len: int, formats
 
 
 def time_rounds(rt, kernels: dict, tokens: int, rounds: int, launches: int) -> dict[str, list[float]]:
-    """Per variant, seconds per step of each round (`launches` back-to-back launches bracketed by
-    events); the variants' order is shuffled each round."""
-    import torch
+    """Per placement, seconds per step of each round (tilert.timing.interleaved_rounds), each on
+    the one runtime with its program swapped in."""
+    from tilert.timing import interleaved_rounds
 
-    out = {name: [] for name in kernels}
-    names = list(kernels)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(names)
-        for name in names:
-            rt.kernels[tokens] = kernels[name]
-            rt.launch(tokens)  # warm: this program's first launch after another's
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(launches):
-                rt.launch(tokens)
-            e.record()
-            e.synchronize()
-            out[name].append(s.elapsed_time(e) / 1e3 / launches)
-    return out
+    def step_of(kernel):
+        def step():
+            rt.kernels[tokens] = kernel
+            rt.launch(tokens)
+        return step
+
+    return interleaved_rounds({name: step_of(k) for name, k in kernels.items()}, rounds, launches)
 
 
 def main(argv=None) -> int:

@@ -39,8 +39,9 @@ from tilert.timing import median_seconds  # noqa: E402
 OPTIONAL_RECIPE_KEYS = ("expert_union",)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParser:
+    """The step and kernel options (tools/ab_plain.py reads its variants with the same ones)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--expert-format", default="mxfp4")
@@ -78,35 +79,60 @@ def main(argv=None) -> int:
     ap.add_argument("--build-dir", default="build/cubins",
                     help="nvcc's output and cache (cubins built on the development machine and carried are reused)")
     ap.add_argument("--tokens", type=int, default=1, help="tokens per step (a speculative verify step: 8)")
-    ap.add_argument("--out", default="profile.json")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def step_config(args):
+    """The mimo-v2-flash cut these options name, and its synthetic weights' storage format."""
     cfg = preset("mimo-v2-flash", layers=args.layers, expert_format=args.expert_format)
-    if args.experts:
-        cfg = dataclasses.replace(cfg, n_routed_experts=args.experts)
-    weights = device_weights(cfg, seed=0, expert_format=args.expert_format)
+    return dataclasses.replace(cfg, n_routed_experts=args.experts) if args.experts else cfg
+
+
+def variant_kernel(args, cfg, weights):
+    """(schedule, GeneratedKernel, CUDA source) of the options' variant: recipe overrides
+    (--set), codegen constants (--codegen, put back once generated), generate() options and
+    device switches (--define) prepended to the source.  `weights` (name -> stored tensor) give
+    the weights' formats; None: the formats the schedule declares."""
     recipe = load_recipe("mimo-v2-flash", "h100")
     for kv in args.set:
         key, _, value = kv.partition("=")
         if key not in recipe and key not in OPTIONAL_RECIPE_KEYS or not value:
             raise SystemExit(f"--set {kv}: expected KEY=VALUE with KEY one of {', '.join(sorted(recipe))}")
         recipe[key] = json.loads(value)
+    saved = {}
     for kv in args.codegen:
         name, _, value = kv.partition("=")
         if not isinstance(getattr(codegen, name, None), int) or not re.fullmatch(r"-?\d+", value):
             raise SystemExit(f"--codegen {kv}: expected NAME=INT with NAME an integer constant of tilert/codegen.py")
+        saved.setdefault(name, getattr(codegen, name))
         setattr(codegen, name, int(value))
-    B = args.tokens
-    schedule = compile_steps(cfg, recipe, [B], max_seq_len=args.context + 8)[B]
-    gen = generate(schedule, cfg, weight_formats={n: t.fmt for n, t in weights.items()}, loader=bool(args.loader),
-                   **({"compute_warps": args.compute_warps} if args.compute_warps else {}),
-                   **({"mma_formats": parse_mma_formats(args.mma)} if args.mma else {}),
-                   **({"ring_slots": args.ring_slots} if args.ring_slots else {}),
-                   **({"locals_space": "global"} if args.locals_global else {}))
+    try:
+        B = args.tokens
+        schedule = compile_steps(cfg, recipe, [B], max_seq_len=args.context + 8)[B]
+        formats = {n: t.fmt for n, t in weights.items()} if weights is not None else None
+        gen = generate(schedule, cfg, weight_formats=formats, loader=bool(args.loader),
+                       **({"compute_warps": args.compute_warps} if args.compute_warps else {}),
+                       **({"mma_formats": parse_mma_formats(args.mma)} if args.mma else {}),
+                       **({"ring_slots": args.ring_slots} if args.ring_slots else {}),
+                       **({"locals_space": "global"} if args.locals_global else {}))
+    finally:
+        for name, value in saved.items():
+            setattr(codegen, name, value)
     defines = list(args.define) + (["TILERT_DIAG_SKIP_MMA=1"] if args.diag_skip_mma else [])
     for d in defines:
         if not re.fullmatch(r"TILERT_[A-Z0-9_]+=-?\w+", d):
             raise SystemExit(f"--define {d}: expected TILERT_NAME=VALUE")
-    source = "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in defines) + gen.source
+    return schedule, gen, "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in defines) + gen.source
+
+
+def main(argv=None) -> int:
+    ap = parser()
+    ap.add_argument("--out", default="profile.json")
+    args = ap.parse_args(argv)
+    cfg = step_config(args)
+    weights = device_weights(cfg, seed=0, expert_format=args.expert_format)
+    schedule, gen, source = variant_kernel(args, cfg, weights)
+    B = args.tokens
     plain_s = None
     if args.time_plain or args.plain_steps:
         plain = Path(args.plain_cubin) if args.plain_cubin else build_cubin(source, Path(args.build_dir))[0]

@@ -1,0 +1,51 @@
+"""tools/ab_plain.py: variants read with tools/profile_step.py's options, each compiled as asked,
+and only ones that share the step itself (the GPU timing runs on a GPU machine)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tilert import codegen
+from tools.ab_plain import parse_variants, table
+from tools.profile_step import step_config, variant_kernel
+
+COMMON = "--layers 2 --context 56"
+
+
+def test_variants_read_profile_steps_options():
+    (base, a), (slots, b) = parse_variants(COMMON, ["base=", "slots3=--ring-slots 3 --define TILERT_X=1"])
+    assert (base, slots) == ("base", "slots3")
+    assert a.layers == b.layers == 2 and a.ring_slots is None and b.ring_slots == 3 and b.define == ["TILERT_X=1"]
+
+
+@pytest.mark.parametrize("specs,words", [(["a=", "b=--layers 3"], "--layers"), (["a=", "b=--tokens 8"], "--tokens"),
+                                         (["a=", "a=--ring-slots 2"], "named twice"), (["a"], "NAME=ARGS")])
+def test_variants_that_change_the_step_are_refused(specs, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_variants(COMMON, specs)
+    assert words in str(e.value)
+
+
+def test_each_variant_compiles_as_asked_and_puts_codegen_back():
+    variants = parse_variants(COMMON, ["base=", "big=--codegen MIN_SLOT_ROW_BYTES=5120 --ring-slots 3 "
+                                                "--define TILERT_FP4_TEST=1 --set expert_rows=64"])
+    before = codegen.MIN_SLOT_ROW_BYTES
+    cfg = step_config(variants[0][1])
+    (sched0, gen0, src0), (sched1, gen1, src1) = (variant_kernel(opts, cfg, None) for _, opts in variants)
+    assert codegen.MIN_SLOT_ROW_BYTES == before  # the override lasted one generate()
+    assert gen0.slots == 4 and (gen1.slots, gen1.slot_bytes) == (3, 51072)  # 3 x 5120 B rows x 11 warps, aligned
+    assert src1.startswith("#define TILERT_FP4_TEST 1\n") and not src0.startswith("#define")
+    def gate_up_tasks(schedule):  # 8 experts' 2048 rows in tiles of expert_rows (the recipe's: 128)
+        return sum(t.kind.endswith("expert_gate_up") for t in schedule.graph.tasks)
+
+    assert (gate_up_tasks(sched0), gate_up_tasks(sched1)) == (8 * 2048 // 128, 8 * 2048 // 64)
+    with pytest.raises(SystemExit, match="--codegen NOPE=1"):
+        variant_kernel(parse_variants(COMMON, ["x=--codegen NOPE=1"])[0][1], cfg, None)
+
+
+def test_table_gives_each_variant_against_the_first_and_the_floor():
+    out = table({"base": [2e-3, 2.1e-3, 1.9e-3], "new": [1.8e-3, 1.9e-3, 1.7e-3]}, 1e-3,
+                {"base": {"rel_err": 1e-6, "token_match": True}})
+    lines = out.splitlines()
+    assert lines[2].startswith("| base | 2000.0 | 1900.0 - 2100.0 | 1.000 | 0.500 |")
+    assert lines[3].startswith("| new | 1800.0 | 1700.0 - 1900.0 | 0.900 | 0.556 | - |")
