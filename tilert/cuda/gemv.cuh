@@ -397,6 +397,14 @@ TILERT_DEV void gemv_tile_tiled(Ctx& c, const WeightDesc& w, const Tile& tile, X
 #ifndef TILERT_DIAG_SKIP_MMA  // diagnostics only (tools/profile_step.py --diag-skip-mma): wrong results
 #define TILERT_DIAG_SKIP_MMA 0
 #endif
+// Experiment switch (tools/profile_step.py / ab_plain.py --define TILERT_MMA_STEP_UNROLL=N): how
+// many steps of a warp's share of a piece mma_piece's loop unrolls (2: two steps' loads and mma
+// chains overlap; 1: less code, for the instruction cache, which Nsight Compute found missing in
+// 17 % of the MXFP4 expert GEMV's samples on an H100, stop 20).  Not yet measured against 2.
+#ifndef TILERT_MMA_STEP_UNROLL
+#define TILERT_MMA_STEP_UNROLL 2
+#endif
+constexpr int kMmaStepUnroll = TILERT_MMA_STEP_UNROLL;  // (#pragma unroll takes a constant, not a macro)
 // Experiment switch (tools/profile_step.py --define TILERT_MMA_NOINLINE=1): gemv_tile_mma
 // compiled as its own function (measured on an H200, 2026-12-04: 14% slower steps).
 #ifndef TILERT_MMA_NOINLINE
@@ -645,7 +653,7 @@ TILERT_DEV void mma_piece(Ctx& c, const WeightDesc& w, const uint8_t* gscale, in
     nsa = __ldg(fsA + ((kStep * (sp.s_lo + sh.s0)) >> 7));
     nsb = __ldg(fsB + ((kStep * (sp.s_lo + sh.s0)) >> 7));
   }
-#pragma unroll 2
+#pragma unroll kMmaStepUnroll
   for (int st = sh.s0; st < (TILERT_DIAG_SKIP_MMA ? sh.s0 : sh.s1); ++st) {
     const uint4 qa = *reinterpret_cast<const uint4*>(blk + st * sb);
     const uint4 qb = *reinterpret_cast<const uint4*>(blk + st * sb + 512);
