@@ -365,8 +365,8 @@ TILERT_DEV void k_attention(Ctx& c, const AttentionParams& p) {
   if (!TILERT_ATTN_MMA || p.hd % 8 || p.vd % 8) {
     // CUDA cores: the tokens in as few passes as the rows allow, evened out (8 tokens of 16
     // heads in 64 rows: two passes of 4)
-    const int passes = (kB + max(1, kAttnRows / p.group) - 1) / max(1, kAttnRows / p.group);
-    const int per = (kB + passes - 1) / passes;
+    const int most = max(1, kAttnRows / p.group);  // tokens one pass holds
+    const int passes = (kB + most - 1) / most, per = (kB + passes - 1) / passes;
     for (int b0 = 0; b0 < kB; b0 += per) {
       attn_pass_simt(c, p, b0, min(per, kB - b0), s_lo, s_hi, smem);
       compute_sync();  // the next pass overwrites the queries, buffers and running state
@@ -408,8 +408,8 @@ TILERT_DEV void attn_pass_simt(Ctx& c, const AttentionParams& p, int b0, int nt,
   float* run_m = ps + kAttnRows * CH;                              // [R] running maximum
   float* run_l = run_m + kAttnRows;                                // [R] running sum
   float* corr = run_l + kAttnRows;                                 // [R] this chunk's rescale
-  int* tlo = reinterpret_cast<int*>(corr + kAttnRows);             // [nt] each token's visible keys
-  int* thi = tlo + 8;
+  int* tlo = reinterpret_cast<int*>(corr + kAttnRows);             // [kB] each token's visible keys
+  int* thi = tlo + kB;                                             // (codegen sets 16 ints aside: kB <= 8)
   // The keys any token of the pass sees (every thread works them out: no barrier before the copies).
   int lo = s_hi, hi = s_lo;
   for (int t = 0; t < nt; ++t) {
