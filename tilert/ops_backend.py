@@ -476,6 +476,16 @@ def default_kernels_dir() -> Path:
     return Path(os.environ.get("TILERT_CACHE", Path.home() / ".cache" / "tilert")) / "ops-kernels"
 
 
+def artifact_plan(art) -> tuple[TaskGraph, StepPlan]:
+    """The ops baseline's step graph and launches for a compiled artifact (its config, recipe and
+    max sequence length)."""
+    recipe = art.meta.get("recipe")
+    if not isinstance(recipe, dict):
+        raise UserError(f"{art.path}: the artifact's metadata holds no recipe to plan the ops baseline with")
+    graph = ops_step_graph(art.cfg, recipe, art.max_seq_len)
+    return graph, plan_step(graph, art.cfg)
+
+
 def generate_ops(art, prompt: list[int], max_new_tokens: int, kernels_dir: str | Path | None = None,
                  bar=None) -> list[int]:
     """Greedy decoding of an artifact with the ops baseline (`tilert run --backend ops`): the
@@ -485,12 +495,8 @@ def generate_ops(art, prompt: list[int], max_new_tokens: int, kernels_dir: str |
 
     if not torch.cuda.is_available():
         raise UserError("--backend ops runs on a CUDA GPU (H100 / H200); none is visible here")
-    recipe = art.meta.get("recipe")
-    if not isinstance(recipe, dict):
-        raise UserError(f"{art.path}: the artifact's metadata holds no recipe to plan the ops baseline with")
     kernels_dir = Path(kernels_dir) if kernels_dir else default_kernels_dir()
-    graph = ops_step_graph(art.cfg, recipe, art.max_seq_len)
-    plan = plan_step(graph, art.cfg)
+    graph, plan = artifact_plan(art)
     rt = OpsRuntime(art.cfg, graph, plan, kernels_for(plan, kernels_dir), {k: v for k, v in art.weights.items() if not k.startswith("draft.")},
                     art.max_seq_len)
     art.weights = None  # the host copies are no longer needed

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model.config import preset  # noqa: E402
 from tilert.errors import UserError  # noqa: E402
 from tilert.lower import load_recipe  # noqa: E402
-from tilert.ops_backend import build_kernels, ops_step_graph, plan_step  # noqa: E402
+from tilert.ops_backend import artifact_plan, build_kernels, ops_step_graph, plan_step  # noqa: E402
 
 
 def build(model: str, layers: int | None, expert_format: str | None, max_seq_len: int, out: str, gpu: str = "h100"):
@@ -34,11 +34,7 @@ def build_for_artifact(path: str, out: str):
     """The kernels `tilert run ART --backend ops` needs: the artifact's config, recipe and max sequence length."""
     from tilert.artifact import read_artifact
 
-    art = read_artifact(Path(path), load_weights=False)
-    recipe = art.meta.get("recipe")
-    if not isinstance(recipe, dict):
-        raise UserError(f"{path}: the artifact's metadata holds no recipe to plan the ops baseline with")
-    plan = plan_step(ops_step_graph(art.cfg, recipe, art.max_seq_len), art.cfg)
+    _, plan = artifact_plan(read_artifact(Path(path), load_weights=False))
     return plan, build_kernels(plan, out)
 
 
