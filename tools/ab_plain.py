@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.profile_step import parser as step_parser  # noqa: E402
-from tools.profile_step import step_config, variant_kernel  # noqa: E402
+from tools.profile_step import check_plain, plain_runtime, step_config, variant_kernel  # noqa: E402
 
 # Options that fix the step itself: every variant must share them (one upload of the weights, one floor).
 STEP_OPTIONS = ("layers", "context", "expert_format", "experts", "tokens")
@@ -75,10 +75,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     variants = parse_variants(args.common, args.variant)
 
-    from tilert.build import build_cubin
     from tilert.device_weights import device_weights
-    from tilert.diff import check_step_against_vm
-    from tilert.gpu import MegakernelRuntime
     from tilert.timing import interleaved_rounds
     from tools.bench import copy_bandwidth
     from tools.bench_speculative import kernel_floor_bytes
@@ -89,15 +86,11 @@ def main(argv=None) -> int:
     runtimes, checks, shared, first_gen = {}, {}, None, None
     for name, opts in variants:
         schedule, gen, source = variant_kernel(opts, cfg, weights)
-        cubin = Path(opts.plain_cubin) if opts.plain_cubin else build_cubin(source, Path(opts.build_dir))[0]
-        rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=context + 8, share_weights_with=shared)
+        rt = plain_runtime(opts, gen, source, weights, share_weights_with=shared)
         shared = shared or rt
-        rt.fill_cache(context, seed=1)
-        for _ in range(3):
-            rt.step([5] * B)
-            rt.truncate(context)
-        if B == 1 and not opts.diag_skip_mma:  # skipped arithmetic gives wrong logits on purpose
-            checks[name] = check_step_against_vm(cfg, {1: schedule}, weights, rt, context)
+        check = check_plain(opts, cfg, schedule, weights, rt)
+        if check is not None:
+            checks[name] = check
         runtimes[name] = rt
         first_gen = first_gen or gen
         print(f"{name}: {gen.describe()}; vs the VM {checks.get(name, '-')}", flush=True)

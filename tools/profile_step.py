@@ -125,6 +125,26 @@ def variant_kernel(args, cfg, weights):
     return schedule, gen, "".join(f"#define {d.replace('=', ' ', 1)}\n" for d in defines) + gen.source
 
 
+def plain_runtime(args, gen, source, weights, steps: int = 3, share_weights_with=None) -> MegakernelRuntime:
+    """The variant's plain (non-profiling) kernel loaded (--plain-cubin, else built from `source`)
+    with its cache filled to --context, after `steps` warm steps there (each undone)."""
+    cubin = Path(args.plain_cubin) if args.plain_cubin else build_cubin(source, Path(args.build_dir))[0]
+    rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=args.context + 8, share_weights_with=share_weights_with)
+    rt.fill_cache(args.context, seed=1)
+    for _ in range(steps):
+        rt.step([5] * args.tokens)
+        rt.truncate(args.context)
+    return rt
+
+
+def check_plain(args, cfg, schedule, weights, rt):
+    """The plain kernel's next step against the VM's; None at steps of several tokens or with
+    the arithmetic skipped (--diag-skip-mma gives wrong logits on purpose)."""
+    if args.tokens != 1 or args.diag_skip_mma:
+        return None
+    return check_step_against_vm(cfg, {1: schedule}, weights, rt, args.context)
+
+
 def main(argv=None) -> int:
     ap = parser()
     ap.add_argument("--out", default="profile.json")
@@ -135,16 +155,11 @@ def main(argv=None) -> int:
     B = args.tokens
     plain_s = None
     if args.time_plain or args.plain_steps:
-        plain = Path(args.plain_cubin) if args.plain_cubin else build_cubin(source, Path(args.build_dir))[0]
-        prt = MegakernelRuntime(plain, gen, weights, max_seq_len=args.context + 8)
-        prt.fill_cache(args.context, seed=1)
-        for _ in range(max(args.plain_steps, 3)):
-            prt.step([5] * B)
-            prt.truncate(args.context)
+        prt = plain_runtime(args, gen, source, weights, steps=max(args.plain_steps, 3))
         if args.plain_steps:
             return 0
-        if B == 1 and not args.diag_skip_mma:  # skipped arithmetic gives wrong logits on purpose
-            check = check_step_against_vm(cfg, {1: schedule}, weights, prt, args.context)
+        check = check_plain(args, cfg, schedule, weights, prt)
+        if check is not None:
             print(f"plain kernel vs the VM on the GPU: {check}")
         plain_s = median_seconds(lambda: prt.launch(B))
         prt = None
