@@ -289,7 +289,10 @@ def _lower_rope(b: _Builder, name: str, layer, bufs: list[tuple[Buffer, int]], h
     op = b.op("rope", name, layer)
     for buf, heads in bufs:
         for hh in range(heads):
-            reg = region(buf, None, (hh * head_dim, (hh + 1) * head_dim))
+            # Only the rotary dims: a row tile of the projection (qkv_rows) then holds all a task
+            # touches, so the rope fuses into that tile as an epilogue instead of costing the
+            # step a dependency hop of its own (whole heads of 192 dims straddle 128-row tiles).
+            reg = region(buf, None, (hh * head_dim, hh * head_dim + rotary_dim))
             params = {"buf": buf.name, "head": hh, "head_dim": head_dim, "rotary_dim": rotary_dim, "theta": theta}
             if named_positions:
                 params["positions"] = pos.name
