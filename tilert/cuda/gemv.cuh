@@ -397,12 +397,13 @@ TILERT_DEV void gemv_tile_tiled(Ctx& c, const WeightDesc& w, const Tile& tile, X
 #ifndef TILERT_DIAG_SKIP_MMA  // diagnostics only (tools/profile_step.py --diag-skip-mma): wrong results
 #define TILERT_DIAG_SKIP_MMA 0
 #endif
-// Experiment switch (tools/profile_step.py / ab_plain.py --define TILERT_MMA_STEP_UNROLL=N): how
-// many steps of a warp's share of a piece mma_piece's loop unrolls (2: two steps' loads and mma
-// chains overlap; 1: less code, for the instruction cache, which Nsight Compute found missing in
-// 17 % of the MXFP4 expert GEMV's samples on an H100, stop 20).  Not yet measured against 2.
+// Experiment switch (tools/ab_plain.py --define TILERT_MMA_STEP_UNROLL=N): how many steps of a
+// warp's share of a piece mma_piece's loop unrolls.  1 (less code: Nsight Compute found the
+// MXFP4 expert GEMV missing the instruction cache in 17 % of its samples) measured against 2
+// (two steps' loads and mma chains overlapping) on an H100, 2026-12-07, interleaved rounds:
+// 6-layer flash step -1.1 % at B = 1, -2.1 % at B = 8 (BENCHMARKS.md stop 21); 4: +0.4 %.
 #ifndef TILERT_MMA_STEP_UNROLL
-#define TILERT_MMA_STEP_UNROLL 2
+#define TILERT_MMA_STEP_UNROLL 1
 #endif
 constexpr int kMmaStepUnroll = TILERT_MMA_STEP_UNROLL;  // (#pragma unroll takes a constant, not a macro)
 // Experiment switch (tools/profile_step.py --define TILERT_MMA_NOINLINE=1): gemv_tile_mma
@@ -587,6 +588,19 @@ TILERT_DEV void mma_step_fp4(const uint4 qa, const uint4 qb, const uint32_t (*bx
 // takes group w * ng / kNCW).
 TILERT_DEV int group_first_warp(int gi, int ng) { return (gi * kNCW + ng - 1) / ng; }
 
+// warp_share and row_warps (integer divisions a GEMV runs once per piece shape / output row)
+// compiled once each as functions, not inlined at every GEMV call site, for the instruction
+// cache: -0.5 % on the 6-layer flash step at B = 1 (H100, 2026-12-07, with unroll 1 above; B = 8
+// -0.1 %).  `--define TILERT_OUTLINE_SHARES=0` inlines them again for an A/B.
+#ifndef TILERT_OUTLINE_SHARES
+#define TILERT_OUTLINE_SHARES 1
+#endif
+#if TILERT_OUTLINE_SHARES
+#define TILERT_SHARE_FN TILERT_OUTLINE
+#else
+#define TILERT_SHARE_FN TILERT_DEV
+#endif
+
 // A warp's share of a piece of `ng` 16-row groups and `ns` steps: warps split the groups, then
 // each group's steps (contiguous ranges).  Pieces of a tile share one shape but for the last
 // ones, so it is computed per shape, not per piece (the divisions cost a piece's worth of
@@ -595,7 +609,7 @@ struct WarpShare {
   int ng, ns, gi, s0, s1;
 };
 
-TILERT_DEV WarpShare warp_share(int ng, int ns) {
+TILERT_SHARE_FN WarpShare warp_share(int ng, int ns) {
   const int wid = threadIdx.x >> 5;
   const int gi = wid * ng / kNCW;
   const int first = group_first_warp(gi, ng), nj = group_first_warp(gi + 1, ng) - first;
@@ -713,17 +727,26 @@ TILERT_DEV void store_partials(float* part, const float (*acc)[2], int gi, int n
   }
 }
 
+// The compute warps [f0, f1) that hold partials of row i (< kRedRows) of the pieces of `rpp`
+// rows that batch rows [0, bn) hold (rows_left: the batch's rows from i on).
+struct WarpRange {
+  int f0, f1;
+};
+TILERT_SHARE_FN WarpRange row_warps(int i, int rpp, int rows_left) {
+  const int li = i % rpp, nr = min(rpp, rows_left + li);  // row i's piece
+  const int ng = (nr + 15) / 16, gr = li / 16;
+  return WarpRange{group_first_warp(gr, ng), group_first_warp(gr + 1, ng)};
+}
+
 // Row i (< kRedRows) of the pieces of `rpp` rows that batch rows [0, bn) hold: the sum of its
 // warps' partials in red[buf] (the warps of row i's 16-row group, gemv_tile_mma's split).
 template <int NB>
 TILERT_DEV void sum_partials(const float* red, int buf, int i, int rpp, int rows_left, float* v) {
-  const int li = i % rpp, nr = min(rpp, rows_left + li);  // row i's piece
-  const int ng = (nr + 15) / 16, gr = li / 16;
-  const int f0 = group_first_warp(gr, ng), f1 = group_first_warp(gr + 1, ng);
+  const WarpRange wr = row_warps(i, rpp, rows_left);
 #pragma unroll
   for (int b = 0; b < NB; ++b) {
     float sum = 0.f;
-    for (int q = f0; q < f1; ++q) sum += red[((buf * kNCW + q) * kRedRows + i) * NB + b];
+    for (int q = wr.f0; q < wr.f1; ++q) sum += red[((buf * kNCW + q) * kRedRows + i) * NB + b];
     v[b] = sum;
   }
 }
