@@ -87,13 +87,13 @@ def first_divergence(rt, vm: VM, tokens: list[int], linear_limit: int = 400, tem
 
 
 def check_step_against_vm(cfg, schedules, weights, rt, context: int, token: int = 11, tol: float = 1e-2,
-                          tokens: list[int] | None = None) -> dict:
+                          tokens: list[int] | None = None, vm_device: str = "cuda") -> dict:
     """One step at position `context` on the megakernel and on the VM (on the GPU, through
     torch) from the same KV caches, over [token] or `tokens`; raises unless the logits agree
     within `tol` (relative) and are finite.  Leaves `rt` at sequence length `context`
-    (benchmarks then time that step)."""
+    (benchmarks then time that step).  `vm_device`: where the VM runs (with `weights` there)."""
     tokens = [token] if tokens is None else list(tokens)
-    vm = VM(cfg, schedules, weights, max_seq_len=rt.max_seq_len, device="cuda")
+    vm = VM(cfg, schedules, weights, max_seq_len=rt.max_seq_len, device=vm_device)
     for name, t in vm.state.items():
         t.copy_(rt.buffer(name).to(t.dtype))
     vm.seq_len = rt.seq_len

@@ -22,6 +22,7 @@ VM's on the same state before anything is timed.  Prints a table (times, ratios 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -96,6 +97,15 @@ def bench_baseline(cfg, weights, context: int, reps: int) -> dict:
     return out
 
 
+def stored_bytes(weights) -> int:
+    return sum(t.data.numel() * t.data.element_size() + (0 if t.scale is None else t.scale.numel() * t.scale.element_size())
+               for t in weights.values())
+
+
+def _moved(t, device: str):
+    return dataclasses.replace(t, data=t.data.to(device), scale=None if t.scale is None else t.scale.to(device))
+
+
 def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma_formats=None) -> dict:
     """Compile, build, check against the VM on the GPU, then time one launch per step."""
     from tilert.build import build_cubin
@@ -113,12 +123,20 @@ def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma_f
                    **({"mma_formats": mma_formats} if mma_formats is not None else {}))
     cubin, report = build_cubin(gen.source, workdir / f"L{cfg.num_hidden_layers}_C{context}")
     compile_s = time.time() - t0
-    rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=context + 8)
+    # A cut whose drawn weights take most of the card (12 layers of mimo-v2-flash: ~41 GB of
+    # MXFP4 experts on an 80 GB H100) cannot also hold them re-laid out for the GPU: the runtime
+    # consumes the drawn copies, the VM check runs on the host from copies kept there, and the
+    # drawn weights go back to the card afterwards for the other backends.
+    on_host = stored_bytes(weights) > 0.4 * torch.cuda.get_device_properties(0).total_memory
+    host = {n: _moved(t, "cpu") for n, t in weights.items()} if on_host else None
+    rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=context + 8, consume_weights=on_host)
     rt.fill_cache(context, seed=1)
-    check = check_step_against_vm(cfg, schedules, weights, rt, context)
+    check = check_step_against_vm(cfg, schedules, host or weights, rt, context, vm_device="cpu" if on_host else "cuda")
     step_s = median_seconds(lambda: rt.launch(1), reps)
     rt = None  # free the device memory before the baseline runs
     torch.cuda.empty_cache()
+    if on_host:
+        weights.update({n: _moved(t, "cuda") for n, t in host.items() if n not in weights})
     return {"megakernel": step_s, "compile_s": compile_s, "ptxas": report, "check": check}
 
 
