@@ -112,12 +112,14 @@ def test_planted_hang_names_worker_task_and_counter(tiny_vm):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=small_configs(), seed=st.integers(0, 2**16), workers=st.integers(1, 6),
        tiles=st.sampled_from([1, 3, 8]), splits=st.integers(1, 4), interleave=st.integers(0, 2**16),
-       fuse=st.booleans())
-def test_random_models_and_schedules_equal_reference(cfg, seed, workers, tiles, splits, interleave, fuse):
+       fuse=st.booleans(), qkv_rows=st.sampled_from([0, 4, 8]))
+def test_random_models_and_schedules_equal_reference(cfg, seed, workers, tiles, splits, interleave, fuse, qkv_rows):
+    # qkv_rows: q / k / v projections in row tiles, where RoPE fuses into the tile holding a
+    # head's rotary dims (or stays a task of its own when they straddle two tiles)
     recipe = dict(load_recipe(None, "h100"), workers=workers, out_rows=tiles, ffn_rows=tiles,
                   expert_rows=tiles, router_rows=tiles, vocab_rows=4 * tiles, embed_cols=2 * tiles,
                   global_splits=splits, swa_splits=max(1, splits - 1),
-                  fuse=load_recipe(None, "h100")["fuse"] if fuse else [])
+                  fuse=load_recipe(None, "h100")["fuse"] if fuse else [], **({"qkv_rows": qkv_rows} if qkv_rows else {}))
     weights = random_weights(cfg, seed)
     schedules = compile_steps(cfg, recipe, [1, 4], max_seq_len=24)
     vm = VM(cfg, schedules, runtime_weights(cfg, weights), max_seq_len=24)
@@ -154,3 +156,21 @@ def test_union_experts_read_each_distinct_expert_once(tokens):
     want = ReferenceDecoder(cfg, weights, max_seq_len=64).forward(torch.tensor(ids))
     assert rel_err(torch.cat(got), want) < 1e-5
     assert reads and len(reads) == len(set(reads))  # no expert tile read twice in the step
+
+
+def test_rope_fuses_into_the_projection_row_tiles_of_the_flash_recipe():
+    """The H100 flash recipe tiles q / k in 128-row tiles: a head's rotary dims (its first 64 of
+    192) always lie in one tile, so no RoPE task is left on its own and each rotation is the last
+    stage of the projection task that wrote its rows."""
+    cfg = preset("mimo-v2-flash", layers=2, expert_format="mxfp4")
+    g = compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=64)[1].graph
+    assert not [t for t in g.tasks if t.kind == "rope"]
+    hosts = [t for t in g.tasks if t.stages and t.stages[-1].kind == "rope"]
+    q_heads = cfg.num_attention_heads
+    kv_heads = sum(cfg.num_kv_heads(i) for i in range(cfg.num_hidden_layers))
+    assert sum(s.kind == "rope" for t in hosts for s in t.stages) == cfg.num_hidden_layers * q_heads + kv_heads
+    for t in hosts:
+        linear = [s for s in t.stages if s.kind == "linear"]
+        for s in (s for s in t.stages if s.kind == "rope"):
+            (rot,) = [r for r in s.reads if r.buffer in ("q", "k")]
+            assert any(w.contains(rot) for ls in linear for w in ls.writes)
