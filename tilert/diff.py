@@ -88,10 +88,10 @@ def first_divergence(rt, vm: VM, tokens: list[int], linear_limit: int = 400, tem
 
 def check_step_against_vm(cfg, schedules, weights, rt, context: int, token: int = 11, tol: float = 1e-2,
                           tokens: list[int] | None = None, vm_device: str = "cuda") -> dict:
-    """One step at position `context` on the megakernel and on the VM (on the GPU, through
-    torch) from the same KV caches, over [token] or `tokens`; raises unless the logits agree
-    within `tol` (relative) and are finite.  Leaves `rt` at sequence length `context`
-    (benchmarks then time that step).  `vm_device`: where the VM runs (with `weights` there)."""
+    """One step at position `context` on the megakernel and on the VM (through torch, on
+    `vm_device` with `weights` there) from the same KV caches, over [token] or `tokens`; raises
+    unless the logits agree within `tol` (relative) and are finite.  Leaves `rt` at sequence
+    length `context` (benchmarks then time that step)."""
     tokens = [token] if tokens is None else list(tokens)
     vm = VM(cfg, schedules, weights, max_seq_len=rt.max_seq_len, device=vm_device)
     for name, t in vm.state.items():

@@ -97,11 +97,6 @@ def bench_baseline(cfg, weights, context: int, reps: int) -> dict:
     return out
 
 
-def stored_bytes(weights) -> int:
-    return sum(t.data.numel() * t.data.element_size() + (0 if t.scale is None else t.scale.numel() * t.scale.element_size())
-               for t in weights.values())
-
-
 def _moved(t, device: str):
     return dataclasses.replace(t, data=t.data.to(device), scale=None if t.scale is None else t.scale.to(device))
 
@@ -127,7 +122,8 @@ def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma_f
     # MXFP4 experts on an 80 GB H100) cannot also hold them re-laid out for the GPU: the runtime
     # consumes the drawn copies, the VM check runs on the host from copies kept there, and the
     # drawn weights go back to the card afterwards for the other backends.
-    on_host = stored_bytes(weights) > 0.4 * torch.cuda.get_device_properties(0).total_memory
+    drawn = sum(stored_nbytes(t.fmt, t.shape) for t in weights.values())
+    on_host = drawn > 0.4 * torch.cuda.get_device_properties(0).total_memory
     host = {n: _moved(t, "cpu") for n, t in weights.items()} if on_host else None
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=context + 8, consume_weights=on_host)
     rt.fill_cache(context, seed=1)
