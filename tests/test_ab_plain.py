@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import random_weights
 from tilert import codegen
+from tilert.layout import runtime_weights
+from tilert.vm import VM
 from tools.ab_plain import parse_variants, table
-from tools.profile_step import step_config, variant_kernel
+from tools.profile_step import check_plain, step_config, variant_kernel
 
 COMMON = "--layers 2 --context 56"
 
@@ -49,3 +52,24 @@ def test_table_gives_each_variant_against_the_first_and_the_floor():
     lines = out.splitlines()
     assert lines[2].startswith("| base | 2000.0 | 1900.0 - 2100.0 | 1.000 | 0.500 |")
     assert lines[3].startswith("| new | 1800.0 | 1700.0 - 1900.0 | 0.900 | 0.556 | - |")
+
+
+class _VMAsRuntime(VM):
+    """A VM standing in for the plain kernel (the buffer accessor the GPU runtime has)."""
+
+    def buffer(self, name: str):
+        return self.state[name]
+
+
+@pytest.mark.parametrize("tokens", [1, 4])
+def test_the_plain_check_runs_a_step_of_all_the_variants_tokens(tokens):
+    """check_plain compares one step of --tokens tokens (verify steps too, not only B = 1)."""
+    opts = parse_variants("--layers 1 --context 8 --experts 8", [f"v=--tokens {tokens}"])[0][1]
+    cfg = step_config(opts)
+    schedule, _, _ = variant_kernel(opts, cfg, None)
+    weights = runtime_weights(cfg, random_weights(cfg, 0))
+    rt = _VMAsRuntime(cfg, {tokens: schedule}, weights, max_seq_len=opts.context + 8)
+    for t0 in range(0, opts.context, tokens):  # a filled cache the check starts from
+        rt.step(list(range(t0 + 1, t0 + tokens + 1)))
+    check = check_plain(opts, cfg, schedule, weights, rt, vm_device="cpu")
+    assert check == {"rel_err": 0.0, "token_match": True} and rt.seq_len == opts.context

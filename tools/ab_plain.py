@@ -10,8 +10,9 @@ its plain kernel there (median of 20 launches); on a shared machine two runs of 
 way differed by 2-3 % (BENCHMARKS.md, stop 20), more than most changes worth testing.  Here every
 variant (tools/profile_step.py's options: --set, --codegen, --define, --ring-slots, --cubin ...;
 the same cut of mimo-v2-flash for all) is built and loaded side by side, on one upload of the
-weights, each checked against the VM at B = 1, and then `--rounds` times, in a shuffled order,
-each runs `--launches` steps back to back between two events: drift hits every variant alike.
+weights, each checked against the VM (one step of all its tokens), and then `--rounds` times, in
+a shuffled order, each runs `--launches` steps back to back between two events: drift hits every
+variant alike.
 Prints per variant the median step and its ratio to the first variant's, with the spread of the
 rounds, and the floor of the same run (bytes the step must move / copy bandwidth).
 """

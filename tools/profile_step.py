@@ -137,12 +137,14 @@ def plain_runtime(args, gen, source, weights, steps: int = 3, share_weights_with
     return rt
 
 
-def check_plain(args, cfg, schedule, weights, rt):
-    """The plain kernel's next step against the VM's; None at steps of several tokens or with
-    the arithmetic skipped (--diag-skip-mma gives wrong logits on purpose)."""
-    if args.tokens != 1 or args.diag_skip_mma:
+def check_plain(args, cfg, schedule, weights, rt, vm_device: str = "cuda"):
+    """The plain kernel's next step (all --tokens of it) against the VM's (on `vm_device`); None
+    with the arithmetic skipped (--diag-skip-mma gives wrong logits on purpose)."""
+    if args.diag_skip_mma:
         return None
-    return check_step_against_vm(cfg, {1: schedule}, weights, rt, args.context)
+    B = args.tokens
+    return check_step_against_vm(cfg, {B: schedule}, weights, rt, args.context, tokens=[11 + i for i in range(B)],
+                                 vm_device=vm_device)
 
 
 def main(argv=None) -> int:
