@@ -52,6 +52,11 @@ class StoredTensor:
             return mxfp4.dequantize(self.data[r0:r1], self.scale[r0:r1], dtype)
         raise ValueError(f"unknown storage format {self.fmt}")
 
+    def to(self, device) -> "StoredTensor":
+        """The same tensor with its data (and scale) on `device`."""
+        return StoredTensor(self.fmt, self.shape, self.data.to(device),
+                            None if self.scale is None else self.scale.to(device))
+
     @property
     def nbytes(self) -> int:
         n = self.data.numel() * self.data.element_size()

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.formats import fp8, mxfp4
+from model.weights import StoredTensor
 
 U8 = torch.uint8
 
@@ -241,3 +242,15 @@ def test_mxfp4_leading_dims_and_dtype():
     flat = mxfp4.dequantize(codes.reshape(6, 32), scales.reshape(6, 2))
     assert torch.equal(mxfp4.dequantize(codes, scales).reshape(6, 64), flat)
     assert mxfp4.dequantize(codes, scales, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "mxfp4"])
+def test_a_stored_tensor_moves_whole(fmt):
+    """StoredTensor.to keeps the format, shape, codes and scales (None stays None)."""
+    t = StoredTensor.from_float(torch.randn(32, 64, generator=torch.Generator().manual_seed(0)), fmt)
+    m = t.to("meta")
+    assert (m.fmt, m.shape, m.data.device.type, m.data.dtype) == (t.fmt, t.shape, "meta", t.data.dtype)
+    assert (m.scale is None) == (t.scale is None) and (t.scale is None or m.scale.shape == t.scale.shape)
+    back = t.to("cpu")
+    assert torch.equal(back.data.view(torch.uint8), t.data.view(torch.uint8))  # (fp8 has no equal of its own)
+    assert t.scale is None or torch.equal(back.scale, t.scale)

@@ -381,9 +381,7 @@ class OpsRuntime:
                 self.buffers[name] = torch.zeros(b.shape, dtype=_TORCH[b.dtype], device=dev)
             elif b.kind == WEIGHT and name not in weights:
                 raise UserError(f"weights lack tensor {name!r} that the step reads")
-        self.weights = {name: StoredTensor(t.fmt, t.shape, t.data.to(dev),
-                                           None if t.scale is None else t.scale.to(dev))
-                        for name, t in weights.items() if name in graph.buffers}
+        self.weights = {name: t.to(dev) for name, t in weights.items() if name in graph.buffers}
         self.extras: dict[str, torch.Tensor] = {}
         for name, (shape, dtype) in plan.extras.items():
             self.extras[name] = torch.zeros(shape, dtype=_TORCH[dtype], device=dev)

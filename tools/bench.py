@@ -22,7 +22,6 @@ VM's on the same state before anything is timed.  Prints a table (times, ratios 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -97,10 +96,6 @@ def bench_baseline(cfg, weights, context: int, reps: int) -> dict:
     return out
 
 
-def _moved(t, device: str):
-    return dataclasses.replace(t, data=t.data.to(device), scale=None if t.scale is None else t.scale.to(device))
-
-
 def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma_formats=None) -> dict:
     """Compile, build, check against the VM on the GPU, then time one launch per step."""
     from tilert.build import build_cubin
@@ -122,9 +117,8 @@ def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma_f
     # MXFP4 experts on an 80 GB H100) cannot also hold them re-laid out for the GPU: the runtime
     # consumes the drawn copies, the VM check runs on the host from copies kept there, and the
     # drawn weights go back to the card afterwards for the other backends.
-    drawn = sum(stored_nbytes(t.fmt, t.shape) for t in weights.values())
-    on_host = drawn > 0.4 * torch.cuda.get_device_properties(0).total_memory
-    host = {n: _moved(t, "cpu") for n, t in weights.items()} if on_host else None
+    on_host = sum(t.nbytes for t in weights.values()) > 0.4 * torch.cuda.get_device_properties(0).total_memory
+    host = {n: t.to("cpu") for n, t in weights.items()} if on_host else None
     rt = MegakernelRuntime(cubin, gen, weights, max_seq_len=context + 8, consume_weights=on_host)
     rt.fill_cache(context, seed=1)
     check = check_step_against_vm(cfg, schedules, host or weights, rt, context, vm_device="cpu" if on_host else "cuda")
@@ -132,7 +126,7 @@ def bench_megakernel(cfg, weights, context: int, reps: int, workdir: Path, mma_f
     rt = None  # free the device memory before the baseline runs
     torch.cuda.empty_cache()
     if on_host:
-        weights.update({n: _moved(t, "cuda") for n, t in host.items() if n not in weights})
+        weights.update({n: t.to("cuda") for n, t in host.items() if n not in weights})
     return {"megakernel": step_s, "compile_s": compile_s, "ptxas": report, "check": check}
 
 
