@@ -727,8 +727,9 @@ TILERT_DEV void store_partials(float* part, const float (*acc)[2], int gi, int n
   }
 }
 
-// The compute warps [f0, f1) that hold partials of row i (< kRedRows) of the pieces of `rpp`
-// rows that batch rows [0, bn) hold (rows_left: the batch's rows from i on).
+// The compute warps [f0, f1) that hold partials of row i of consecutive pieces of `rpp` rows
+// (rows_left: the rows from i to the last piece's end): the warps of row i's 16-row group in its
+// piece, as warp_share split them.
 struct WarpRange {
   int f0, f1;
 };
@@ -1004,10 +1005,10 @@ TILERT_MMA_FN void gemv_union_mma(Ctx& c, const WeightDesc& w, int slots, int r0
   }
   compute_sync();
   for (int i = (int)threadIdx.x; i < nr * kB; i += kNCT) {
-    const int r = i / kB, b = i % kB, p = r / pc.rp, li = r % pc.rp;
-    const int ng = (min(pc.rp, nr - p * pc.rp) + 15) / 16, gr = li / 16;
+    const int r = i / kB, b = i % kB;
+    const WarpRange wr = row_warps(r, pc.rp, nr - r);  // the warps of row r's 16-row group in its piece
     float sum = 0.f;
-    for (int q = group_first_warp(gr, ng); q < group_first_warp(gr + 1, ng); ++q) sum += red[((size_t)q * nr + r) * kB + b];
+    for (int q = wr.f0; q < wr.f1; ++q) sum += red[((size_t)q * nr + r) * kB + b];
     epi(r, b, sum);
   }
   compute_sync();  // every reader of red and xs is done before the next GEMV
