@@ -41,6 +41,15 @@ TILERT_DEV bool mma_ok(const WeightDesc& w);
 // Rows of mma partials one reduction gathers (gemv_tile_mma): the compute warps meet at a
 // barrier once per this many rows, not once per piece.  Mirrored by tilert/codegen.py.
 constexpr int kRedRows = 128 / kB < 16 ? 16 : 128 / kB;
+// The rows an NB-token GEMV gathers a reduction (gemv_tile_mma, gemv_slots_mma).  The partials
+// area holds kRedRows x kB floats a warp and buffer (tilert/codegen.py sizes it), so a GEMV of
+// fewer tokens than the step has (a verify step's union gate/up: ~1 routed token a selected
+// expert) gathers proportionally more rows, and its warps meet at a barrier that much less often
+// (16-row batches made them meet once a ring piece).
+template <int NB>
+TILERT_DEV constexpr int red_rows() {
+  return kRedRows * kB / NB;
+}
 
 TILERT_DEV int mma_step_cols(int fmt) { return fmt == FMT_MXFP4 ? 128 : fmt == FMT_FP8 ? 64 : 32; }
 
@@ -739,7 +748,7 @@ TILERT_SHARE_FN WarpRange row_warps(int i, int rpp, int rows_left) {
   return WarpRange{group_first_warp(gr, ng), group_first_warp(gr + 1, ng)};
 }
 
-// Row i (< kRedRows) of the pieces of `rpp` rows that batch rows [0, bn) hold: the sum of its
+// Row i (< red_rows<NB>()) of the pieces of `rpp` rows that batch rows [0, bn) hold: the sum of its
 // warps' partials in red[buf] (the warps of row i's 16-row group, gemv_tile_mma's split).
 template <int NB>
 TILERT_DEV void sum_partials(const float* red, int buf, int i, int rpp, int rows_left, float* v) {
@@ -747,7 +756,7 @@ TILERT_DEV void sum_partials(const float* red, int buf, int i, int rpp, int rows
 #pragma unroll
   for (int b = 0; b < NB; ++b) {
     float sum = 0.f;
-    for (int q = wr.f0; q < wr.f1; ++q) sum += red[((buf * kNCW + q) * kRedRows + i) * NB + b];
+    for (int q = wr.f0; q < wr.f1; ++q) sum += red[((buf * kNCW + q) * red_rows<NB>() + i) * NB + b];
     v[b] = sum;
   }
 }
@@ -773,10 +782,11 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
   const Pieces pc = pieces_of(w);
   const int rpp = pc.rp;
   WarpShare sh{0, 0, 0, 0, 0};
-  // Pieces are gathered in batches of up to kRedRows rows: each warp writes its partials for
-  // the batch to red[buf][warp][row][token], and one barrier per batch lets the batch's rows be
-  // summed (one thread a row) while the warps stream the next batch into the other buffer.
-  const int batch_rows = kRedRows / rpp * rpp;
+  // Pieces are gathered in batches of up to red_rows<NB>() rows: each warp writes its partials
+  // for the batch to red[buf][warp][row][token], and one barrier per batch lets the batch's rows
+  // be summed (one thread a row) while the warps stream the next batch into the other buffer.
+  constexpr int kBatchRows = red_rows<NB>();
+  const int batch_rows = kBatchRows / rpp * rpp;
   int buf = 0;
   for (int ba = tile.r0; ba < tile.r1; ba += batch_rows) {
     const int bn = min(batch_rows, tile.r1 - ba);
@@ -790,7 +800,7 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
         mma_piece<FMT, NB>(c, w, gscale, ra, sp, sh, xlane, plane, a);
       }
       a.template fold<FMT>();
-      store_partials<FMT, NB>(red + ((buf * kNCW + wid) * kRedRows + (ra - ba) + 16 * sh.gi) * NB, a.acc, sh.gi, nr);
+      store_partials<FMT, NB>(red + ((buf * kNCW + wid) * kBatchRows + (ra - ba) + 16 * sh.gi) * NB, a.acc, sh.gi, nr);
     }
     compute_sync();
     for (int i = (int)threadIdx.x; i < bn; i += kNCT) {
@@ -836,7 +846,7 @@ TILERT_MMA_FN void gemv_slots_mma(Ctx& c, const WeightDesc& w, int n, int x0, in
     tot[0][0] = fmaf(k, a.acc[0][0], tot[0][0]);
     tot[0][1] = fmaf(k, a.acc[0][1], tot[0][1]);
   }
-  store_partials<FMT, 1>(red + (wid * kRedRows + 16 * sh.gi), tot, sh.gi, nr);
+  store_partials<FMT, 1>(red + (wid * red_rows<1>() + 16 * sh.gi), tot, sh.gi, nr);
   compute_sync();
   for (int i = (int)threadIdx.x; i < nr; i += kNCT) {
     float v[1];
