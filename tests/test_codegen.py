@@ -707,7 +707,9 @@ def test_mma_gemv_setup_follows_formats_tokens_and_row_lengths():
     assert _define(off.source, "TILERT_MMA_FORMATS") == 0 and _define(off.source, "TILERT_XS_BYTES") == 0
     assert off.mma_formats == [] and "mma=none" in off.describe()
     # A step of 8 tokens (speculative verification) takes two n8 tiles: the 4096-wide rows (8
-    # tokens' x: 129 KiB) on the tensor cores, the longer ones on the CUDA-core loop.
+    # tokens' x: 129 KiB) on the tensor cores with x staged whole; o_proj's 8192 columns (258
+    # KiB of x) too, with x staged a chunk of steps at a time (a tile of 32 rows: its partials
+    # fit); the 24576-wide dense down projection, row-major, on the CUDA-core loop.
     from tilert.codegen import xs_limit
 
     b8 = generate(s[8], cfg)
@@ -715,8 +717,35 @@ def test_mma_gemv_setup_follows_formats_tokens_and_row_lengths():
     assert max(w.shape[-1] for w in fits8) == 4096
     assert _define(b8.source, "TILERT_XS_BYTES") == 8 * x_bytes(4096) and b8.smem_bytes <= SMEM_LIMIT
     assert b8.mma_formats and b8.slots >= 2
+    chunked = {w.name for w in b8.weights if any(w.name in n and "a chunk at a time" in n for n in b8.notes)}
+    assert chunked == {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(2)}
     assert all(any(w.name in note and "CUDA-core GEMV" in note for note in b8.notes)
-               for w in b8.weights if w.tiled and w not in fits8)
+               for w in b8.weights if w.tiled and w not in fits8 and w.name not in chunked)
+    # only the kinds that take it compile the chunked path (gemv.cuh kChunkedPath), only at B = 8
+    assert _define(b8.source, "TILERT_GEMV_LINEAR") & (4096 << FORMATS["bf16"])
+    assert not _define(b8.source, "TILERT_GEMV_LM_HEAD") & (4096 << FORMATS["bf16"])
+    assert _define(b8.source, "TILERT_MMA_CHUNKED") == 1 and _define(gen.source, "TILERT_MMA_CHUNKED") == 0
+
+
+def test_chunked_mma_takes_a_tile_only_where_its_chunk_and_partials_fit():
+    """gemv.cuh `mma_chunked`, mirrored: a tiled weight whose whole staged x misses the xs region
+    runs on the tensor cores a chunk of steps at a time when a ring piece is one row block in
+    chunks, the chunk's x fits, and the tile's rows x tokens fit the partials area."""
+    from tilert.codegen import WeightSlot, _chunked_mma
+
+    def x_bytes(cols):  # gemv.cuh xs_bytes: hi and lo planes of 2 bytes a column, 64 bytes of padding each
+        return 2 * (2 * cols + 64)
+
+    o_proj = WeightSlot(0, "o_proj", "bf16", (4096, 8192), 2 * 8192, tiled=True)  # 256 steps of 32 columns
+    xs = 8 * x_bytes(4096)
+    assert _chunked_mma(o_proj, 8, 32, 38 * 1024, xs)  # 7 chunks of 37 steps: 8 x 4864 B of x
+    assert not _chunked_mma(o_proj, 8, 48, 38 * 1024, xs)  # 48 rows x 8 tokens > the partials' 2 x 16 x 8
+    assert _chunked_mma(o_proj, 4, 64, 38 * 1024, xs)  # 4 tokens: 2 x 32 rows
+    assert not _chunked_mma(o_proj, 8, 32, 38 * 1024, 8 * x_bytes(1184) - 1)  # the chunk's x misses by a byte
+    assert not _chunked_mma(o_proj, 8, 32, 300 * 1024, xs)  # a whole row block a piece: no chunks
+    assert not _chunked_mma(o_proj, 8, 32, 38 * 1024, 0)  # no xs region at all
+    assert not _chunked_mma(dataclasses.replace(o_proj, tiled=False), 8, 32, 38 * 1024, xs)
+    assert not _chunked_mma(o_proj, 1, 32, 38 * 1024, xs)  # one token's whole x fits: the plain path
 
 
 # ---- the DFlash draft step ------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from tilert.ir import (
     Task,
 )
 from tilert.schedule import Schedule
-from tilert.tiling import ROW_BLOCK, step_block_bytes, tileable
+from tilert.tiling import ROW_BLOCK, STEP_BYTES, STEP_COLS, step_block_bytes, tileable
 
 CUDA_DIR = Path(__file__).resolve().parent / "cuda"
 KERNEL_NAME = "tilert_megakernel"
@@ -842,6 +842,24 @@ def _on_mma(w: WeightSlot, tokens: int) -> bool:
     return 0 < _xs_bytes(w, tokens) <= xs_limit(tokens)
 
 
+def _red_rows(tokens: int) -> int:
+    """Rows of mma partials one reduction gathers (gemv.cuh, kRedRows)."""
+    return max(16, 128 // tokens)
+
+
+def _chunked_mma(w: WeightSlot, tokens: int, rows: int, slot_bytes: int, xs_bytes: int) -> bool:
+    """Whether a tile of `rows` rows of tiled weight `w` runs on the tensor cores with x staged
+    a chunk of steps at a time (gemv.cuh, `mma_chunked`): the step's whole x does not fit the xs
+    region, a piece is one row block in chunks whose x does, and the tile's partials fit."""
+    if not (w.tiled and tokens <= MMA_MAX_TOKENS and xs_bytes) or _on_mma(w, tokens):
+        return False
+    nsteps, fit = w.row_bytes // STEP_BYTES, slot_bytes // step_block_bytes(w.fmt)
+    if fit >= nsteps or rows > 2 * _red_rows(tokens):
+        return False
+    nch = -(-nsteps // fit)
+    return _x_bytes(-(-nsteps // nch) * STEP_COLS[w.fmt], tokens) <= xs_bytes
+
+
 def _slot_need(stages_of, weights: list[WeightSlot]) -> int:
     """The largest unit a ring slot must hold: a step block of a tiled weight, a row (with its
     MXFP4 scales) of a row-major one."""
@@ -850,15 +868,17 @@ def _slot_need(stages_of, weights: list[WeightSlot]) -> int:
 
 
 def _gemv_masks(stages_of: dict[int, list[tuple[str, dict]]], weights: list[WeightSlot], tokens: int,
-                ) -> dict[str, int]:
+                slot_bytes: int, xs_bytes: int) -> dict[str, int]:
     """Per weight-streaming kind, the GEMV paths its weights take (gemv.cuh, `gemv_tile`): bit
     1 << f for the CUDA-core loop over row-major format f, 16 << f for the tensor cores, 256 << f
-    for the CUDA-core loop over tiled format f.  The kernel compiles each kind's GEMV for
-    exactly these paths (TILERT_GEMV_<KIND>)."""
+    for the CUDA-core loop over tiled format f, 4096 << f for the tensor cores with x staged a
+    chunk at a time.  The kernel compiles each kind's GEMV for exactly these paths
+    (TILERT_GEMV_<KIND>)."""
     masks: dict[str, int] = {}
-    for kind, i, _, _ in _gemv_tiles(stages_of):
+    for kind, i, r0, r1 in _gemv_tiles(stages_of):
         w = weights[i]
-        path = 4 if _on_mma(w, tokens) else 8 if w.tiled else 0
+        path = (4 if _on_mma(w, tokens) else 12 if _chunked_mma(w, tokens, r1 - r0, slot_bytes, xs_bytes)
+                else 8 if w.tiled else 0)
         masks[kind] = masks.get(kind, 0) | 1 << (FORMATS[w.fmt] + path)
     return masks
 
@@ -929,7 +949,7 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
             xs_bytes = max([0] + [x for w in weights if 0 < (x := _xs_bytes(w, B)) <= xs_limit(B)]
                            + _slot_staging_bytes(enc.stages, weights, B))
             if xs_bytes:  # mma partials: two batches x warps x kRedRows (gemv.cuh) x tokens
-                red_bytes = max(red_bytes, 2 * compute_warps * max(16, 128 // B) * B * 4)
+                red_bytes = max(red_bytes, 2 * compute_warps * _red_rows(B) * B * 4)
             need = _slot_need(enc.stages, weights)
             _check_gate_up_pairs(enc.stages, weights)
             task_words = _align(_record_words(schedule, enc.stages), 4)
@@ -974,16 +994,19 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     notes = [] if space == "smem" else [f"task-local buffers ({locals_bytes} B) live in global scratch"]
     notes += tiled_notes
     formats = {w.fmt for w in weights}
-    mma_used = sorted({w.fmt for w in weights if _on_mma(w, B)}, key=FORMATS.get)
+    chunked = {i for _, i, r0, r1 in _gemv_tiles(enc.stages) if _chunked_mma(weights[i], B, r1 - r0, slot, xs_bytes)}
+    mma_used = sorted({w.fmt for w in weights if _on_mma(w, B) or w.index in chunked}, key=FORMATS.get)
     for w in weights:
         x = _xs_bytes(w, B)
         if x > xs_limit(B):
-            notes.append(f"weight {w.name} ({w.fmt}, {w.shape[-1]} columns): CUDA-core GEMV, its staged x "
+            how = "tensor cores, x staged a chunk at a time" if w.index in chunked else "CUDA-core GEMV"
+            notes.append(f"weight {w.name} ({w.fmt}, {w.shape[-1]} columns): {how}, its whole staged x "
                          f"({x} B) exceeds the {xs_limit(B)} B limit")
     return GeneratedKernel(
         source=_source(schedule, cfg, B, compute_warps, loader, slots, slot, lay, formats, scratch_stride,
-                       set(mma_used), xs_bytes, _gemv_masks(enc.stages, weights, B), task_words,
-                       group_max, attn_rows, ATTENTION_MMA if attention_mma is None else attention_mma),
+                       set(mma_used), xs_bytes, _gemv_masks(enc.stages, weights, B, slot, xs_bytes), task_words,
+                       group_max, attn_rows, ATTENTION_MMA if attention_mma is None else attention_mma,
+                       bool(chunked)),
         program=_encode_program(schedule, enc.stages, task_words), tokens=B, num_workers=schedule.num_workers,
         threads=32 * compute_warps + (32 if loader else 0), smem_bytes=lay["total"], loader=loader,
         slots=slots, slot_bytes=slot, act_bytes=plan.act_bytes, state_bytes=plan.state_bytes,
@@ -1068,7 +1091,7 @@ def _encode_program(schedule: Schedule, encoded: dict[int, list[tuple[str, dict]
 def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool, slots: int, slot_bytes: int,
             lay: dict, formats: set[str], scratch_stride: int, mma_formats: set[str], xs_bytes: int,
             gemv_masks: dict[str, int], task_words: int, attn_group_max: int, attn_rows: int,
-            attention_mma: bool) -> str:
+            attention_mma: bool, mma_chunked: bool = False) -> str:
     kinds_used = sorted({k for t in schedule.graph.tasks for k in (s.kind for s in _stages(t))},
                         key=lambda k: KIND_ID[k])
     defines = {
@@ -1084,7 +1107,7 @@ def _source(schedule: Schedule, cfg: MimoConfig, B: int, ncw: int, loader: bool,
         "TILERT_ATTN_CHUNK": ATTN_CHUNK, "TILERT_ATTN_STAGES": ATTN_STAGES,
         "TILERT_ATTN_GROUP_MAX": max(attn_group_max, 1), "TILERT_ATTN_ROWS_MAX": max(attn_rows, 1),
         "TILERT_MMA_FORMATS": sum(1 << FORMATS[f] for f in mma_formats & formats),
-        "TILERT_SMEM_XS": lay["xs"], "TILERT_XS_BYTES": xs_bytes,
+        "TILERT_SMEM_XS": lay["xs"], "TILERT_XS_BYTES": xs_bytes, "TILERT_MMA_CHUNKED": int(mma_chunked),
         "TILERT_SMEM_TASKS": lay["tasks"], "TILERT_TASK_WORDS": task_words, "TILERT_SMEM_BASES": lay["bases"],
     }
     defines.update({f"TILERT_GEMV_{k.upper()}": gemv_masks.get(k, 0) for k in kinds_used

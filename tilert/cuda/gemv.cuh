@@ -435,10 +435,26 @@ template <> struct MmaFmt<FMT_MXFP4> { static constexpr int kStep = 128, kMmas =
 // plane padded by 64 bytes so the hi and lo lanes of a warp hit different banks.
 TILERT_DEV int xs_bytes(int cols) { return 2 * (2 * cols + 64); }
 
-// Whether weight `w`'s GEMVs run on the tensor cores.
-TILERT_DEV bool mma_ok(const WeightDesc& w) {
-  return TILERT_LOADER && w.tiled && kB <= 8 && ((TILERT_MMA_FORMATS >> w.fmt) & 1) &&
-         kB * xs_bytes(w.cols) <= TILERT_XS_BYTES;
+TILERT_DEV bool mma_format(const WeightDesc& w) {
+  return TILERT_LOADER && w.tiled && kB <= 8 && ((TILERT_MMA_FORMATS >> w.fmt) & 1);
+}
+
+// Whether weight `w`'s GEMVs run on the tensor cores with the step's whole x staged.
+TILERT_DEV bool mma_ok(const WeightDesc& w) { return mma_format(w) && kB * xs_bytes(w.cols) <= TILERT_XS_BYTES; }
+
+// Whether they run on the tensor cores a chunk of steps at a time instead (gemv_tile_mma_chunked):
+// the whole x of the step's tokens does not fit the xs region (B = 8: o_proj's 8192 columns
+// and the dense down projection's 16384), but one piece's chunk of it does; a piece is one row
+// block in chunks, and the tile's sums of every chunk fit the partials area.  The loader then
+// issues such a tile's pieces chunk-major (load_tile).  Mirrored by tilert/codegen.py
+// (`_chunked_mma`), which sets TILERT_MMA_CHUNKED only where some weight takes it (no code elsewhere).
+#ifndef TILERT_MMA_CHUNKED
+#define TILERT_MMA_CHUNKED 0
+#endif
+TILERT_DEV bool mma_chunked(const WeightDesc& w, int r0, int r1) {
+  if (!TILERT_MMA_CHUNKED || !mma_format(w) || mma_ok(w) || r1 - r0 > 2 * kRedRows) return false;
+  const Pieces pc = pieces_of(w);
+  return pc.nch > 1 && kB * xs_bytes(pc.ns * mma_step_cols(w.fmt)) <= TILERT_XS_BYTES;
 }
 
 TILERT_DEV void mma_f16(float* d, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
@@ -813,6 +829,61 @@ TILERT_MMA_FN void gemv_tile_mma(Ctx& c, const WeightDesc& w, const Tile& tile, 
   compute_sync();  // every reader of red and xs is done before the next GEMV
 }
 
+// gemv_tile_mma for a weight whose x of NB tokens does not fit the xs region (mma_chunked): the
+// tile's pieces come chunk-major (chunk kq of every row block, then chunk kq + 1), and each
+// chunk's columns of x are staged once for all the tile's row blocks.  Each warp adds its sums
+// of every piece to its own rows of red ([warp][row][token]); one reduction at the end.  Same
+// contract as gemv_tile_mma.
+template <int FMT, int NB, class XRow, class Epi>
+TILERT_MMA_FN void gemv_tile_mma_chunked(Ctx& c, const WeightDesc& w, const Tile& tile, XRow xrow, Epi epi) {
+  static_assert(NB <= 8, "two n8 mma tiles hold hi/lo of 8 tokens");
+  constexpr int kStep = MmaFmt<FMT>::kStep, NT = (NB + 3) / 4;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wid = threadIdx.x >> 5;
+  const uint8_t* gscale = tile_scale(w, tile_expert(tile));
+  float* red = reinterpret_cast<float*>(c.smem + TILERT_SMEM_RED);
+  const Pieces pc = pieces_of(w);  // one row block a piece: every warp holds partials of all 16 rows
+  const int nr = tile.r1 - tile.r0, nsteps = row_steps(w);
+  const float un = FMT == FMT_MXFP4 ? kFp4Unscale : 1.f;  // the E2M1 decode's 2^-14
+  for (int i = (int)threadIdx.x; i < kNCW * nr * NB; i += kNCT) red[i] = 0.f;  // (published by the staging's barrier)
+  WarpShare sh{0, 0, 0, 0, 0};
+  for (int kq = 0; kq < pc.nch; ++kq) {
+    const int s_lo = kq * pc.ns, cols = min(pc.ns, nsteps - s_lo) * kStep;
+    if (kq) compute_sync();  // every warp is done with the previous chunk's x
+    stage_x_rows<FMT>(c, cols, NB, [&](int b) { return xrow(b) + kStep * s_lo; });
+    const int plane = xs_bytes(cols) / 2;
+    // mma_piece reads step s at 2 kStep s bytes into the plane: the chunk's first step is s_lo
+    const uint8_t* xlane = c.smem + TILERT_SMEM_XS + g * plane + 2 * (kStep / 4) * t - 2 * kStep * s_lo;
+    for (int ra = tile.r0; ra < tile.r1; ra += kRowBlock) {
+      const int rn = min(kRowBlock, tile.r1 - ra);
+      const Span sp = piece_span(w, pc, ra, rn, kq);
+      if (sh.ng != 1 || sh.ns != sp.ns) sh = warp_share(1, sp.ns);
+      MmaAcc<NT> a;
+      a.zero();
+      mma_piece<FMT, NB>(c, w, gscale, ra, sp, sh, xlane, plane, a);
+      a.template fold<FMT>();
+#pragma unroll
+      for (int u = 0; u < NT; ++u) {
+        const int b = 4 * u + t;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if (b < NB && g + 8 * h < rn) red[((size_t)wid * nr + (ra - tile.r0) + g + 8 * h) * NB + b] += a.acc[u][h] * un;
+      }
+    }
+  }
+  compute_sync();
+  for (int i = (int)threadIdx.x; i < nr; i += kNCT) {
+    float v[NB];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      float sum = 0.f;
+      for (int q = 0; q < kNCW; ++q) sum += red[((size_t)q * nr + i) * NB + b];
+      v[b] = sum;
+    }
+    epi(i, v);
+  }
+  compute_sync();  // every reader of red and xs is done before the next GEMV
+}
+
 // out_r = sum_i coef(i) * (W_i[r0 + r] . x_i) over n single-token GEMVs of the same rows of n
 // matrices of one weight (the slots of an expert down projection: tile_of(i) the tiles, in the
 // loader's order; x i staged by stage_x_slots as its x number x0 + i) on the tensor cores.
@@ -858,11 +929,11 @@ TILERT_MMA_FN void gemv_slots_mma(Ctx& c, const WeightDesc& w, int n, int x0, in
 
 // The GEMV paths one call site is compiled for (`GEMV` bits: 1 << f = the CUDA-core loop over a
 // row-major weight of format f, 16 << f = the tensor cores, 256 << f = the CUDA-core loop over a
-// tiled weight).  The generated prelude gives every weight-streaming kind the mask of exactly
+// tiled weight, 4096 << f = the tensor cores with x staged a chunk at a time).  The generated prelude gives every weight-streaming kind the mask of exactly
 // the paths its weights take (TILERT_GEMV_<KIND>, tilert/codegen.py `_gemv_masks`), so no kind
 // carries GEMV code it never runs (one copy per format and call site made the kernel's text over
 // a megabyte).  A weight whose path was not compiled in is reported, not skipped.
-enum GemvPath { kRowsPath = 0, kMmaPath = 4, kTiledPath = 8 };
+enum GemvPath { kRowsPath = 0, kMmaPath = 4, kTiledPath = 8, kChunkedPath = 12 };
 template <int GEMV> __host__ __device__ constexpr bool has_path(int fmt, GemvPath path) { return (GEMV >> (fmt + path)) & 1; }
 
 template <int NB, int GEMV, class XRow, class Epi>
@@ -873,6 +944,12 @@ TILERT_DEV void gemv_tile(Ctx& c, const Tile& tile, XRow xrow, Epi epi, bool x_s
       if constexpr (has_path<GEMV>(FMT_BF16, kMmaPath)) if (w.fmt == FMT_BF16) return gemv_tile_mma<FMT_BF16, NB>(c, w, tile, xrow, epi, x_staged, xs_off);
       if constexpr (has_path<GEMV>(FMT_FP8, kMmaPath)) if (w.fmt == FMT_FP8) return gemv_tile_mma<FMT_FP8, NB>(c, w, tile, xrow, epi, x_staged, xs_off);
       if constexpr (has_path<GEMV>(FMT_MXFP4, kMmaPath)) if (w.fmt == FMT_MXFP4) return gemv_tile_mma<FMT_MXFP4, NB>(c, w, tile, xrow, epi, x_staged, xs_off);
+    }
+  } else if (mma_chunked(w, tile.r0, tile.r1)) {
+    if constexpr (NB <= 8) {
+      if constexpr (has_path<GEMV>(FMT_BF16, kChunkedPath)) if (w.fmt == FMT_BF16) return gemv_tile_mma_chunked<FMT_BF16, NB>(c, w, tile, xrow, epi);
+      if constexpr (has_path<GEMV>(FMT_FP8, kChunkedPath)) if (w.fmt == FMT_FP8) return gemv_tile_mma_chunked<FMT_FP8, NB>(c, w, tile, xrow, epi);
+      if constexpr (has_path<GEMV>(FMT_MXFP4, kChunkedPath)) if (w.fmt == FMT_MXFP4) return gemv_tile_mma_chunked<FMT_MXFP4, NB>(c, w, tile, xrow, epi);
     }
   } else if (w.tiled) {
     if constexpr (has_path<GEMV>(FMT_BF16, kTiledPath)) if (w.fmt == FMT_BF16) return gemv_tile_tiled<FMT_BF16, NB>(c, w, tile, xrow, epi);
@@ -1076,26 +1153,35 @@ TILERT_OUTLINE Issued load_tile(uint8_t* smem, const WeightDesc& w, int expert, 
   const int rb = w.row_bytes;
   const bool ring_scales = scales_in_ring(w);
   const uint64_t policy = stream_policy();
-  for (int ra = r0; ra < r1; ra += pc.rp) {
+  bool aborted = false;
+  const auto issue = [&](int ra, int kq) {
     const int nr = min(pc.rp, r1 - ra);
-    for (int kq = 0; kq < pc.nch; ++kq) {
-      if (!ring_wait_empty(smem, issued, abort)) return Issued{issued, true};
-      uint8_t* dst = ring_slot(smem, issued % TILERT_SLOTS);
-      uint64_t* full = ring_full(smem, issued % TILERT_SLOTS);
-      if (w.tiled) {
-        const Span sp = piece_span(w, pc, ra, nr, kq);
-        mbar_arrive_expect_tx(full, sp.bytes);
-        bulk_copy_g2s(dst, gdata + sp.offset, sp.bytes, full, policy);
-      } else {
-        const uint32_t sbytes = ring_scales ? (uint32_t)(nr * w.scale_ld) : 0u;
-        mbar_arrive_expect_tx(full, (uint32_t)(nr * rb) + sbytes);
-        bulk_copy_g2s(dst, gdata + (size_t)ra * rb, (uint32_t)(nr * rb), full, policy);
-        if (sbytes) bulk_copy_g2s(dst + nr * rb, gscale + (size_t)ra * w.scale_ld, sbytes, full, policy);
-      }
-      ++issued;
+    if (!ring_wait_empty(smem, issued, abort)) {
+      aborted = true;
+      return;
     }
+    uint8_t* dst = ring_slot(smem, issued % TILERT_SLOTS);
+    uint64_t* full = ring_full(smem, issued % TILERT_SLOTS);
+    if (w.tiled) {
+      const Span sp = piece_span(w, pc, ra, nr, kq);
+      mbar_arrive_expect_tx(full, sp.bytes);
+      bulk_copy_g2s(dst, gdata + sp.offset, sp.bytes, full, policy);
+    } else {
+      const uint32_t sbytes = ring_scales ? (uint32_t)(nr * w.scale_ld) : 0u;
+      mbar_arrive_expect_tx(full, (uint32_t)(nr * rb) + sbytes);
+      bulk_copy_g2s(dst, gdata + (size_t)ra * rb, (uint32_t)(nr * rb), full, policy);
+      if (sbytes) bulk_copy_g2s(dst + nr * rb, gscale + (size_t)ra * w.scale_ld, sbytes, full, policy);
+    }
+    ++issued;
+  };
+  if (mma_chunked(w, r0, r1)) {  // chunk-major: the compute warps stage x a chunk at a time
+    for (int kq = 0; kq < pc.nch && !aborted; ++kq)
+      for (int ra = r0; ra < r1 && !aborted; ra += pc.rp) issue(ra, kq);
+  } else {  // row blocks, then chunks
+    for (int ra = r0; ra < r1 && !aborted; ra += pc.rp)
+      for (int kq = 0; kq < pc.nch && !aborted; ++kq) issue(ra, kq);
   }
-  return Issued{issued, false};
+  return Issued{issued, aborted};
 }
 #endif
 
