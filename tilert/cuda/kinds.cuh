@@ -428,15 +428,23 @@ TILERT_DEV void attn_pass_simt(Ctx& c, const AttentionParams& p, int b0, int nt,
   float4 o[kAttnOwn][2];  // (row pair, value float4) items of this thread: rows 2 hp and 2 hp + 1
 #pragma unroll
   for (int k = 0; k < kAttnOwn; ++k) o[k][0] = o[k][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  // With 128 value dims (v4 = 32) the value step's thread ctid + k kNCT holds row pair
+  // cwarp() + k kNCW, the very pair this warp scores and softmaxes: a row pair's three steps stay
+  // in one warp, which then only meets itself between them (the chunk ring's barrier remains).
+  const bool warp_local = v4 == 32;
+  const auto step_sync = [&] {
+    if (warp_local) __syncwarp();
+    else compute_sync();
+  };
   for (int ch = 0; ch < keys.chunks; ++ch) {
     const int j0 = lo + ch * CH;
     const float* kb = keys.next(ch);  // (its barrier also publishes the queries and the running state)
     const float* vb = kb + CH * kAttnKRow;
     attn_scores(p, R, qs, kb, ps, j0, tlo, thi);
-    compute_sync();
+    step_sync();
     // (2) softmax weights against the running maximum
     attn_softmax(R, ps, CH, run_m, run_l, corr, [&](int h, int j) { return ps[h * CH + j]; });
-    compute_sync();
+    step_sync();
     // (3) the weighted values: a float4 of value dims of two rows a thread
 #pragma unroll
     for (int k = 0; k < kAttnOwn; ++k) {
