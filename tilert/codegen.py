@@ -83,6 +83,11 @@ COMPUTE_WARPS = 11  # + 1 loader warp: 384 threads, up to 168 registers (H200, 2
 # step: 11 warps 1244 us, 15 1270, 13 1335, 9 1278, 7 1390; B = 8: 11 5410 us, 15 5719)
 MIN_SLOT_ROW_BYTES = 4096  # a ring slot holds one 4 KiB row (an fp8 row of 4096) per compute warp
 RING_SLOTS = 4
+# Steps of 5..8 tokens: their x staging leaves ~84 KB for the ring, and 4 slots of 21 KB cut every
+# MXFP4 expert row block (34 KB) in two pieces; 2 slots hold a whole one.  H100, 2026-12-07,
+# 6-layer flash verify step (tools/ab_plain.py --tokens 8): 2 slots -3.1 % against 4 (5025.0 ->
+# 4869.8 us; BENCHMARKS.md stop 22 call 1).
+MULTI_RING_SLOTS = 2
 # GEMVs on the tensor cores (gemv.cuh, gemv_tile_mma) for these storage formats, at steps of up
 # to 8 tokens; x is staged in shared memory (hi/lo halves), so rows longer than xs_limit(B)
 # per step stay on the CUDA-core loop.  The limit admits one token's x of 16384 columns (the
@@ -911,7 +916,7 @@ def _smem_layout(ring_slots: int, slot_bytes: int, red_bytes: int, scratch_bytes
 
 
 def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str] | None = None,
-             loader: bool = True, compute_warps: int = COMPUTE_WARPS, ring_slots: int = RING_SLOTS,
+             loader: bool = True, compute_warps: int = COMPUTE_WARPS, ring_slots: int | None = None,
              smem_limit: int = SMEM_LIMIT, locals_space: str = "auto",
              slot_bytes: int | None = None, mma_formats=MMA_FORMATS, attention_mma: bool | None = None) -> GeneratedKernel:
     """The megakernel of one schedule.  `weight_formats` (name -> storage format) says how the
@@ -920,7 +925,8 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     whose compute warps read weights straight from global memory.  Task-local buffers go to
     shared memory when they fit beside a ring of at least 2 slots and global scratch would not
     give the ring larger slots (`locals_space` "auto"), else to a per-worker global scratch area
-    ("global" forces that).  `slot_bytes` overrides the ring
+    ("global" forces that).  `ring_slots`: the most ring slots (default RING_SLOTS, MULTI_RING_SLOTS
+    for steps of more than 4 tokens).  `slot_bytes` overrides the ring
     slot size (tests use small slots to cut tiles into many pieces).  `mma_formats`: the weight
     formats whose GEMVs run on the tensor cores (the rest on the CUDA-core loop).  `attention_mma`:
     attention on the tensor cores (default ATTENTION_MMA)."""
@@ -928,6 +934,8 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     B = g.tokens
     if not 1 <= B <= 8:
         raise UserError(f"the GPU kernel handles steps of 1..8 tokens, not {B}")
+    if ring_slots is None:
+        ring_slots = RING_SLOTS if B <= 4 else MULTI_RING_SLOTS
     if cfg.num_experts_per_tok > 32:
         raise UserError(f"the GPU kernel's top-k keeps one choice per lane: at most 32 experts per token, "
                         f"not {cfg.num_experts_per_tok}")
