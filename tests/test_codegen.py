@@ -716,7 +716,7 @@ def test_mma_gemv_setup_follows_formats_tokens_and_row_lengths():
     fits8 = [w for w in b8.weights if w.tiled and 8 * x_bytes(w.shape[-1]) <= xs_limit(8)]
     assert max(w.shape[-1] for w in fits8) == 4096
     assert _define(b8.source, "TILERT_XS_BYTES") == 8 * x_bytes(4096) and b8.smem_bytes <= SMEM_LIMIT
-    assert b8.mma_formats and b8.slots >= 2
+    assert b8.mma_formats and b8.slots == 2  # MULTI_RING_SLOTS: a whole MXFP4 row block a slot
     chunked = {w.name for w in b8.weights if any(w.name in n and "a chunk at a time" in n for n in b8.notes)}
     assert chunked == {f"model.layers.{i}.self_attn.o_proj.weight" for i in range(2)}
     assert all(any(w.name in note and "CUDA-core GEMV" in note for note in b8.notes)
@@ -741,7 +741,10 @@ def test_chunked_mma_takes_a_tile_only_where_its_chunk_and_partials_fit():
     assert _chunked_mma(o_proj, 8, 32, 38 * 1024, xs)  # 7 chunks of 37 steps: 8 x 4864 B of x
     assert not _chunked_mma(o_proj, 8, 48, 38 * 1024, xs)  # 48 rows x 8 tokens > the partials' 2 x 16 x 8
     assert _chunked_mma(o_proj, 4, 64, 38 * 1024, xs)  # 4 tokens: 2 x 32 rows
-    assert not _chunked_mma(o_proj, 8, 32, 38 * 1024, 8 * x_bytes(1184) - 1)  # the chunk's x misses by a byte
+    assert _chunked_mma(o_proj, 8, 32, 38 * 1024, 8 * x_bytes(1184))  # the chunk's x fills the region exactly
+    assert not _chunked_mma(o_proj, 8, 32, 38 * 1024, 8 * x_bytes(1184) - 1)  # ... or misses it by a byte
+    assert _chunked_mma(o_proj, 3, 80, 38 * 1024, xs)  # 3 tokens: partials of 2 x 42 rows
+    assert not _chunked_mma(o_proj, 3, 96, 38 * 1024, xs)
     assert not _chunked_mma(o_proj, 8, 32, 300 * 1024, xs)  # a whole row block a piece: no chunks
     assert not _chunked_mma(o_proj, 8, 32, 38 * 1024, 0)  # no xs region at all
     assert not _chunked_mma(dataclasses.replace(o_proj, tiled=False), 8, 32, 38 * 1024, xs)

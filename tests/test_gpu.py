@@ -228,8 +228,11 @@ def flash2_config(expert_format: str = "fp8"):
 
 
 def flash2_schedules(cfg, workers: int | None = None):
+    """Steps of 1, 3 and 8 tokens: at 3 and 8 the x of o_proj (8192 columns) and of the dense
+    down projection (16384) does not fit shared memory whole, so they stage it a chunk at a time
+    (gemv.cuh gemv_tile_mma_chunked; 3 tokens: a step size that is no power of two)."""
     recipe = load_recipe("mimo-v2-flash", "h100")
-    return compile_steps(cfg, recipe, [1, 8], max_seq_len=64, num_workers=min(recipe["workers"], workers or 10**6))
+    return compile_steps(cfg, recipe, [1, 3, 8], max_seq_len=64, num_workers=min(recipe["workers"], workers or 10**6))
 
 
 # A cap on a multi-token step's staged x (tilert/codegen.py MULTI_XS_LIMIT_BYTES) below 8 tokens'
@@ -304,6 +307,12 @@ def test_flash_geometry_matches_the_vm(flash2, attention_mma):
         logits, nxt = rt.step([tok])
         assert nxt == ref_next and rel_err(logits, ref_logits) < 1e-3, f"decode step {i}"
         tok = nxt[0]
+    three = [tok, 3, 1000]  # a step of 3 tokens (o_proj and the dense down on the chunk-staged path)
+    ref_logits, ref_next = vm.step(three)
+    logits, nxt = rt.step(three)
+    assert torch.isfinite(logits).all()
+    assert nxt == ref_next and rel_err(logits, ref_logits) < 1e-3, f"B=3 step: rel err {rel_err(logits, ref_logits):.3g}"
+    tok = nxt[-1]
     # Timing: B=1 and B=8 steps, against the bytes the cost model counts.
     for B in (1, 8):
         s = schedules[B]

@@ -83,10 +83,11 @@ COMPUTE_WARPS = 11  # + 1 loader warp: 384 threads, up to 168 registers (H200, 2
 # step: 11 warps 1244 us, 15 1270, 13 1335, 9 1278, 7 1390; B = 8: 11 5410 us, 15 5719)
 MIN_SLOT_ROW_BYTES = 4096  # a ring slot holds one 4 KiB row (an fp8 row of 4096) per compute warp
 RING_SLOTS = 4
-# Steps of 5..8 tokens: their x staging leaves ~84 KB for the ring, and 4 slots of 21 KB cut every
-# MXFP4 expert row block (34 KB) in two pieces; 2 slots hold a whole one.  H100, 2026-12-07,
-# 6-layer flash verify step (tools/ab_plain.py --tokens 8): 2 slots -3.1 % against 4 (5025.0 ->
-# 4869.8 us; BENCHMARKS.md stop 22 call 1).
+# Steps of 8 tokens (a DFlash block): their x staging leaves ~84 KB for the ring, and 4 slots of
+# 21 KB cut every MXFP4 expert row block (34 KB) in two pieces; 2 slots hold a whole one.  H100,
+# 2026-12-07, 6-layer flash verify step (tools/ab_plain.py --tokens 8): 2 slots -3.1 % against 4
+# (5025.0 -> 4869.8 us; BENCHMARKS.md stop 22 call 1).  Steps of 5..7 tokens, with more room
+# (a third slot of 44 KB fits at 5), keep RING_SLOTS until measured.
 MULTI_RING_SLOTS = 2
 # GEMVs on the tensor cores (gemv.cuh, gemv_tile_mma) for these storage formats, at steps of up
 # to 8 tokens; x is staged in shared memory (hi/lo halves), so rows longer than xs_limit(B)
@@ -926,7 +927,7 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     shared memory when they fit beside a ring of at least 2 slots and global scratch would not
     give the ring larger slots (`locals_space` "auto"), else to a per-worker global scratch area
     ("global" forces that).  `ring_slots`: the most ring slots (default RING_SLOTS, MULTI_RING_SLOTS
-    for steps of more than 4 tokens).  `slot_bytes` overrides the ring
+    for steps of 8 tokens).  `slot_bytes` overrides the ring
     slot size (tests use small slots to cut tiles into many pieces).  `mma_formats`: the weight
     formats whose GEMVs run on the tensor cores (the rest on the CUDA-core loop).  `attention_mma`:
     attention on the tensor cores (default ATTENTION_MMA)."""
@@ -935,7 +936,7 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     if not 1 <= B <= 8:
         raise UserError(f"the GPU kernel handles steps of 1..8 tokens, not {B}")
     if ring_slots is None:
-        ring_slots = RING_SLOTS if B <= 4 else MULTI_RING_SLOTS
+        ring_slots = MULTI_RING_SLOTS if B == MMA_MAX_TOKENS else RING_SLOTS
     if cfg.num_experts_per_tok > 32:
         raise UserError(f"the GPU kernel's top-k keeps one choice per lane: at most 32 experts per token, "
                         f"not {cfg.num_experts_per_tok}")
@@ -1002,12 +1003,16 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     notes = [] if space == "smem" else [f"task-local buffers ({locals_bytes} B) live in global scratch"]
     notes += tiled_notes
     formats = {w.fmt for w in weights}
-    chunked = {i for _, i, r0, r1 in _gemv_tiles(enc.stages) if _chunked_mma(weights[i], B, r1 - r0, slot, xs_bytes)}
+    chunked_tiles = [(i, _chunked_mma(weights[i], B, r1 - r0, slot, xs_bytes)) for _, i, r0, r1 in _gemv_tiles(enc.stages)]
+    chunked = {i for i, yes in chunked_tiles if yes}
+    partly = chunked & {i for i, yes in chunked_tiles if not yes}  # tiles too tall for the partials area
     mma_used = sorted({w.fmt for w in weights if _on_mma(w, B) or w.index in chunked}, key=FORMATS.get)
     for w in weights:
         x = _xs_bytes(w, B)
         if x > xs_limit(B):
-            how = "tensor cores, x staged a chunk at a time" if w.index in chunked else "CUDA-core GEMV"
+            how = ("CUDA-core GEMV" if w.index not in chunked else
+                   "tensor cores, x staged a chunk at a time" + (" (its taller tiles: tiled CUDA-core GEMV)"
+                                                                  if w.index in partly else ""))
             notes.append(f"weight {w.name} ({w.fmt}, {w.shape[-1]} columns): {how}, its whole staged x "
                          f"({x} B) exceeds the {xs_limit(B)} B limit")
     return GeneratedKernel(

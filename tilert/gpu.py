@@ -38,6 +38,9 @@ from tilert.errors import HangError, UserError
 from tilert.tiling import ROW_BLOCK, STEP_BYTES, step_block_bytes, tile
 
 _TORCH = {"f32": torch.float32, "i32": torch.int32, "f64": torch.float64}
+# gemv.cuh gemv_tile's record_error: the path the weight needed (2: tiled, whole x not staged;
+# the kernel does not spend code on telling the two apart).
+_GEMV_PATH_NAMES = {0: "row-major CUDA-core", 1: "tensor-core", 2: "tiled CUDA-core or chunk-staged tensor-core"}
 _ERROR_NAMES = {v: k for k, v in ERRORS.items()}
 
 
@@ -439,7 +442,7 @@ class MegakernelRuntime:
                 fmt = {v: k for k, v in FORMATS.items()}.get(seen, seen)
                 wname = g.weights[counter].name if 0 <= counter < len(g.weights) else counter
                 lines.append(f"  worker {worker}: task {task} {name}: weight {wname} ({fmt}, "
-                             f"{'tensor-core' if _extra else 'CUDA-core'} GEMV) has no compiled GEMV path "
+                             f"{_GEMV_PATH_NAMES.get(_extra, _extra)} GEMV) has no compiled GEMV path "
                              f"(kind mask {needed:#x}): kernel and weights disagree")
             else:
                 hang = False

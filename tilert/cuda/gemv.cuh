@@ -443,8 +443,9 @@ TILERT_DEV bool mma_format(const WeightDesc& w) {
 TILERT_DEV bool mma_ok(const WeightDesc& w) { return mma_format(w) && kB * xs_bytes(w.cols) <= TILERT_XS_BYTES; }
 
 // Whether they run on the tensor cores a chunk of steps at a time instead (gemv_tile_mma_chunked):
-// the whole x of the step's tokens does not fit the xs region (B = 8: o_proj's 8192 columns
-// and the dense down projection's 16384), but one piece's chunk of it does; a piece is one row
+// the whole x of the step's tokens does not fit the xs region (on the flash geometry o_proj's
+// 8192 columns from 3 tokens on, the dense down projection's 16384 from 2; measured at B = 8
+// only), but one piece's chunk of it does; a piece is one row
 // block in chunks, and the tile's sums of every chunk fit the partials area.  The loader then
 // issues such a tile's pieces chunk-major (load_tile).  Mirrored by tilert/codegen.py
 // (`_chunked_mma`), which sets TILERT_MMA_CHUNKED only where some weight takes it (no code elsewhere).
@@ -780,7 +781,7 @@ TILERT_DEV void sum_partials(const float* red, int buf, int i, int rpp, int rows
 // out_i = W[r0 + i] . x_b for b < NB (NB <= 8: one n8 mma tile holds hi and lo of 4 tokens, a
 // second one the next 4, both fed by one decode of the weight) on the tensor cores, for a tiled weight; same
 // contract as gemv_tile_fmt: epi(i, v[NB]) once per row, by one thread, the same thread for row
-// i of every tile of this shape.  `x_staged`: this very x was staged already, for a weight of
+// i of every tile of this shape and token count NB.  `x_staged`: this very x was staged already, for a weight of
 // this format and width, `xs_off` bytes into the xs region (gate then up; the slots of an
 // expert down projection, staged together by stage_x_slots), so it is not staged again.
 template <int FMT, int NB, class XRow, class Epi>
@@ -844,7 +845,8 @@ TILERT_MMA_FN void gemv_tile_mma_chunked(Ctx& c, const WeightDesc& w, const Tile
   const Pieces pc = pieces_of(w);  // one row block a piece: every warp holds partials of all 16 rows
   const int nr = tile.r1 - tile.r0, nsteps = row_steps(w);
   const float un = FMT == FMT_MXFP4 ? kFp4Unscale : 1.f;  // the E2M1 decode's 2^-14
-  for (int i = (int)threadIdx.x; i < kNCW * nr * NB; i += kNCT) red[i] = 0.f;  // (published by the staging's barrier)
+  // (every GEMV ends at a barrier, so nobody still reads red; the staging's barrier publishes the zeros)
+  for (int i = (int)threadIdx.x; i < kNCW * nr * NB; i += kNCT) red[i] = 0.f;
   WarpShare sh{0, 0, 0, 0, 0};
   for (int kq = 0; kq < pc.nch; ++kq) {
     const int s_lo = kq * pc.ns, cols = min(pc.ns, nsteps - s_lo) * kStep;
@@ -852,6 +854,7 @@ TILERT_MMA_FN void gemv_tile_mma_chunked(Ctx& c, const WeightDesc& w, const Tile
     stage_x_rows<FMT>(c, cols, NB, [&](int b) { return xrow(b) + kStep * s_lo; });
     const int plane = xs_bytes(cols) / 2;
     // mma_piece reads step s at 2 kStep s bytes into the plane: the chunk's first step is s_lo
+    // (the pointer sits before the region; it is only ever read at the chunk's steps)
     const uint8_t* xlane = c.smem + TILERT_SMEM_XS + g * plane + 2 * (kStep / 4) * t - 2 * kStep * s_lo;
     for (int ra = tile.r0; ra < tile.r1; ra += kRowBlock) {
       const int rn = min(kRowBlock, tile.r1 - ra);
@@ -1141,7 +1144,8 @@ struct Issued {
 };
 
 // Issue the pieces of rows [r0, r1) of `expert` of `w` into the ring (loader lane only), in the
-// compute warps' order (row blocks, then chunks): one bulk copy a piece (a second one for the
+// compute warps' order (row blocks, then chunks; chunk-major for a tile the compute warps stage
+// x for a chunk at a time, mma_chunked): one bulk copy a piece (a second one for the
 // E8M0 scales of a row-major MXFP4 piece).  `issued` counts pieces (after an abort too: the
 // CTA lets every issued piece land before it exits).  Outlined (one copy for every kind's
 // tiles), its arguments plain values.
@@ -1177,7 +1181,7 @@ TILERT_OUTLINE Issued load_tile(uint8_t* smem, const WeightDesc& w, int expert, 
   if (mma_chunked(w, r0, r1)) {  // chunk-major: the compute warps stage x a chunk at a time
     for (int kq = 0; kq < pc.nch && !aborted; ++kq)
       for (int ra = r0; ra < r1 && !aborted; ra += pc.rp) issue(ra, kq);
-  } else {  // row blocks, then chunks
+  } else {  // row blocks, then chunks (the compute warps' order everywhere else)
     for (int ra = r0; ra < r1 && !aborted; ra += pc.rp)
       for (int kq = 0; kq < pc.nch && !aborted; ++kq) issue(ra, kq);
   }

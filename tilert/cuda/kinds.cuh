@@ -1005,8 +1005,9 @@ TILERT_DEV void k_expert_down_union(Ctx& c, const ExpertDownUnionParams& p) {
     if (tile_expert(tile) < 0) return;  // empty slot: the loader skipped it too
     int list[kB];
     const int nr = routed_list(tokens_routed_to(route, p.route.ld, p.k, u), list);
-    // A GEMV path owns row r by the same thread whatever its token count (gemv.cuh), so total
-    // needs no barrier between slots.
+    // Which thread owns row r depends on the GEMV's token count (gemv_tile_mma's batches of
+    // red_rows<NB>() rows), but every GEMV ends at a barrier, so total's updates of one slot
+    // are done before the next slot's begin.
     gemv_routed<GEMV>(c, tile, nr, [&](int j) { return act + (size_t)(u * kB + list[min(j, nr - 1)]) * p.act.ld; },
                       [&](int r, const float* v) {
       for (int j = 0; j < nr; ++j) total[list[j] * n + r] += slot_w[u * kB + list[j]] * v[j];
