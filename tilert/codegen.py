@@ -873,19 +873,29 @@ def _slot_need(stages_of, weights: list[WeightSlot]) -> int:
                       for _, i, _, _ in _gemv_tiles(stages_of)])
 
 
-def _gemv_masks(stages_of: dict[int, list[tuple[str, dict]]], weights: list[WeightSlot], tokens: int,
-                slot_bytes: int, xs_bytes: int) -> dict[str, int]:
-    """Per weight-streaming kind, the GEMV paths its weights take (gemv.cuh, `gemv_tile`): bit
-    1 << f for the CUDA-core loop over row-major format f, 16 << f for the tensor cores, 256 << f
-    for the CUDA-core loop over tiled format f, 4096 << f for the tensor cores with x staged a
-    chunk at a time.  The kernel compiles each kind's GEMV for exactly these paths
-    (TILERT_GEMV_<KIND>)."""
-    masks: dict[str, int] = {}
+def _tile_paths(stages_of: dict[int, list[tuple[str, dict]]], weights: list[WeightSlot], tokens: int,
+                slot_bytes: int, xs_bytes: int) -> list[tuple[str, int, int]]:
+    """(kind, weight index, GEMV path) of every GEMV tile (gemv.cuh, `gemv_tile`; GemvPath): 4 the
+    tensor cores with the whole x staged, 12 the tensor cores with x staged a chunk at a time
+    (`_chunked_mma`), 8 the CUDA-core loop over a tiled weight, 0 over a row-major one."""
+    out = []
     for kind, i, r0, r1 in _gemv_tiles(stages_of):
         w = weights[i]
         path = (4 if _on_mma(w, tokens) else 12 if _chunked_mma(w, tokens, r1 - r0, slot_bytes, xs_bytes)
                 else 8 if w.tiled else 0)
-        masks[kind] = masks.get(kind, 0) | 1 << (FORMATS[w.fmt] + path)
+        out.append((kind, i, path))
+    return out
+
+
+def _gemv_masks(tile_paths: list[tuple[str, int, int]], weights: list[WeightSlot]) -> dict[str, int]:
+    """Per weight-streaming kind, the GEMV paths its weights take (`_tile_paths`): bit 1 << (path + f)
+    for format f (1 << f the CUDA-core loop over row-major format f, 16 << f the tensor cores,
+    256 << f the CUDA-core loop over tiled format f, 4096 << f the tensor cores with x staged a
+    chunk at a time).  The kernel compiles each kind's GEMV for exactly these paths
+    (TILERT_GEMV_<KIND>)."""
+    masks: dict[str, int] = {}
+    for kind, i, path in tile_paths:
+        masks[kind] = masks.get(kind, 0) | 1 << (FORMATS[weights[i].fmt] + path)
     return masks
 
 
@@ -1003,9 +1013,9 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     notes = [] if space == "smem" else [f"task-local buffers ({locals_bytes} B) live in global scratch"]
     notes += tiled_notes
     formats = {w.fmt for w in weights}
-    chunked_tiles = [(i, _chunked_mma(weights[i], B, r1 - r0, slot, xs_bytes)) for _, i, r0, r1 in _gemv_tiles(enc.stages)]
-    chunked = {i for i, yes in chunked_tiles if yes}
-    partly = chunked & {i for i, yes in chunked_tiles if not yes}  # tiles too tall for the partials area
+    tile_paths = _tile_paths(enc.stages, weights, B, slot, xs_bytes)
+    chunked = {i for _, i, path in tile_paths if path == 12}
+    partly = chunked & {i for _, i, path in tile_paths if path != 12}  # tiles too tall for the partials area
     mma_used = sorted({w.fmt for w in weights if _on_mma(w, B) or w.index in chunked}, key=FORMATS.get)
     for w in weights:
         x = _xs_bytes(w, B)
@@ -1017,7 +1027,7 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
                          f"({x} B) exceeds the {xs_limit(B)} B limit")
     return GeneratedKernel(
         source=_source(schedule, cfg, B, compute_warps, loader, slots, slot, lay, formats, scratch_stride,
-                       set(mma_used), xs_bytes, _gemv_masks(enc.stages, weights, B, slot, xs_bytes), task_words,
+                       set(mma_used), xs_bytes, _gemv_masks(tile_paths, weights), task_words,
                        group_max, attn_rows, ATTENTION_MMA if attention_mma is None else attention_mma,
                        bool(chunked)),
         program=_encode_program(schedule, enc.stages, task_words), tokens=B, num_workers=schedule.num_workers,
