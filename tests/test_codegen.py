@@ -751,6 +751,56 @@ def test_chunked_mma_takes_a_tile_only_where_its_chunk_and_partials_fit():
     assert not _chunked_mma(o_proj, 1, 32, 38 * 1024, xs)  # one token's whole x fits: the plain path
 
 
+def test_wide_weights_are_tiled_only_where_the_kernel_stages_them_a_chunk_at_a_time(monkeypatch):
+    """`tile_wide` (the draft kernel: it alone reads its weights): a weight whose one token's x
+    exceeds XS_LIMIT_BYTES is tiled where every tile of it stages x a chunk at a time, else kept
+    row-major by generate's second pass; without it (a target's kernels, which share one layout
+    across step sizes) such a weight stays row-major."""
+    from tilert import codegen
+    from tilert.codegen import XS_LIMIT_BYTES
+
+    cfg = dataclasses.replace(preset("mimo-v2-flash").with_layers(2), vocab_size=16384, n_routed_experts=32,
+                              intermediate_size=24576)
+    s = compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1, 8], max_seq_len=64)
+    down = ["model.layers.0.mlp.down_proj.weight"]
+    assert 2 * (2 * 24576 + 64) > XS_LIMIT_BYTES
+
+    def layout(gen):
+        return {w.name: w.tiled for w in gen.weights if w.name in down}
+
+    assert layout(generate(s[1], cfg)) == {down[0]: False}
+    one = generate(s[1], cfg, tile_wide=True)  # tiles of 128 rows: partials of 2 x 128 rows at B = 1
+    assert layout(one) == {down[0]: True} and _define(one.source, "TILERT_MMA_CHUNKED") == 1
+    assert any(down[0] in n and "a chunk at a time" in n for n in one.notes)
+    eight = generate(s[8], cfg, tile_wide=True)  # B = 8's schedule cuts its tiles to 32 rows
+    assert layout(eight) == {down[0]: True} and _define(eight.source, "TILERT_MMA_CHUNKED") == 1
+    # where the tiles would not stage x a chunk at a time: row-major, the CUDA-core loop
+    monkeypatch.setattr(codegen, "_chunked_mma", lambda *a: False)
+    for B in (1, 8):
+        gen = generate(s[B], cfg, tile_wide=True)
+        assert layout(gen) == {down[0]: False} and _define(gen.source, "TILERT_MMA_CHUNKED") == 0
+        assert any(down[0] in n and "CUDA-core GEMV" in n for n in gen.notes)
+
+
+def test_flash_drafter_fc_takes_the_chunk_staged_tensor_cores():
+    """The DFlash drafter's fc (5 x 4096 columns: 82 KB of one token's x) is tiled in the draft
+    kernel and staged a chunk at a time on the tensor cores (tiles of 32 rows at B = 8)."""
+    from model.dflash import DFlashConfig
+    from tilert.device_weights import draft_weight_specs, weight_specs
+    from tilert.draft import compile_draft_step
+    from tilert.draft_gpu import generate_draft_kernel
+
+    cfg = preset("mimo-v2-flash", 6, "mxfp4")  # 5 conditioning layers
+    dcfg = DFlashConfig.flash_for(cfg)
+    formats = {n: f for n, _, f in weight_specs(cfg) + draft_weight_specs(dcfg)}
+    recipe = load_recipe("mimo-v2-flash", "h100")
+    draft = compile_draft_step(dcfg, recipe, 2048, context_rows=8, weight_formats=formats)
+    gen = generate_draft_kernel(draft, dcfg, cfg, formats)
+    fc = next(w for w in gen.weights if w.name == "draft.fc.weight")
+    assert fc.shape[-1] == 5 * 4096 and fc.tiled
+    assert any("draft.fc.weight" in n and "a chunk at a time" in n for n in gen.notes)
+
+
 # ---- the DFlash draft step ------------------------------------------------------------------------
 
 class InterpretedDraft(DraftRunner):

@@ -785,13 +785,17 @@ def _x_bytes(cols: int, tokens: int) -> int:
 
 
 def _tiled_weights(stages_of, weights: list[WeightSlot], loader: bool, mma_formats, slot_bytes: int | None,
-                   ) -> tuple[set[int], list[str]]:
+                   tile_wide: bool = False, row_major: frozenset[str] = frozenset()) -> tuple[set[int], list[str]]:
     """The weights uploaded tiled (tilert/tiling.py), which the tensor-core GEMV reads wherever
-    the step's staged x fits (elsewhere the tiled CUDA-core loop): a format the tensor cores
-    handle, whole row blocks and steps, one token's staged x within XS_LIMIT_BYTES, a step block
-    that fits a ring slot, and every tile over the weight starting and ending on a row block.
-    Also notes on the weights left row-major.  Decided per weight, so every step size's kernel
-    sees one layout."""
+    the step's staged x fits (elsewhere the tiled CUDA-core loop or, x staged a chunk at a time,
+    the tensor cores again): a format the tensor cores handle, whole row blocks and steps, a step
+    block that fits a ring slot, and every tile over the weight starting and ending on a row
+    block.  Also notes on the weights left row-major.  Decided per weight, so every step size's
+    kernel sees one layout.  A weight whose one token's x exceeds XS_LIMIT_BYTES stays row-major
+    (the tiled CUDA-core loop is slower than the row-major one over such long rows) unless
+    `tile_wide` (a kernel that alone reads its weights, at one step size: the drafter's fc) and
+    not named in `row_major`, which generate() fills with those whose tiles this kernel would
+    not stage a chunk at a time."""
     if not loader:
         return set(), []
     streamed = {i for _, i, _, _ in _gemv_tiles(stages_of)}
@@ -799,9 +803,10 @@ def _tiled_weights(stages_of, weights: list[WeightSlot], loader: bool, mma_forma
     for w in weights:
         if not (w.index in streamed and w.fmt in mma_formats and tileable(w.fmt, w.shape[-2], w.shape[-1])):
             continue
-        if _x_bytes(w.shape[-1], 1) > XS_LIMIT_BYTES:
-            # Its x never fits: the row-major CUDA-core loop (measured on an H200, 2026-12-04, the
-            # dense FFN's 16384-column down projection: 78 us a layer row-major, 120 us tiled).
+        if _x_bytes(w.shape[-1], 1) > XS_LIMIT_BYTES and (not tile_wide or w.name in row_major):
+            # Its whole x never fits: the row-major CUDA-core loop (measured on an H200,
+            # 2026-12-04, the dense FFN's 16384-column down projection: 78 us a layer row-major,
+            # 120 us tiled).
             notes.append(f"weight {w.name} ({w.fmt}, {w.shape[-1]} columns): CUDA-core GEMV, its staged x "
                          f"({_x_bytes(w.shape[-1], 1)} B) exceeds the {XS_LIMIT_BYTES} B limit")
         elif slot_bytes is None or step_block_bytes(w.fmt) <= slot_bytes:
@@ -929,7 +934,8 @@ def _smem_layout(ring_slots: int, slot_bytes: int, red_bytes: int, scratch_bytes
 def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str] | None = None,
              loader: bool = True, compute_warps: int = COMPUTE_WARPS, ring_slots: int | None = None,
              smem_limit: int = SMEM_LIMIT, locals_space: str = "auto",
-             slot_bytes: int | None = None, mma_formats=MMA_FORMATS, attention_mma: bool | None = None) -> GeneratedKernel:
+             slot_bytes: int | None = None, mma_formats=MMA_FORMATS, attention_mma: bool | None = None,
+             tile_wide: bool = False, _row_major: frozenset[str] = frozenset()) -> GeneratedKernel:
     """The megakernel of one schedule.  `weight_formats` (name -> storage format) says how the
     weights the kernel will run with are stored (default: the formats the schedule declares);
     the runtime refuses weights in other formats.  `loader=False` gives the simpler kernel
@@ -962,7 +968,8 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     for space in (["smem"] if locals_space == "auto" else []) + ["scratch"]:
         enc = _encode_tasks(schedule, plan, cfg, boxes_of, space)
         if tiled_notes is None:  # tiles do not depend on where locals live: decide once
-            tiled, tiled_notes = _tiled_weights(enc.stages, weights, loader, mma_formats, slot_bytes)
+            tiled, tiled_notes = _tiled_weights(enc.stages, weights, loader, mma_formats, slot_bytes, tile_wide,
+                                                _row_major)
             for w in weights:
                 w.tiled = w.index in tiled
             xs_bytes = max([0] + [x for w in weights if 0 < (x := _xs_bytes(w, B)) <= xs_limit(B)]
@@ -1016,6 +1023,11 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     tile_paths = _tile_paths(enc.stages, weights, B, slot, xs_bytes)
     chunked = {i for _, i, path in tile_paths if path == 12}
     partly = chunked & {i for _, i, path in tile_paths if path != 12}  # tiles too tall for the partials area
+    too_wide = {weights[i].name for _, i, path in tile_paths
+                if path != 12 and weights[i].tiled and _x_bytes(weights[i].shape[-1], 1) > XS_LIMIT_BYTES}
+    if too_wide:  # again with those row-major (`_tiled_weights`)
+        return generate(schedule, cfg, weight_formats, loader, compute_warps, ring_slots, smem_limit, locals_space,
+                        slot_bytes, mma_formats, attention_mma, tile_wide, _row_major | too_wide)
     mma_used = sorted({w.fmt for w in weights if _on_mma(w, B) or w.index in chunked}, key=FORMATS.get)
     for w in weights:
         x = _xs_bytes(w, B)

@@ -34,19 +34,21 @@ def generate_draft_kernel(schedule: Schedule, dcfg: DFlashConfig, cfg, weight_fo
     if C != dcfg.block_size:
         raise UserError(f"the draft megakernel runs the context path over the block's {dcfg.block_size} rows; this "
                         f"draft schedule has {C} context rows (compile_draft_step(context_rows={dcfg.block_size}))")
-    return generate(schedule, draft_kernel_config(dcfg, cfg), weight_formats, **kw)
+    # tile_wide: the draft kernel alone reads the drafter's weights, at one step size, so its fc
+    # (a one-token x of 5 x 4096 columns) may take the tiled layout its chunk-staged GEMV reads.
+    return generate(schedule, draft_kernel_config(dcfg, cfg), weight_formats, **{"tile_wide": True, **kw})
 
 
 class DraftMegakernel(DraftRunner):
     """Runs the draft step's cubin; `target` (a MegakernelRuntime on the same GPU) lends its
-    uploaded weights."""
+    uploaded weights.  `profile`: the cubin is a profiling build (`self.rt.profile`)."""
 
     def __init__(self, cubin_path: str | Path, generated, weights: dict[str, StoredTensor], max_seq_len: int,
-                 target=None, timeout_s: float = 2.0):
+                 target=None, timeout_s: float = 2.0, profile: bool = False):
         from tilert.gpu import MegakernelRuntime
 
         self.rt = MegakernelRuntime(cubin_path, generated, weights, max_seq_len, timeout_s=timeout_s,
-                                    share_weights_with=target)
+                                    share_weights_with=target, profile=profile)
         bufs = generated.buffers
         slots = min(s.shape[0] for s in bufs.values() if s.space == "state")
         super().__init__(bufs["positions"].shape[0], bufs["ctx_hidden"].shape[0], slots, max_seq_len)

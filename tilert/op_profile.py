@@ -46,3 +46,16 @@ def op_summary(schedule: Schedule, rows: list[dict], gpu: str = "h100") -> dict[
         k["mean_us"] = k["busy_ns"] / k["tasks"] / 1e3
         k["span_us"] = sum(op_hi[o] - op_lo[o] for o in ops_of[kind]) / len(ops_of[kind]) / 1e3
     return dict(out)
+
+
+def op_table(by_kind: dict[str, dict], step_ns: float, workers: int) -> str:
+    """`op_summary`'s kinds as a text table, busiest first: tasks, mean task time, GB/s per SM
+    while busy, mean wait on counters, the cost model's task time, share of the step's
+    worker-time, span per layer."""
+    lines = [f"{'op':24s} {'tasks':>5s} {'mean us':>8s} {'GB/s/SM':>8s} {'wait us':>8s} {'model us':>8s} "
+             f"{'busy %':>6s} {'span us':>8s}"]
+    for kind, k in sorted(by_kind.items(), key=lambda kv: -kv[1]["busy_ns"]):
+        lines.append(f"{kind:24s} {k['tasks']:5d} {k['mean_us']:8.2f} {k['bytes'] / max(k['busy_ns'], 1):8.2f} "
+                     f"{k['wait_ns'] / k['tasks'] / 1e3:8.2f} {k['model_ns'] / k['tasks'] / 1e3:8.2f} "
+                     f"{100 * k['busy_ns'] / (step_ns * workers):6.1f} {k['span_us']:8.1f}")
+    return "\n".join(lines)

@@ -86,10 +86,12 @@ def per_layer_projection(rows: list[dict], layers: int = FULL_LAYERS) -> dict:
 
 # ---- building the pair ---------------------------------------------------------------------------
 
-def build_backend(cfg, dcfg, backend: str, max_seq_len: int, seed: int = 0):
-    """(SpeculativeBackend, {"target B=1" / "verify B=8" / "draft B=8": GeneratedKernel or None})
-    for the target `cfg` and drafter `dcfg`: the target's steps of 1 and B tokens (exposing the
-    drafter's conditioning layers) and the draft step, compiled with the model's recipe."""
+def build_backend(cfg, dcfg, backend: str, max_seq_len: int, seed: int = 0, profile_draft: bool = False):
+    """(SpeculativeBackend, {"target B=1" / "verify B=8" / "draft B=8": GeneratedKernel}, the same
+    names -> Schedule) for the target `cfg` and drafter `dcfg`: the target's steps of 1 and B
+    tokens (exposing the drafter's conditioning layers) and the draft step, compiled with the
+    model's recipe (the VM and prebuild backends: None or no kernels).  `profile_draft`: prebuild
+    the draft step's profiling build too."""
     from tilert.compiler import compile_steps
     from tilert.draft import compile_draft_step
     from tilert.lower import load_recipe
@@ -123,8 +125,9 @@ def build_backend(cfg, dcfg, backend: str, max_seq_len: int, seed: int = 0):
     schedules = compile_steps(cfg, recipe, [1, B], max_seq_len=max_seq_len, capture_layers=dcfg.target_layers,
                               num_workers=workers)
     draft = compile_draft_step(dcfg, recipe, max_seq_len, context_rows=B, weight_formats=formats, num_workers=workers)
+    named = {"target B=1": schedules[1], f"verify B={B}": schedules[B], f"draft B={B}": draft}
     if backend == "vm":
-        return VMBackend(cfg, schedules, draft, dcfg, weights, max_seq_len), {}
+        return VMBackend(cfg, schedules, draft, dcfg, weights, max_seq_len), {}, named
 
     from tilert.artifact import DRAFT_PREFIX
     from tilert.build import build_cubin
@@ -138,8 +141,12 @@ def build_backend(cfg, dcfg, backend: str, max_seq_len: int, seed: int = 0):
     dgen = generate_draft_kernel(draft, dcfg, cfg, formats)
     cubins = {b: build_cubin(g.source, build_dir)[0] for b, g in gens.items()}
     draft_cubin = build_cubin(dgen.source, build_dir)[0]
+    if backend == "megakernel":
+        check_draft_step(draft, dgen, draft_cubin, weights, max_seq_len)
     if backend == "prebuild":
-        return None, {}
+        if profile_draft:
+            build_cubin(dgen.source, build_dir, profile=True)
+        return None, {}, named
     # The drawn weights are handed over (tiled ones dropped once uploaded): a 12-layer cut holds
     # ~37 GB of experts, twice that does not fit an H100.
     target_weights = {k: weights.pop(k) for k in [k for k in weights if not k.startswith(DRAFT_PREFIX)]}
@@ -147,7 +154,37 @@ def build_backend(cfg, dcfg, backend: str, max_seq_len: int, seed: int = 0):
     drafter = DraftMegakernel(draft_cubin, dgen, {**target_weights, **weights}, max_seq_len, target=target)
     del target_weights, weights
     be = MegakernelBackend(target, drafter, B, max_seq_len)
-    return be, {"target B=1": gens[1], f"verify B={B}": gens[B], f"draft B={B}": dgen}
+    return be, {"target B=1": gens[1], f"verify B={B}": gens[B], f"draft B={B}": dgen}, named
+
+
+def check_draft_step(schedule, gen, cubin, weights: dict, max_seq_len: int, blocks: int = 3) -> float:
+    """The draft step's megakernel (its own upload of the weights it reads) against the DraftVM
+    on the GPU, `blocks` draft steps after fresh random hidden states; prints and returns the
+    worst relative error of the logits, raises on a non-finite logit or one above 1e-3."""
+    from tilert.draft_gpu import DraftMegakernel
+    from tilert.draft_vm import DraftVM
+
+    own = {w.name: weights[w.name] for w in gen.weights}
+    gpu = DraftMegakernel(cubin, gen, dict(own), max_seq_len)
+    vm = DraftVM(schedule, own, max_seq_len, device="cuda")
+    B, width = gpu.block_size, gen.buffers["ctx_hidden"].shape[1]
+    g = torch.Generator(device="cuda").manual_seed(int(time.time()))
+    worst, same = 0.0, 0
+    for i in range(blocks):
+        hidden = torch.randn(B, width, device="cuda", generator=g)
+        want, got = vm.draft(3 + i, hidden), gpu.draft(3 + i, hidden)
+        a, b = gpu.last_logits.double(), vm.last_logits.to(gpu.last_logits.device).double()
+        if not bool(torch.isfinite(a).all()):
+            raise RuntimeError(f"draft megakernel: non-finite logits in block {i}")
+        worst = max(worst, float((a - b).norm() / b.norm()))
+        same += sum(x == y for x, y in zip(got, want))
+    print(f"  draft megakernel vs DraftVM on the GPU: {blocks} blocks, worst logits rel err {worst:.2e}, "
+          f"{same} of {blocks * (B - 1)} drafts equal", flush=True)
+    if worst > 1e-3:
+        raise RuntimeError(f"the draft megakernel differs from the DraftVM: logits rel err {worst:.2e}")
+    del gpu, vm
+    torch.cuda.empty_cache()
+    return worst
 
 
 def _workers(recipe, backend: str) -> int:
@@ -220,6 +257,29 @@ def step_times(be, gens: dict, context: int, reps: int, bw: float, top_k: int) -
     return out
 
 
+def profile_draft(be, schedule, gen) -> dict:
+    """The draft step's per-op profile: its profiling build, sharing the drafter's uploaded
+    weights, drafts 4 blocks after random hidden states; the last one's tasks by op kind
+    (tilert/op_profile.py), printed as a table."""
+    from tilert.build import build_cubin
+    from tilert.draft_gpu import DraftMegakernel
+    from tilert.op_profile import op_summary, op_table
+
+    B, rt = be.block_size, be.drafter.rt
+    cubin = build_cubin(gen.source, Path(os.environ.get("TILERT_BUILD", "build/cubins")), profile=True)[0]
+    prof = DraftMegakernel(cubin, gen, {}, be.drafter.max_seq_len, target=rt, profile=True)
+    width = schedule.graph.buffers["ctx_hidden"].shape[1]
+    g = torch.Generator(device=rt.device).manual_seed(3)
+    for _ in range(4):
+        prof.draft(5, torch.randn(B, width, device=rt.device, generator=g))
+    rows = prof.rt.profile(B)
+    step_ns = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+    by_kind = op_summary(schedule, rows)
+    print(f"  draft step profile (profiling build): {step_ns / 1e3:.1f} us over {len(rows)} tasks\n"
+          + op_table(by_kind, step_ns, schedule.num_workers), flush=True)
+    return {"step_ns": step_ns, "by_kind": by_kind}
+
+
 def measure_depth(layers: int, args, bw: float) -> dict:
     from model.config import preset
     from model.dflash import DFlashConfig
@@ -228,7 +288,7 @@ def measure_depth(layers: int, args, bw: float) -> dict:
     dcfg = (dataclasses.replace(DFlashConfig.tiny_for(cfg), block_size=8).validate() if args.backend == "vm" else
             DFlashConfig.flash_for(cfg, num_heads=args.draft_heads, intermediate_size=args.draft_intermediate))
     max_seq = max(args.context, len(args.prompt_ids) + args.new_tokens) + 2 * dcfg.block_size
-    be, gens = build_backend(cfg, dcfg, args.backend, max_seq)
+    be, gens, schedules = build_backend(cfg, dcfg, args.backend, max_seq, profile_draft=args.profile_draft)
     if args.backend == "prebuild":
         print(f"{cfg.num_hidden_layers} layers: the B = 1, verify and draft kernels built", flush=True)
         return {"layers": cfg.num_hidden_layers}
@@ -256,6 +316,8 @@ def measure_depth(layers: int, args, bw: float) -> dict:
                               - short[f"draft B={B}"]["seconds"])
     row.update(plain_s=steps["target B=1"]["seconds"], verify_s=steps[f"verify B={B}"]["seconds"],
                draft_s=steps[f"draft B={B}"]["seconds"])
+    if args.profile_draft:
+        row["draft_profile"] = profile_draft(be, schedules[f"draft B={B}"], gens[f"draft B={B}"])
     row["drafter"] = dataclasses.asdict(dcfg)
     return row
 
@@ -305,6 +367,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", choices=("megakernel", "vm", "prebuild"), default="megakernel",
                     help="vm: the loop on the CPU VM (mimo-tiny; for tests); prebuild: only build the GPU kernels "
                          "into $TILERT_BUILD (default build/cubins) on a machine without a GPU")
+    ap.add_argument("--profile-draft", action="store_true",
+                    help="also profile the draft step (its profiling build) and print its ops' times")
     ap.add_argument("--out", default="oracle.json")
     ap.add_argument("--log", help="append the tables, with date, device, command and commit, to this file")
     ap.add_argument("--commit", default=os.environ.get("TILERT_COMMIT", "unknown"))

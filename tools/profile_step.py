@@ -31,7 +31,7 @@ from tilert.device_weights import device_weights  # noqa: E402
 from tilert.diff import check_step_against_vm  # noqa: E402
 from tilert.gpu import MegakernelRuntime  # noqa: E402
 from tilert.lower import load_recipe  # noqa: E402
-from tilert.op_profile import op_summary  # noqa: E402
+from tilert.op_profile import op_summary, op_table  # noqa: E402
 from tilert.timing import median_seconds  # noqa: E402
 
 
@@ -179,13 +179,7 @@ def main(argv=None) -> int:
     by_kind = op_summary(schedule, rows)
     print(f"{gen.describe()}\nptxas: {report.get('registers')} regs; step {step_ns / 1e3:.1f} us "
           f"over {len(rows)} tasks" + (f"; plain kernel {plain_s * 1e6:.1f} us per step" if plain_s else ""))
-    print(f"{'op':24s} {'tasks':>5s} {'mean us':>8s} {'GB/s/SM':>8s} {'wait us':>8s} {'model us':>8s} {'busy %':>6s} "
-          f"{'span us':>8s}")
-    for kind, k in sorted(by_kind.items(), key=lambda kv: -kv[1]["busy_ns"]):
-        print(f"{kind:24s} {k['tasks']:5d} {k['mean_us']:8.2f} {k['bytes'] / max(k['busy_ns'], 1):8.2f} "
-              f"{k['wait_ns'] / k['tasks'] / 1e3:8.2f} {k['model_ns'] / k['tasks'] / 1e3:8.2f} "
-              f"{100 * k['busy_ns'] / (step_ns * schedule.num_workers):6.1f} "
-              f"{k['span_us']:8.1f}")
+    print(op_table(by_kind, step_ns, schedule.num_workers))
     Path(args.out).write_text(json.dumps({"step_ns": step_ns, "plain_step_s": plain_s, "by_kind": by_kind,
                                           "tasks": rows}, default=float))
     return 0
