@@ -69,3 +69,8 @@ def test_prebuild_covers_every_tool_of_a_device_round():
     subdirs = {d for *_, dirs in todo for d in dirs}
     assert subdirs == {f"L{layers}_C{ctx}" for layers in (6, 12) for ctx in (8192, 512)}
     assert "test 0 profiling" in labels and "flash 6L profiling" in labels
+
+
+def test_op_kind_drops_the_layer_of_target_and_draft_ops():
+    assert op_kind("layer3.q_proj") == "q_proj" and op_kind("lm_head") == "lm_head"
+    assert op_kind("draft.layer3.q_proj") == "draft.q_proj" and op_kind("draft.fc") == "draft.fc"

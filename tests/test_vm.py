@@ -174,3 +174,38 @@ def test_rope_fuses_into_the_projection_row_tiles_of_the_flash_recipe():
         for s in (s for s in t.stages if s.kind == "rope"):
             (rot,) = [r for r in s.reads if r.buffer in ("q", "k")]
             assert any(w.contains(rot) for ls in linear for w in ls.writes)
+
+
+def test_recipe_tile_sizes_may_differ_by_step_size():
+    """A recipe's `by_tokens` entry sets tile sizes for one step size (the H100 flash recipe: 256
+    expert rows in the 8-token verify step, 128 at B = 1); the steps still share one KV layout
+    and give the reference's logits.  Only tile sizes may differ; `recipe_with` sets a key at
+    every step size."""
+    from tilert.lower import recipe_for_step, recipe_with
+
+    flash = preset("mimo-v2-flash", layers=2, expert_format="mxfp4")
+    s = compile_steps(flash, load_recipe("mimo-v2-flash", "h100"), [1, 8], max_seq_len=64)
+
+    def expert_rows(graph, kind):
+        return {st.params["rows"][1] - st.params["rows"][0] for t in graph.tasks
+                for st in (t.stages or [t]) if st.kind == kind}
+
+    assert expert_rows(s[1].graph, "expert_gate_up") == {128}
+    assert expert_rows(s[8].graph, "expert_gate_up_union") == {256}
+    recipe = load_recipe("mimo-v2-flash", "h100")
+    assert recipe_for_step(recipe_with(recipe, "expert_rows", 64), 8)["expert_rows"] == 64
+    assert recipe_for_step(recipe, 8)["expert_rows"] == 256 and recipe_for_step(recipe, 4)["expert_rows"] == 128
+    with pytest.raises(UserError, match="tie_break"):
+        recipe_for_step(dict(recipe, by_tokens={"8": {"tie_break": "lowest"}}), 8)
+    with pytest.raises(UserError, match="step sizes"):
+        recipe_for_step(dict(recipe, by_tokens={"eight": {"expert_rows": 64}}), 8)
+
+    cfg = preset("mimo-tiny")
+    weights = random_weights(cfg, seed=5)
+    tiny = dict(load_recipe(None, "h100"), expert_union=True, by_tokens={"4": {"expert_rows": 3, "out_rows": 5}})
+    schedules = compile_steps(cfg, tiny, [1, 4], max_seq_len=32)
+    vm = VM(cfg, schedules, runtime_weights(cfg, weights), max_seq_len=32)
+    ids = torch.randint(0, cfg.vocab_size, (10,), generator=torch.Generator().manual_seed(4)).tolist()
+    got = [vm.step(ids[:4])[0], vm.step(ids[4:8])[0]] + [vm.step([t])[0] for t in ids[8:]]
+    want = ReferenceDecoder(cfg, weights, max_seq_len=32).forward(torch.tensor(ids))
+    assert rel_err(torch.cat(got), want) < 1e-5

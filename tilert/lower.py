@@ -39,6 +39,35 @@ def load_recipe(model_name: str | None, gpu: str) -> dict:
     raise UserError(f"no schedule recipe found in {SCHEDULES_DIR}")
 
 
+# The recipe keys a `by_tokens` entry may set for one step size: the lowering's tile sizes.
+TILE_KEYS = ("embed_cols", "q_heads_per_task", "qkv_rows", "kv_heads_per_task", "out_rows", "ffn_rows",
+             "expert_rows", "router_rows", "vocab_rows", "global_splits", "swa_splits", "combine_heads")
+
+
+def recipe_for_step(recipe: dict, tokens: int) -> dict:
+    """The recipe a step of `tokens` tokens is lowered with: the top-level tile sizes, with the
+    recipe's `by_tokens` entry for that step size (string key: JSON objects) over them, where
+    a size measured best at one step size differs from the others' (schedules/README.md)."""
+    by = recipe.get("by_tokens", {})
+    where = f"recipe {recipe.get('source', '(in memory)')}"
+    if not isinstance(by, dict) or not all(isinstance(k, str) and k.isdigit() and isinstance(v, dict)
+                                           for k, v in by.items()):
+        raise UserError(f"{where}: by_tokens must map step sizes (\"8\") to objects of tile sizes, not {by!r}")
+    over = by.get(str(tokens), {})
+    bad = sorted(set(over) - set(TILE_KEYS))
+    if bad:
+        raise UserError(f"{where}: by_tokens[\"{tokens}\"] sets {', '.join(bad)}; only tile sizes may differ by "
+                        f"step size ({', '.join(TILE_KEYS)})")
+    return {**recipe, **over}
+
+
+def recipe_with(recipe: dict, key: str, value) -> dict:
+    """A copy of `recipe` with `key` = `value` at every step size (a tile size is dropped from
+    the by_tokens entries, which would otherwise win at theirs)."""
+    by = {t: {k: v for k, v in over.items() if k != key} for t, over in recipe.get("by_tokens", {}).items()}
+    return {**recipe, key: value, **({"by_tokens": by} if "by_tokens" in recipe else {})}
+
+
 def ring_slots(cfg: MimoConfig, layer: int, max_seq_len: int, max_tokens: int) -> int:
     """KV-cache slots of a layer: global layers keep every position; sliding-window layers keep
     a ring of the window plus the extra tokens of a multi-token step, so that writing the
@@ -133,7 +162,9 @@ def lower_step(cfg: MimoConfig, recipe: dict, tokens: int = 1, max_seq_len: int 
                max_tokens: int | None = None, capture_layers: tuple[int, ...] = ()) -> TaskGraph:
     """The unfused task graph of one step of `tokens` tokens.  `capture_layers` (a DFlash
     drafter's target_layers) adds the `hidden` output: every token's residual stream after each
-    of those layers, concatenated in that order (read by the speculative runtime)."""
+    of those layers, concatenated in that order (read by the speculative runtime).  The tile
+    sizes are the recipe's for this step size (`recipe_for_step`)."""
+    recipe = recipe_for_step(recipe, tokens)
     b = _Builder(cfg, recipe, tokens, max_seq_len)
     max_tokens = max(tokens, max_tokens or tokens)
     B, H, V = tokens, cfg.hidden_size, cfg.vocab_size

@@ -2,9 +2,10 @@
 `MegakernelRuntime.profile`): what tools/profile_step.py prints and tools/op_bench.py checks
 against the bandwidth floor.
 
-An op's *kind* is its name without the layer prefix ("q_proj" for "layer3.q_proj"), so the
-layers of one kind are summed; its *span* is the time from the op's first task start to its
-last task end, averaged over the layers that have it (the op's wall time in the step)."""
+An op's *kind* is its name without the layer prefix ("q_proj" for "layer3.q_proj",
+"draft.q_proj" for "draft.layer3.q_proj"), so the layers of one kind are summed; its *span* is
+the time from the op's first task start to its last task end, averaged over the layers that
+have it (the op's wall time in the step)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from tilert.schedule import Schedule
 
 
 def op_kind(name: str) -> str:
-    return name.split(".", 1)[1] if name.startswith("layer") else name
+    """The op's name without its layer: "layer3.q_proj" -> "q_proj", a draft step's
+    "draft.layer3.q_proj" -> "draft.q_proj"."""
+    prefix = "draft." if name.startswith("draft.") else ""
+    rest = name[len(prefix):]
+    return prefix + (rest.split(".", 1)[1] if rest.startswith("layer") else rest)
 
 
 def op_summary(schedule: Schedule, rows: list[dict], gpu: str = "h100") -> dict[str, dict]:

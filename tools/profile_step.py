@@ -30,7 +30,7 @@ from tilert.compiler import compile_steps  # noqa: E402
 from tilert.device_weights import device_weights  # noqa: E402
 from tilert.diff import check_step_against_vm  # noqa: E402
 from tilert.gpu import MegakernelRuntime  # noqa: E402
-from tilert.lower import load_recipe  # noqa: E402
+from tilert.lower import load_recipe, recipe_with  # noqa: E402
 from tilert.op_profile import op_summary, op_table  # noqa: E402
 from tilert.timing import median_seconds  # noqa: E402
 
@@ -58,7 +58,8 @@ def parser(description: str = __doc__.splitlines()[0]) -> argparse.ArgumentParse
                     help="diagnostics: tensor-core GEMVs stream their pieces but skip the arithmetic "
                          "(results are wrong; timing tells memory from compute)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a recipe key (schedules/README.md), e.g. global_splits=64 (repeatable)")
+                    help="override a recipe key (schedules/README.md) at every step size (over its by_tokens entries "
+                         "too), e.g. global_splits=64 (repeatable)")
     ap.add_argument("--define", action="append", default=[], metavar="NAME=VALUE",
                     help="a preprocessor switch of the device code for an experiment (repeatable), e.g. "
                          "TILERT_MMA_NOINLINE=1")
@@ -98,7 +99,7 @@ def variant_kernel(args, cfg, weights):
         key, _, value = kv.partition("=")
         if key not in recipe and key not in OPTIONAL_RECIPE_KEYS or not value:
             raise SystemExit(f"--set {kv}: expected KEY=VALUE with KEY one of {', '.join(sorted(recipe))}")
-        recipe[key] = json.loads(value)
+        recipe = recipe_with(recipe, key, json.loads(value))
     saved = {}
     for kv in args.codegen:
         name, _, value = kv.partition("=")
