@@ -211,6 +211,29 @@ def test_random_drafters_and_schedules_equal_dflash_drafter(dcfg, seed, workers,
     run_rounds(vm, reference_drafter(dcfg, tw, dw), tokens, flat, appends, truncate_to=lambda n: max(0, n - depth))
 
 
+def test_the_recipe_draft_entry_tiles_the_draft_step_only(pair):
+    """A recipe's `draft` entry sets the draft step's tile sizes (q / k / v projections in row
+    tiles here) without touching the target's steps, and the drafts stay the reference
+    drafter's; only tile sizes may appear there, and `recipe_with` sets a key there too."""
+    from tilert.lower import recipe_for_draft, recipe_with
+
+    cfg, dcfg, tw, dw, tokens, flat = pair
+    recipe = dict(load_recipe(None, "h100"), draft={"qkv_rows": 8})
+
+    def q_rows(graph):
+        return {sg["rows"][1] - sg["rows"][0] for t in graph.tasks for st in (t.stages or [t])
+                if st.kind == "linear" and graph.ops[t.op].name.endswith("q_proj") for sg in st.params["segments"]}
+
+    s = compile_draft_step(dcfg, recipe, MAX_SEQ, 4)
+    assert q_rows(s.graph) == {8}
+    assert q_rows(compile_steps(cfg, recipe, [1], MAX_SEQ)[1].graph) == {recipe["q_heads_per_task"] * cfg.head_dim}
+    vm = DraftVM(s, all_weights(cfg, tw, dw), MAX_SEQ)
+    run_rounds(vm, reference_drafter(dcfg, tw, dw), tokens, flat, [7, 3, 4, 1])
+    assert recipe_for_draft(recipe_with(recipe, "qkv_rows", 16))["qkv_rows"] == 16
+    with pytest.raises(UserError, match="workers"):
+        compile_draft_step(dcfg, dict(recipe, draft={"workers": 3}), MAX_SEQ, 4)
+
+
 def test_a_draft_block_past_max_seq_len_is_refused(pair):
     cfg, dcfg, tw, dw, tokens, flat = pair
     vm = draft_vm(cfg, dcfg, tw, dw)

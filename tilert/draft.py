@@ -39,7 +39,7 @@ from tilert.deps import derive_dependencies
 from tilert.fusion import apply_fusions
 from tilert.ir import INPUT, OUTPUT, STATE, WEIGHT, TaskGraph, region
 from tilert.lower import (F32, _Builder, _linear, _lower_attn_output, _lower_kv_write, _lower_lm_head,
-                          _lower_projection, _lower_rmsnorm, _lower_rope, _tiles)
+                          _lower_projection, _lower_rmsnorm, _lower_rope, _tiles, recipe_for_draft)
 from tilert.schedule import Schedule
 from tilert.scheduler import build_schedule
 from tilert.validate import validate
@@ -186,10 +186,12 @@ def compile_draft_step(dcfg: DFlashConfig, recipe: dict, max_seq_len: int, conte
                        num_workers: int | None = None, gpu: str = "h100", weight_formats: dict[str, str] | None = None,
                        on_phase: Callable[[str], None] | None = None) -> Schedule:
     """The validated schedule of one draft step: lowered, fused, scheduled and validated exactly
-    like a target step (tilert.compiler.compile_step).  `weight_formats` (artifact name ->
+    like a target step (tilert.compiler.compile_step), with the recipe's `draft` tile sizes
+    (tilert.lower.recipe_for_draft).  `weight_formats` (artifact name ->
     storage format) sizes the borrowed embedding and lm_head for the cost model."""
     phase = on_phase or (lambda name: None)
     formats = weight_formats or {}
+    recipe = recipe_for_draft(recipe)
     phase("lowering")
     graph = lower_draft_step(dcfg, recipe, max_seq_len, context_rows,
                              embed_fmt=formats.get("model.embed_tokens.weight", "bf16"),

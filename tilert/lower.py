@@ -44,28 +44,45 @@ TILE_KEYS = ("embed_cols", "q_heads_per_task", "qkv_rows", "kv_heads_per_task", 
              "expert_rows", "router_rows", "vocab_rows", "global_splits", "swa_splits", "combine_heads")
 
 
-def recipe_for_step(recipe: dict, tokens: int) -> dict:
-    """The recipe a step of `tokens` tokens is lowered with: the top-level tile sizes, with the
-    recipe's `by_tokens` entry for that step size (string key: JSON objects) over them, where
-    a size measured best at one step size differs from the others' (schedules/README.md)."""
-    by = recipe.get("by_tokens", {})
-    where = f"recipe {recipe.get('source', '(in memory)')}"
-    if not isinstance(by, dict) or not all(isinstance(k, str) and k.isdigit() and isinstance(v, dict)
-                                           for k, v in by.items()):
-        raise UserError(f"{where}: by_tokens must map step sizes (\"8\") to objects of tile sizes, not {by!r}")
-    over = by.get(str(tokens), {})
+def _tile_overrides(recipe: dict, over, what: str) -> dict:
+    """`recipe` with the tile sizes `over` (a recipe's `by_tokens` or `draft` entry) over its
+    top-level ones; a UserError names any other key."""
+    where = f"recipe {recipe.get('source', '(in memory)')}: {what}"
+    if not isinstance(over, dict):
+        raise UserError(f"{where} must be an object of tile sizes, not {over!r}")
     bad = sorted(set(over) - set(TILE_KEYS))
     if bad:
-        raise UserError(f"{where}: by_tokens[\"{tokens}\"] sets {', '.join(bad)}; only tile sizes may differ by "
-                        f"step size ({', '.join(TILE_KEYS)})")
+        raise UserError(f"{where} sets {', '.join(bad)}; only tile sizes may differ there ({', '.join(TILE_KEYS)})")
     return {**recipe, **over}
 
 
+def recipe_for_step(recipe: dict, tokens: int) -> dict:
+    """The recipe a target step of `tokens` tokens is lowered with: the top-level tile sizes,
+    with the recipe's `by_tokens` entry for that step size (string key: JSON objects) over
+    them, where a size measured best at one step size differs from the others'
+    (schedules/README.md)."""
+    by = recipe.get("by_tokens", {})
+    if not isinstance(by, dict) or not all(isinstance(k, str) and k.isdigit() for k in by):
+        raise UserError(f"recipe {recipe.get('source', '(in memory)')}: by_tokens must map step sizes (\"8\") to "
+                        f"objects of tile sizes, not {by!r}")
+    return _tile_overrides(recipe, by.get(str(tokens), {}), f'by_tokens["{tokens}"]')
+
+
+def recipe_for_draft(recipe: dict) -> dict:
+    """The recipe a DFlash draft step is lowered with: the top-level tile sizes with the
+    recipe's `draft` entry over them (the drafter's own shapes: tilert/draft.py)."""
+    return _tile_overrides(recipe, recipe.get("draft", {}), "draft")
+
+
 def recipe_with(recipe: dict, key: str, value) -> dict:
-    """A copy of `recipe` with `key` = `value` at every step size (a tile size is dropped from
-    the by_tokens entries, which would otherwise win at theirs)."""
-    by = {t: {k: v for k, v in over.items() if k != key} for t, over in recipe.get("by_tokens", {}).items()}
-    return {**recipe, key: value, **({"by_tokens": by} if "by_tokens" in recipe else {})}
+    """A copy of `recipe` with `key` = `value` at every step size and in the draft step (a tile
+    size is dropped from the by_tokens and draft entries, which would otherwise win there)."""
+    out = {**recipe, key: value}
+    if "by_tokens" in recipe:
+        out["by_tokens"] = {t: {k: v for k, v in over.items() if k != key} for t, over in recipe["by_tokens"].items()}
+    if "draft" in recipe:
+        out["draft"] = {k: v for k, v in recipe["draft"].items() if k != key}
+    return out
 
 
 def ring_slots(cfg: MimoConfig, layer: int, max_seq_len: int, max_tokens: int) -> int:

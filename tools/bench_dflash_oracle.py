@@ -86,12 +86,14 @@ def per_layer_projection(rows: list[dict], layers: int = FULL_LAYERS) -> dict:
 
 # ---- building the pair ---------------------------------------------------------------------------
 
-def build_backend(cfg, dcfg, backend: str, max_seq_len: int, seed: int = 0, profile_draft: bool = False):
+def build_backend(cfg, dcfg, backend: str, max_seq_len: int, seed: int = 0, profile_draft: bool = False,
+                  draft_tiles: dict | None = None):
     """(SpeculativeBackend, {"target B=1" / "verify B=8" / "draft B=8": GeneratedKernel}, the same
     names -> Schedule) for the target `cfg` and drafter `dcfg`: the target's steps of 1 and B
     tokens (exposing the drafter's conditioning layers) and the draft step, compiled with the
     model's recipe (the VM and prebuild backends: None or no kernels).  `profile_draft`: prebuild
-    the draft step's profiling build too."""
+    the draft step's profiling build too.  `draft_tiles`: tile sizes over the recipe's for the
+    draft step only (its `draft` entry, tilert.lower.recipe_for_draft)."""
     from tilert.compiler import compile_steps
     from tilert.draft import compile_draft_step
     from tilert.lower import load_recipe
@@ -99,6 +101,8 @@ def build_backend(cfg, dcfg, backend: str, max_seq_len: int, seed: int = 0, prof
     B = dcfg.block_size
     preset_name = "mimo-v2-flash" if cfg.model_type == "mimo_v2_flash" else "mimo-tiny"
     recipe = load_recipe(preset_name, "h100")
+    if draft_tiles:
+        recipe["draft"] = {**recipe.get("draft", {}), **draft_tiles}
     if backend == "vm":
         from tests.helpers import random_draft_weights
         from tilert.artifact import DRAFT_PREFIX
@@ -288,7 +292,8 @@ def measure_depth(layers: int, args, bw: float) -> dict:
     dcfg = (dataclasses.replace(DFlashConfig.tiny_for(cfg), block_size=8).validate() if args.backend == "vm" else
             DFlashConfig.flash_for(cfg, num_heads=args.draft_heads, intermediate_size=args.draft_intermediate))
     max_seq = max(args.context, len(args.prompt_ids) + args.new_tokens) + 2 * dcfg.block_size
-    be, gens, schedules = build_backend(cfg, dcfg, args.backend, max_seq, profile_draft=args.profile_draft)
+    be, gens, schedules = build_backend(cfg, dcfg, args.backend, max_seq, profile_draft=args.profile_draft,
+                                        draft_tiles=args.draft_tiles)
     if args.backend == "prebuild":
         print(f"{cfg.num_hidden_layers} layers: the B = 1, verify and draft kernels built", flush=True)
         return {"layers": cfg.num_hidden_layers}
@@ -369,11 +374,19 @@ def main(argv=None) -> int:
                          "into $TILERT_BUILD (default build/cubins) on a machine without a GPU")
     ap.add_argument("--profile-draft", action="store_true",
                     help="also profile the draft step (its profiling build) and print its ops' times")
+    ap.add_argument("--draft-set", action="append", default=[], metavar="KEY=INT",
+                    help="a tile size for the draft step only (the recipe's draft entry), e.g. qkv_rows=64 (repeatable)")
     ap.add_argument("--out", default="oracle.json")
     ap.add_argument("--log", help="append the tables, with date, device, command and commit, to this file")
     ap.add_argument("--commit", default=os.environ.get("TILERT_COMMIT", "unknown"))
     args = ap.parse_args(argv)
     args.prompt_ids = [1 + (7 * i) % 97 for i in range(args.prompt_tokens)]
+    args.draft_tiles = {}
+    for kv in args.draft_set:
+        key, _, value = kv.partition("=")
+        if not value.isdigit():
+            raise SystemExit(f"--draft-set {kv}: expected KEY=INT")
+        args.draft_tiles[key] = int(value)
     gpu = args.backend == "megakernel"
     if gpu:
         from tools.bench import copy_bandwidth
