@@ -36,7 +36,7 @@ from tilert.codegen import (
 )
 from tilert.compiler import compile_steps
 from tilert.draft_context import DraftRunner
-from tilert.errors import HangError
+from tilert.errors import HangError, UserError
 from tilert.layout import runtime_weights
 from tilert.lower import load_recipe
 from tilert.vm import VM
@@ -897,3 +897,19 @@ def test_encoded_draft_step_reproduces_the_draft_vm_across_ring_wraps():
         assert got == want, (i, got, want)
         assert enc.context_len == vm.context_len
         at += n
+
+
+def test_kernels_run_together_must_share_each_weight_layout():
+    """A recipe whose by_tokens tile sizes leave a weight's tiles off the 16-row blocks at one
+    step size only would tile it in one kernel and not the other (the runtime uploads each
+    weight once): refused at compile time, naming the weight and both kernels."""
+    from tilert.codegen import check_weight_layouts
+
+    flash = dataclasses.replace(preset("mimo-v2-flash").with_layers(2), vocab_size=16384, n_routed_experts=32)
+    recipe = dict(load_recipe("mimo-v2-flash", "h100"), by_tokens={"8": {"expert_rows": 24}})
+    s = compile_steps(flash, recipe, [1, 8], max_seq_len=64)
+    gens = {"B=1": generate(s[1], flash), "B=8": generate(s[8], flash)}
+    with pytest.raises(UserError, match=r"experts\.gate_proj.*tiled in the B=1 kernel but row-major in the B=8"):
+        check_weight_layouts(gens)
+    s = compile_steps(flash, load_recipe("mimo-v2-flash", "h100"), [1, 8], max_seq_len=64)
+    check_weight_layouts({"B=1": generate(s[1], flash), "B=8": generate(s[8], flash)})  # 128 / 256 rows: both tiled

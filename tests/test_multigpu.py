@@ -216,3 +216,18 @@ def test_union_experts_on_gpus_read_only_their_own_experts():
     for r in range(4):
         assert reads[r] and len(reads[r]) == len(set(reads[r]))
         assert all(0 <= e < per_rank for _, e, _, _ in reads[r])  # local indices of owned experts
+
+
+def test_allreduce_tiles_follow_the_step_sizes_out_rows():
+    """A recipe's by_tokens out_rows for one step size tiles that step's all-reduce like its
+    residual updates (each all-reduce task waits only for the partial sums of its own rows)."""
+    cfg = preset("mimo-tiny")
+    recipe = dict(RECIPE, by_tokens={"8": {"out_rows": 8}})
+    part = plan_partition(cfg, 2, recipe)
+    steps = compile_rank_steps(part, recipe, [1, 8], max_seq_len=MAX_SEQ)
+
+    def widths(schedule):
+        return {c1 - c0 for t in schedule.graph.tasks if t.kind == "allreduce" for c0, c1 in [t.params["cols"]]}
+
+    assert widths(steps[0][8]) == {8}
+    assert widths(steps[0][1]) == {RECIPE.get("allreduce_rows", RECIPE["out_rows"])} != {8}

@@ -204,6 +204,8 @@ def test_recipe_tile_sizes_may_differ_by_step_size():
     weights = random_weights(cfg, seed=5)
     tiny = dict(load_recipe(None, "h100"), expert_union=True, by_tokens={"4": {"expert_rows": 3, "out_rows": 5}})
     schedules = compile_steps(cfg, tiny, [1, 4], max_seq_len=32)
+    assert max(expert_rows(schedules[4].graph, "expert_gate_up_union")) == 3
+    assert min(expert_rows(schedules[1].graph, "expert_gate_up")) > 3
     vm = VM(cfg, schedules, runtime_weights(cfg, weights), max_seq_len=32)
     ids = torch.randint(0, cfg.vocab_size, (10,), generator=torch.Generator().manual_seed(4)).tolist()
     got = [vm.step(ids[:4])[0], vm.step(ids[4:8])[0]] + [vm.step([t])[0] for t in ids[8:]]

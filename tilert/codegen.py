@@ -807,8 +807,9 @@ def _tiled_weights(stages_of, weights: list[WeightSlot], loader: bool, mma_forma
             # Its whole x never fits: the row-major CUDA-core loop (measured on an H200,
             # 2026-12-04, the dense FFN's 16384-column down projection: 78 us a layer row-major,
             # 120 us tiled).
+            why = " and its tiles cannot stage it a chunk at a time" if w.name in row_major else ""
             notes.append(f"weight {w.name} ({w.fmt}, {w.shape[-1]} columns): CUDA-core GEMV, its staged x "
-                         f"({_x_bytes(w.shape[-1], 1)} B) exceeds the {XS_LIMIT_BYTES} B limit")
+                         f"({_x_bytes(w.shape[-1], 1)} B) exceeds the {XS_LIMIT_BYTES} B limit{why}")
         elif slot_bytes is None or step_block_bytes(w.fmt) <= slot_bytes:
             tiled.add(w.index)
     unaligned = {i for _, i, r0, r1 in _gemv_tiles(stages_of) if i in tiled and (r0 % ROW_BLOCK or r1 % ROW_BLOCK)}
@@ -946,7 +947,10 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     for steps of 8 tokens).  `slot_bytes` overrides the ring
     slot size (tests use small slots to cut tiles into many pieces).  `mma_formats`: the weight
     formats whose GEMVs run on the tensor cores (the rest on the CUDA-core loop).  `attention_mma`:
-    attention on the tensor cores (default ATTENTION_MMA)."""
+    attention on the tensor cores (default ATTENTION_MMA).  `tile_wide`: also tile the weights
+    too wide for one token's staged x where this kernel stages them a chunk at a time (only for
+    a kernel that alone reads its weights, at one step size: their layout then depends on it);
+    a second pass keeps those it would not chunk row-major (`_row_major`, `_tiled_weights`)."""
     g = schedule.graph
     B = g.tokens
     if not 1 <= B <= 8:
@@ -1050,6 +1054,24 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
         counter_targets=[c.target for c in schedule.counters],
         task_names=[f"{g.ops[t.op].name} ({t.kind})" for t in g.tasks], worker_of=list(schedule.worker_of),
         locals_in_smem=space == "smem", notes=notes, mma_formats=mma_used)
+
+
+def check_weight_layouts(gens: dict) -> None:
+    """Kernels run together (the step sizes of one target, and the draft step, which borrows the
+    target's embedding and LM head) must want every weight they share in one layout (tiled or
+    row-major): the runtime uploads it once.  Raises a UserError naming the weight and the
+    kernels that differ (a recipe's by_tokens or draft tile sizes off the 16-row blocks in one
+    of them, schedules/README.md)."""
+    seen: dict[str, tuple[str, bool]] = {}
+    for name, gen in gens.items():
+        for w in gen.weights:
+            first = seen.setdefault(w.name, (name, w.tiled))
+            if first[1] != w.tiled:
+                tiled, plain = (first[0], name) if first[1] else (name, first[0])
+                raise UserError(f"weight {w.name} is tiled in the {tiled} kernel but row-major in the {plain} kernel: "
+                                f"kernels run together must share its layout (its row tiles start and end on "
+                                f"{ROW_BLOCK}-row blocks in every one, or in none; check the recipe's by_tokens / "
+                                f"draft tile sizes)")
 
 
 def _check_alignment(plan: _Plan, vector_views: list[dict]) -> None:

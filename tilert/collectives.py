@@ -33,7 +33,7 @@ import dataclasses
 
 from tilert.ir import ACTIVATION, PEER, WEIGHT, Buffer, Op, Region, Task, TaskGraph, region
 from tilert.kernels import Memory
-from tilert.lower import _tiles, lower_step, recipe_with
+from tilert.lower import _tiles, lower_step, recipe_for_step, recipe_with
 from tilert.partition import Partition
 
 COMM_KINDS = ("allreduce", "allgather")
@@ -112,6 +112,7 @@ def lower_rank(part: Partition, rank: int, recipe: dict, tokens: int, max_seq_le
                max_tokens: int | None = None) -> TaskGraph:
     """The unfused task graph of rank `rank`'s share of one step (see the module doc)."""
     s, n = part.ranks[rank], part.n
+    recipe = recipe_for_step(recipe, tokens)  # this step size's tiles, for the all-reduce's rows too
     graph = lower_step(part.local_config(rank), recipe_with(recipe, "vocab_rows", part.vocab_tile_rows),
                        tokens=tokens, max_seq_len=max_seq_len, max_tokens=max_tokens)
     out = _Emitter(graph.buffers, tokens)

@@ -39,9 +39,10 @@ def load_recipe(model_name: str | None, gpu: str) -> dict:
     raise UserError(f"no schedule recipe found in {SCHEDULES_DIR}")
 
 
-# The recipe keys a `by_tokens` entry may set for one step size: the lowering's tile sizes.
+# The recipe keys a `by_tokens` entry (one step size) or the `draft` entry may set: the tile sizes.
 TILE_KEYS = ("embed_cols", "q_heads_per_task", "qkv_rows", "kv_heads_per_task", "out_rows", "ffn_rows",
-             "expert_rows", "router_rows", "vocab_rows", "global_splits", "swa_splits", "combine_heads")
+             "expert_rows", "router_rows", "vocab_rows", "global_splits", "swa_splits", "combine_heads",
+             "allreduce_rows")
 
 
 def _tile_overrides(recipe: dict, over, what: str) -> dict:
@@ -78,9 +79,13 @@ def recipe_with(recipe: dict, key: str, value) -> dict:
     """A copy of `recipe` with `key` = `value` at every step size and in the draft step (a tile
     size is dropped from the by_tokens and draft entries, which would otherwise win there)."""
     out = {**recipe, key: value}
-    if "by_tokens" in recipe:
-        out["by_tokens"] = {t: {k: v for k, v in over.items() if k != key} for t, over in recipe["by_tokens"].items()}
-    if "draft" in recipe:
+    if key in ("by_tokens", "draft"):  # the entry itself, replaced whole
+        return out
+    by = recipe.get("by_tokens")
+    if isinstance(by, dict):
+        out["by_tokens"] = {t: {k: v for k, v in over.items() if k != key} if isinstance(over, dict) else over
+                            for t, over in by.items()}
+    if isinstance(recipe.get("draft"), dict):
         out["draft"] = {k: v for k, v in recipe["draft"].items() if k != key}
     return out
 

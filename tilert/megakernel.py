@@ -113,7 +113,7 @@ def build_kernels(schedules: dict, cfg, weight_formats: dict[str, str] | None, g
     schedule, DFlashConfig) also builds the draft step's kernel (kernels/draft*; the entry's
     `draft`, or `draft_skipped` with the reason it could not be generated)."""
     from tilert.build import build_cubin, nvcc_path
-    from tilert.codegen import generate
+    from tilert.codegen import check_weight_layouts, generate
 
     if nvcc_path() is None:
         return {}, None, "nvcc not found on PATH (install the CUDA toolkit to build the GPU megakernel)"
@@ -131,6 +131,7 @@ def build_kernels(schedules: dict, cfg, weight_formats: dict[str, str] | None, g
             gens["draft"] = generate_draft_kernel(draft[0], draft[1], cfg, weight_formats)
         except UserError as e:
             draft_skipped = f"no megakernel for the draft step: {e}"
+    check_weight_layouts(gens)
     cache = cubin_cache_dir()
     jobs = [(n, False) for n in gens] + ([(n, True) for n in gens if n != "draft"] if profile else [])
 

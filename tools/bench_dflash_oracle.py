@@ -135,7 +135,7 @@ def build_backend(cfg, dcfg, backend: str, max_seq_len: int, seed: int = 0, prof
 
     from tilert.artifact import DRAFT_PREFIX
     from tilert.build import build_cubin
-    from tilert.codegen import generate
+    from tilert.codegen import check_weight_layouts, generate
     from tilert.draft_gpu import DraftMegakernel, generate_draft_kernel
     from tilert.gpu import MegakernelRuntime
     from tilert.spec_backends import MegakernelBackend
@@ -143,6 +143,7 @@ def build_backend(cfg, dcfg, backend: str, max_seq_len: int, seed: int = 0, prof
     build_dir = Path(os.environ.get("TILERT_BUILD", "build/cubins"))
     gens = {b: generate(s, cfg, formats) for b, s in schedules.items()}
     dgen = generate_draft_kernel(draft, dcfg, cfg, formats)
+    check_weight_layouts({**{f"B={b}": g for b, g in gens.items()}, "draft": dgen})
     cubins = {b: build_cubin(g.source, build_dir)[0] for b, g in gens.items()}
     draft_cubin = build_cubin(dgen.source, build_dir)[0]
     if backend == "megakernel":
@@ -172,7 +173,8 @@ def check_draft_step(schedule, gen, cubin, weights: dict, max_seq_len: int, bloc
     gpu = DraftMegakernel(cubin, gen, dict(own), max_seq_len)
     vm = DraftVM(schedule, own, max_seq_len, device="cuda")
     B, width = gpu.block_size, gen.buffers["ctx_hidden"].shape[1]
-    g = torch.Generator(device="cuda").manual_seed(int(time.time()))
+    seed = int(time.time())
+    g = torch.Generator(device="cuda").manual_seed(seed)
     worst, same = 0.0, 0
     for i in range(blocks):
         hidden = torch.randn(B, width, device="cuda", generator=g)
@@ -182,8 +184,8 @@ def check_draft_step(schedule, gen, cubin, weights: dict, max_seq_len: int, bloc
             raise RuntimeError(f"draft megakernel: non-finite logits in block {i}")
         worst = max(worst, float((a - b).norm() / b.norm()))
         same += sum(x == y for x, y in zip(got, want))
-    print(f"  draft megakernel vs DraftVM on the GPU: {blocks} blocks, worst logits rel err {worst:.2e}, "
-          f"{same} of {blocks * (B - 1)} drafts equal", flush=True)
+    print(f"  draft megakernel vs DraftVM on the GPU: {blocks} blocks (hidden states of seed {seed}), worst logits "
+          f"rel err {worst:.2e}, {same} of {blocks * (B - 1)} drafts equal", flush=True)
     if worst > 1e-3:
         raise RuntimeError(f"the draft megakernel differs from the DraftVM: logits rel err {worst:.2e}")
     del gpu, vm
