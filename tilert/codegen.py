@@ -784,6 +784,11 @@ def _x_bytes(cols: int, tokens: int) -> int:
     return tokens * 2 * (2 * cols + 64)
 
 
+def _too_wide(w: WeightSlot) -> bool:
+    """Whether even one token's staged x of `w` exceeds XS_LIMIT_BYTES (a drafter's fc)."""
+    return _x_bytes(w.shape[-1], 1) > XS_LIMIT_BYTES
+
+
 def _tiled_weights(stages_of, weights: list[WeightSlot], loader: bool, mma_formats, slot_bytes: int | None,
                    tile_wide: bool = False, row_major: frozenset[str] = frozenset()) -> tuple[set[int], list[str]]:
     """The weights uploaded tiled (tilert/tiling.py), which the tensor-core GEMV reads wherever
@@ -803,7 +808,7 @@ def _tiled_weights(stages_of, weights: list[WeightSlot], loader: bool, mma_forma
     for w in weights:
         if not (w.index in streamed and w.fmt in mma_formats and tileable(w.fmt, w.shape[-2], w.shape[-1])):
             continue
-        if _x_bytes(w.shape[-1], 1) > XS_LIMIT_BYTES and (not tile_wide or w.name in row_major):
+        if _too_wide(w) and (not tile_wide or w.name in row_major):
             # Its whole x never fits: the row-major CUDA-core loop (measured on an H200,
             # 2026-12-04, the dense FFN's 16384-column down projection: 78 us a layer row-major,
             # 120 us tiled).
@@ -1028,7 +1033,7 @@ def generate(schedule: Schedule, cfg: MimoConfig, weight_formats: dict[str, str]
     chunked = {i for _, i, path in tile_paths if path == 12}
     partly = chunked & {i for _, i, path in tile_paths if path != 12}  # tiles too tall for the partials area
     too_wide = {weights[i].name for _, i, path in tile_paths
-                if path != 12 and weights[i].tiled and _x_bytes(weights[i].shape[-1], 1) > XS_LIMIT_BYTES}
+                if path != 12 and weights[i].tiled and _too_wide(weights[i])}
     if too_wide:  # again with those row-major (`_tiled_weights`)
         return generate(schedule, cfg, weight_formats, loader, compute_warps, ring_slots, smem_limit, locals_space,
                         slot_bytes, mma_formats, attention_mma, tile_wide, _row_major | too_wide)

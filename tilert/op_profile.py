@@ -23,6 +23,11 @@ def op_kind(name: str) -> str:
     return prefix + (rest.split(".", 1)[1] if rest.startswith("layer") else rest)
 
 
+def step_span_ns(rows: list[dict]) -> int:
+    """The profiled step's wall time: its first task start to its last task end (ns)."""
+    return max(r["end"] for r in rows) - min(r["start"] for r in rows)
+
+
 def op_summary(schedule: Schedule, rows: list[dict], gpu: str = "h100") -> dict[str, dict]:
     """kind -> tasks, busy_ns (sum of task times), wait_ns (sum of waits on counters), bytes and
     model_ns (the cost model's estimate) of its tasks, first_start / last_end (ns), layers (how

@@ -269,7 +269,7 @@ def profile_draft(be, schedule, gen) -> dict:
     (tilert/op_profile.py), printed as a table."""
     from tilert.build import build_cubin
     from tilert.draft_gpu import DraftMegakernel
-    from tilert.op_profile import op_summary, op_table
+    from tilert.op_profile import op_summary, op_table, step_span_ns
 
     B, rt = be.block_size, be.drafter.rt
     cubin = build_cubin(gen.source, Path(os.environ.get("TILERT_BUILD", "build/cubins")), profile=True)[0]
@@ -279,7 +279,7 @@ def profile_draft(be, schedule, gen) -> dict:
     for _ in range(4):
         prof.draft(5, torch.randn(B, width, device=rt.device, generator=g))
     rows = prof.rt.profile(B)
-    step_ns = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+    step_ns = step_span_ns(rows)
     by_kind = op_summary(schedule, rows)
     print(f"  draft step profile (profiling build): {step_ns / 1e3:.1f} us over {len(rows)} tasks\n"
           + op_table(by_kind, step_ns, schedule.num_workers), flush=True)

@@ -23,6 +23,7 @@ from model.config import preset  # noqa: E402
 from tilert.calibration import calibration_path, fit  # noqa: E402
 from tilert.compiler import compile_steps  # noqa: E402
 from tilert.cost import GPUS, estimate  # noqa: E402
+from tilert.op_profile import step_span_ns  # noqa: E402
 from tilert.lower import load_recipe  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
                          f"not the same geometry")
     gpu = GPUS[args.gpu]
     roles = fit(schedule, rows, gpu)
-    measured_ns = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+    measured_ns = step_span_ns(rows)
     plain = estimate(schedule, gpu)["step_time_s"]
     calibrated = estimate(schedule, dataclasses.replace(gpu, calibration=tuple(sorted(roles.items()))))["step_time_s"]
     for role, f in sorted(roles.items(), key=lambda kv: -kv[1]):

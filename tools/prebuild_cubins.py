@@ -32,7 +32,7 @@ from model.config import preset  # noqa: E402
 from tilert.build import build_cubin  # noqa: E402
 from tilert.codegen import generate  # noqa: E402
 from tilert.compiler import compile_steps  # noqa: E402
-from tilert.lower import load_recipe  # noqa: E402
+from tilert.lower import load_recipe, recipe_with  # noqa: E402
 
 
 def flash(layers: int):
@@ -91,7 +91,7 @@ def ab_jobs(sets: list[str], defines: list[str]) -> list[tuple[str, str, bool, t
     out = []
     for kv in sets:
         key, _, value = kv.partition("=")
-        recipe = dict(load_recipe("mimo-v2-flash", "h100"), **{key: json.loads(value)})
+        recipe = recipe_with(load_recipe("mimo-v2-flash", "h100"), key, json.loads(value))
         src = generate(compile_steps(cfg, recipe, [1], max_seq_len=8200)[1], cfg).source
         out += [(f"ab --set {kv}", src, False, ()), (f"ab --set {kv} profiling", src, True, ())]
     base = generate(compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=8200)[1], cfg).source

@@ -31,7 +31,7 @@ from tilert.device_weights import device_weights  # noqa: E402
 from tilert.diff import check_step_against_vm  # noqa: E402
 from tilert.gpu import MegakernelRuntime  # noqa: E402
 from tilert.lower import load_recipe, recipe_with  # noqa: E402
-from tilert.op_profile import op_summary, op_table  # noqa: E402
+from tilert.op_profile import op_summary, op_table, step_span_ns  # noqa: E402
 from tilert.timing import median_seconds  # noqa: E402
 
 
@@ -176,7 +176,7 @@ def main(argv=None) -> int:
         rt.step([5 + 3 * b for b in range(B)])
         rt.truncate(args.context)
     rows = rt.profile(B)
-    step_ns = max(r["end"] for r in rows) - min(r["start"] for r in rows)
+    step_ns = step_span_ns(rows)
     by_kind = op_summary(schedule, rows)
     print(f"{gen.describe()}\nptxas: {report.get('registers')} regs; step {step_ns / 1e3:.1f} us "
           f"over {len(rows)} tasks" + (f"; plain kernel {plain_s * 1e6:.1f} us per step" if plain_s else ""))
