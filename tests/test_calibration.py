@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from model.config import preset
 from tilert import calibration
 from tilert.compiler import compile_steps
-from tilert.cost import GPUS, estimate, op_role, task_time, task_times
+from tilert.cost import GPUS, estimate, op_role, simulate, task_time, task_times
 from tilert.errors import UserError
 from tilert.lower import load_recipe
 
@@ -86,3 +86,88 @@ def test_inspect_shows_the_corrected_estimate_beside_the_plain_one(tmp_path, cap
     assert main(["inspect", str(out), "--json"]) == 0
     sm = json.loads(capsys.readouterr().out)
     assert sm["calibrated"]["step_time_s"] > sm["estimate"]["step_time_s"] > 0
+
+
+# ---- the per-SM bandwidth cap (calibration.fit_sm_bw_cap, tools/fit_bandwidth_cap.py) ----
+
+@pytest.fixture(scope="module")
+def tiny_variants():
+    """mimo-tiny steps of 1 and 2 tokens under three tile sizes: few tasks against 132 SMs, so
+    how fast one SM may stream decides their simulated times."""
+    from tilert.lower import recipe_with
+
+    cfg, base = preset("mimo-tiny"), load_recipe("mimo-tiny", "h100")
+    out = []
+    for B in (1, 2):
+        for rows in (16, 32, 64):
+            recipe = recipe_with(recipe_with(base, "out_rows", rows), "workers", 132)
+            out.append((B, compile_steps(cfg, recipe, [B], max_seq_len=64)[B]))
+    return out
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.sampled_from(calibration.CAP_GRID), st.booleans())
+def test_the_cap_fit_recovers_a_planted_cap(tiny_variants, planted, grouped):
+    gpu = GPUS["h100"]
+    truth = dataclasses.replace(gpu, sm_bw_cap=planted)
+    steps = [calibration.StepTime(s, simulate(s, truth).step_time * 1e6, group=f"B{B}" if grouped else None)
+             for B, s in tiny_variants]
+    cap, table = calibration.fit_sm_bw_cap(steps, gpu)
+    best = next(r for r in table if r["sm_bw_cap"] == cap)
+    assert best["rms"] < 1e-9  # the planted cap's simulation reproduces the "measurements"
+    if cap != planted:  # a cap no step tells apart from the planted one (none streams that fast)
+        again = dataclasses.replace(gpu, sm_bw_cap=cap)
+        assert all(simulate(s.schedule, again).step_time * 1e6 == pytest.approx(s.us) for s in steps)
+    assert len(table) == len(calibration.CAP_GRID) and min(r["rms"] for r in table) == best["rms"]
+
+
+def test_the_cap_fit_needs_something_to_fit(tiny_variants):
+    lone = [calibration.StepTime(s, 10.0, group=f"g{i}") for i, (_, s) in enumerate(tiny_variants)]
+    with pytest.raises(ValueError, match="no step to fit"):
+        calibration.fit_sm_bw_cap(lone, GPUS["h100"])
+
+
+def test_a_cap_at_or_above_one_leaves_the_schedulers_placement(tiny_variants):
+    # The scheduler prices tasks with every SM streaming; a cap >= 1 never binds there.
+    from tilert.scheduler import assign_workers
+
+    g = tiny_variants[0][1].graph
+    placements = {cap: assign_workers(g, 132, "list", dataclasses.replace(GPUS["h100"], sm_bw_cap=cap))
+                  for cap in (1.0, 1.4, 3.0)}
+    assert placements[1.0] == placements[1.4] == placements[3.0]
+
+
+def test_the_carried_h100_cap_is_applied_and_bad_caps_are_refused(tmp_path, monkeypatch):
+    spec, doc = calibration.calibrated("h100")
+    assert spec.sm_bw_cap == doc["sm_bw_cap"] >= 1.0 and doc["sm_bw_cap_fit"]["steps"] > 0
+    monkeypatch.setattr(calibration, "SCHEDULES_DIR", tmp_path)
+    for bad in (0.5, "fast", float("nan")):
+        (tmp_path / "calibration.h100.json").write_text(json.dumps({"roles": {"q_proj": 1.0}, "sm_bw_cap": bad}))
+        with pytest.raises(UserError, match="sm_bw_cap must be a number >= 1"):
+            calibration.load("h100")
+
+
+def test_fit_bandwidth_cap_tool_writes_the_cap_beside_the_factors(tmp_path, monkeypatch, capsys):
+    from tools import fit_bandwidth_cap
+
+    monkeypatch.setattr(calibration, "SCHEDULES_DIR", tmp_path)
+    cal = {"gpu": "h100", "roles": {"attention": 2.0}, "measured": {"commit": "abc"}}
+    (tmp_path / "calibration.h100.json").write_text(json.dumps(cal))
+    sweep = {"gpu": "h100", "model": "mimo-tiny", "layers": 2, "context": 48, "expert_format": "bf16",
+             "sets": [{"source": "test", "tokens": 1, "variants": [{"set": {}, "us": 40.0},
+                                                                    {"set": {"out_rows": 64}, "us": 44.0}]}],
+             "profiled": [{"source": "test", "step": "target", "tokens": 1, "set": {}, "us": 40.0}]}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(sweep))
+    assert fit_bandwidth_cap.main([str(path), "--dry-run"]) == 0
+    assert "sm_bw_cap" not in json.loads((tmp_path / "calibration.h100.json").read_text())
+    assert fit_bandwidth_cap.main([str(path)]) == 0
+    doc = json.loads((tmp_path / "calibration.h100.json").read_text())
+    assert doc["roles"] == cal["roles"] and doc["measured"] == cal["measured"]  # the factors stay
+    assert doc["sm_bw_cap"] in calibration.CAP_GRID and doc["sm_bw_cap_fit"]["steps"] == 3
+    # a sweep it cannot read: one clear error naming the file, the calibration untouched
+    path.write_text(json.dumps({**sweep, "sets": [{"tokens": 1, "variants": [{"set": {}, "us": 1.0}]}]}))
+    before = (tmp_path / "calibration.h100.json").read_text()
+    assert fit_bandwidth_cap.main([str(path)]) == 2
+    assert "sweep.json: not a readable sweep" in capsys.readouterr().err
+    assert (tmp_path / "calibration.h100.json").read_text() == before

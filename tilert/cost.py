@@ -32,7 +32,9 @@ class GpuSpec:
     hbm_bytes_per_s: float  # achievable, counting reads + writes
     flops_per_s: float  # dense bf16 tensor-core rate of the whole chip
     task_overhead_s: float  # fetching a task, its waits and signals, pipeline fill
-    sm_bw_cap: float = 3.0  # one SM streams at most this many times hbm / num_sms
+    # One SM streams at most this many times hbm / num_sms.  3 is a guess; a calibration
+    # (tilert/calibration.py) carries the measured value (the H100's: 1.0, fitted to measured sweeps).
+    sm_bw_cap: float = 3.0
     signal_latency_s: float = 0.5e-6  # a counter increment becoming visible to a waiting SM
     # Measured corrections (tilert/calibration.py): (op role, measured / modelled task time).
     # A task of a listed role costs that many times the model: its bytes, flops and overhead.
@@ -61,9 +63,18 @@ GPUS = {
 }
 
 
+def op_kind(name: str) -> str:
+    """An op's name without its layer: "layer3.q_proj" -> "q_proj", a draft step's
+    "draft.layer3.q_proj" -> "draft.q_proj" (the drafter's ops are measured apart)."""
+    prefix = "draft." if name.startswith("draft.") else ""
+    rest = name[len(prefix):]
+    return prefix + (rest.split(".", 1)[1] if rest.startswith("layer") else rest)
+
+
 def op_role(graph: TaskGraph, task: Task) -> str:
-    """What a task's op does, the same in every layer: "q_proj", "attention", "lm_head", ..."""
-    return graph.ops[task.op].name.split(".", 1)[-1]
+    """What a task's op does, the same in every layer: "q_proj", "attention", "lm_head",
+    "draft.q_proj", ... (its op's op_kind)."""
+    return op_kind(graph.ops[task.op].name)
 
 
 def task_time(task: Task, gpu: GpuSpec, streaming: int | None = None) -> float:

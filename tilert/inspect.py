@@ -192,7 +192,8 @@ def calibrated_estimate(s: Schedule, gpu_name: str, step: int) -> dict[str, Any]
     est = estimate(s, gpu)
     return {"step_time_s": est["step_time_s"], "ratio": est["ratio"],
             "tokens_per_s": step / est["step_time_s"] if est["step_time_s"] > 0 else 0.0,
-            "measured": doc.get("measured") or {}}
+            "measured": doc.get("measured") or {}, "sm_bw_cap": gpu.sm_bw_cap,
+            "sm_bw_cap_fit": doc.get("sm_bw_cap_fit")}
 
 
 def drafter_summary(art) -> dict[str, Any] | None:
@@ -300,8 +301,11 @@ def format_report(sm: dict[str, Any], top_ops: int = 30) -> str:
         m = c["measured"]
         out.append(f"with measured per-op corrections: {fmt_time(c['step_time_s'])} ({c['ratio']:.2f}x the floor, "
                    f"{c['tokens_per_s']:.1f} tokens/s); the megakernel's tasks as profiled on {m.get('device')}, "
-                   f"{m.get('date')}, commit {m.get('commit')} ({m.get('geometry')}); the plain estimate "
-                   f"above is what the scheduler balances")
+                   f"{m.get('date')}, commit {m.get('commit')} ({m.get('geometry')})"
+                   + (f"; one SM streams at most {c['sm_bw_cap']:g}x its share of the bandwidth (fitted to "
+                      f"{c['sm_bw_cap_fit']['steps']} measured steps, {c['sm_bw_cap_fit']['sweep']})"
+                      if c.get("sm_bw_cap_fit") else "")
+                   + "; the plain estimate above is what the scheduler balances")
     out.append("")
 
     ops = sm["ops"]

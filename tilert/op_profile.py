@@ -11,16 +11,8 @@ from __future__ import annotations
 
 import collections
 
-from tilert.cost import GPUS, task_time
+from tilert.cost import GPUS, op_kind, task_time
 from tilert.schedule import Schedule
-
-
-def op_kind(name: str) -> str:
-    """The op's name without its layer: "layer3.q_proj" -> "q_proj", a draft step's
-    "draft.layer3.q_proj" -> "draft.q_proj"."""
-    prefix = "draft." if name.startswith("draft.") else ""
-    rest = name[len(prefix):]
-    return prefix + (rest.split(".", 1)[1] if rest.startswith("layer") else rest)
 
 
 def step_span_ns(rows: list[dict]) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.config import preset  # noqa: E402
-from tilert.calibration import calibration_path, fit  # noqa: E402
+from tilert.calibration import calibration_path, fit, load  # noqa: E402
 from tilert.compiler import compile_steps  # noqa: E402
 from tilert.cost import GPUS, estimate  # noqa: E402
 from tilert.op_profile import step_span_ns  # noqa: E402
@@ -65,6 +65,11 @@ def main(argv=None) -> int:
                         "calibrated_model_us": round(calibrated * 1e6, 1)}}
     if not args.dry_run:
         path = calibration_path(args.gpu)
+        before = load(args.gpu) or {}
+        if "sm_bw_cap" in before:  # fitted with the old factors: kept, to be refitted
+            out.update({k: before[k] for k in ("sm_bw_cap", "sm_bw_cap_fit") if k in before})
+            print(f"kept sm_bw_cap {before['sm_bw_cap']}: refit it to the new factors with "
+                  f"tools/fit_bandwidth_cap.py schedules/sweeps.{args.gpu}.json")
         path.write_text(json.dumps(out, indent=1) + "\n")
         print(f"wrote {path}")
     return 0
