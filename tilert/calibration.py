@@ -12,7 +12,8 @@ A calibration may also hold the per-SM bandwidth cap (`sm_bw_cap`: one SM stream
 many times its fair share, hbm / SMs), fitted to measured step times of recipe variants
 (`fit_sm_bw_cap`, tools/fit_bandwidth_cap.py): it decides what the simulator predicts when
 fewer tasks than SMs stream (coarser or finer tiles, a draft step's 64 whole-head tasks).  Kept
-at or above 1: the scheduler's estimate (every SM streaming) then stays the same.
+at or above 1: the scheduler's estimate (every worker streaming) then stays the same where there
+is a worker per SM; with fewer workers the cap limits what it expects of each too.
 
 File: schedules/calibration.<gpu>.json, written by tools/calibrate_cost.py (roles) and
 tools/fit_bandwidth_cap.py (sm_bw_cap).
