@@ -9,6 +9,7 @@ from tests.helpers import random_weights
 from tilert import codegen
 from tilert.layout import runtime_weights
 from tilert.vm import VM
+from tilert.calibration import model_steps
 from tools.ab_plain import parse_variants, table
 from tools.profile_step import check_plain, step_config, variant_kernel
 
@@ -50,8 +51,18 @@ def test_table_gives_each_variant_against_the_first_and_the_floor():
     out = table({"base": [2e-3, 2.1e-3, 1.9e-3], "new": [1.8e-3, 1.9e-3, 1.7e-3]}, 1e-3,
                 {"base": {"rel_err": 1e-6, "token_match": True}})
     lines = out.splitlines()
-    assert lines[2].startswith("| base | 2000.0 | 1900.0 - 2100.0 | 1.000 | 0.500 |")
-    assert lines[3].startswith("| new | 1800.0 | 1700.0 - 1900.0 | 0.900 | 0.556 | - |")
+    assert lines[2].startswith("| base | 2000.0 | 1900.0 - 2100.0 | 1.000 | - | 0.500 |")
+    assert lines[3].startswith("| new | 1800.0 | 1700.0 - 1900.0 | 0.900 | - | 0.556 | - |")
+    with_model = table({"base": [2e-3], "new": [1.8e-3]}, 1e-3, {}, {"base": 1.5e-3, "new": 1.65e-3})
+    assert with_model.splitlines()[3].startswith("| new | 1800.0 | 1800.0 - 1800.0 | 0.900 | 1.100 | 0.556 |")
+
+
+def test_the_model_column_sees_tile_sizes_and_not_device_switches():
+    variants = parse_variants(COMMON, ["base=", "def=--define TILERT_FP4_TEST=1", "tiles=--set expert_rows=64"])
+    cfg = step_config(variants[0][1])
+    model = model_steps({name: variant_kernel(opts, cfg, None)[0] for name, opts in variants})
+    assert model["def"] == model["base"]  # same schedule: the model cannot see a #define
+    assert model["tiles"] != model["base"] and all(v > 0 for v in model.values())
 
 
 class _VMAsRuntime(VM):

@@ -128,3 +128,12 @@ def fit_sm_bw_cap(steps: list[StepTime], gpu: GpuSpec, caps=CAP_GRID) -> tuple[f
                       "absolute_rms": rms(absolute), "absolute": absolute})
     best = min(table, key=lambda r: r["rms"])
     return best["sm_bw_cap"], table
+
+
+def model_steps(schedules: dict[str, Schedule], gpu: str = "h100") -> dict[str, float]:
+    """Each named schedule's step simulated by the cost model with its measured corrections (the
+    plain model where none are carried for `gpu`), in seconds: what a device run prints beside
+    its measurements, so that every run also checks the model."""
+    found = calibrated(gpu)
+    spec = found[0] if found else GPUS[gpu]
+    return {name: simulate(s, spec).step_time for name, s in schedules.items()}

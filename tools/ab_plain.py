@@ -14,7 +14,10 @@ weights, each checked against the VM (one step of all its tokens), and then `--r
 a shuffled order, each runs `--launches` steps back to back between two events: drift hits every
 variant alike.
 Prints per variant the median step and its ratio to the first variant's, with the spread of the
-rounds, and the floor of the same run (bytes the step must move / copy bandwidth).
+rounds, the floor of the same run (bytes the step must move / copy bandwidth), and the ratio the
+calibrated cost model predicts for its schedule (tilert/calibration.py; 1.000 for a change the
+model cannot see, such as --define or --codegen): every sweep also checks the model, and a
+measured sweep belongs in schedules/sweeps.<gpu>.json.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tilert.calibration import model_steps  # noqa: E402
 from tools.profile_step import parser as step_parser  # noqa: E402
 from tools.profile_step import check_plain, plain_runtime, step_config, variant_kernel  # noqa: E402
 
@@ -54,14 +58,16 @@ def parse_variants(common: str, specs: list[str]) -> list[tuple[str, argparse.Na
     return out
 
 
-def table(times: dict[str, list[float]], floor_s: float, checks: dict) -> str:
+def table(times: dict[str, list[float]], floor_s: float, checks: dict, model: dict[str, float] | None = None) -> str:
     base = statistics.median(next(iter(times.values())))
-    lines = ["| variant | step us (median) | rounds min - max | / first | floor / step | vs the VM |",
-             "|---|---|---|---|---|---|"]
+    model_base = next(iter(model.values())) if model else None
+    lines = ["| variant | step us (median) | rounds min - max | / first | model / first | floor / step | vs the VM |",
+             "|---|---|---|---|---|---|---|"]
     for name, ts in times.items():
         med = statistics.median(ts)
+        predicted = f"{model[name] / model_base:.3f}" if model else "-"
         lines.append(f"| {name} | {med * 1e6:.1f} | {min(ts) * 1e6:.1f} - {max(ts) * 1e6:.1f} | {med / base:.3f} | "
-                     f"{floor_s / med:.3f} | {checks.get(name, '-')} |")
+                     f"{predicted} | {floor_s / med:.3f} | {checks.get(name, '-')} |")
     return "\n".join(lines)
 
 
@@ -84,9 +90,10 @@ def main(argv=None) -> int:
     first = variants[0][1]
     cfg, B, context = step_config(first), first.tokens, first.context
     weights = device_weights(cfg, seed=0, expert_format=first.expert_format)
-    runtimes, checks, shared, first_gen = {}, {}, None, None
+    runtimes, checks, schedules, shared, first_gen = {}, {}, {}, None, None
     for name, opts in variants:
         schedule, gen, source = variant_kernel(opts, cfg, weights)
+        schedules[name] = schedule
         rt = plain_runtime(opts, gen, source, weights, share_weights_with=shared)
         shared = shared or rt
         check = check_plain(opts, cfg, schedule, weights, rt)
@@ -99,9 +106,10 @@ def main(argv=None) -> int:
     floor_s = kernel_floor_bytes(first_gen, B, context, cfg.num_experts_per_tok) / bw
     times = interleaved_rounds({name: (lambda rt=rt: rt.launch(B)) for name, rt in runtimes.items()},
                                args.rounds, args.launches)
+    model = model_steps(schedules)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; floor {floor_s * 1e6:.1f} us; {args.rounds} rounds of "
-          f"{args.launches} launches\n" + table(times, floor_s, checks))
-    Path(args.out).write_text(json.dumps({"floor_s": floor_s, "copy_bandwidth": bw, "times": times,
+          f"{args.launches} launches\n" + table(times, floor_s, checks, model))
+    Path(args.out).write_text(json.dumps({"floor_s": floor_s, "copy_bandwidth": bw, "times": times, "model_s": model,
                                           "checks": checks, "variants": args.variant, "common": args.common},
                                          default=str))
     return 0

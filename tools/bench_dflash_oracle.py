@@ -237,10 +237,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def step_times(be, gens: dict, context: int, reps: int, bw: float, top_k: int) -> dict:
+def step_times(be, gens: dict, context: int, reps: int, bw: float, top_k: int, schedules: dict | None = None) -> dict:
     """Median launch time of the B = 1 and verify steps at `context` cached positions, each
-    against its floor; the draft step repeats the rounds' last one (its keys are bounded by its
-    window, which those rounds had not filled: the floor counts the window's)."""
+    against its floor and, given the steps' `schedules` (compiled for this context), the
+    calibrated cost model's step; the draft step repeats the rounds' last one (its keys are
+    bounded by its window, which those rounds had not filled: the floor counts the window's)."""
+    from tilert.calibration import model_steps
     from tilert.timing import median_seconds
     from tools.bench_speculative import kernel_floor_bytes
 
@@ -248,6 +250,7 @@ def step_times(be, gens: dict, context: int, reps: int, bw: float, top_k: int) -
     be.reset()
     be.target.fill_cache(context, seed=1)
     out = {}
+    model = model_steps(schedules) if schedules else {}
     for name, launch, tokens, lookups in (("target B=1", lambda: be.target.launch(1), 1, None),
                                           (f"verify B={B}", lambda: be.target.launch(B), B, None),
                                           (f"draft B={B}", lambda: be.drafter.rt.launch(B), B, 1)):
@@ -259,7 +262,11 @@ def step_times(be, gens: dict, context: int, reps: int, bw: float, top_k: int) -
         t = median_seconds(launch, reps)
         floor = kernel_floor_bytes(gens[name], tokens, context, top_k, lookups) / bw
         out[name] = {"seconds": t, "floor_s": floor, "ratio": t / floor}
-        print(f"  {name}: {t * 1e6:.1f} us, floor {floor * 1e6:.1f} us ({t / floor:.2f}x)", flush=True)
+        vs_model = ""
+        if name in model:
+            out[name]["model_s"] = model[name]
+            vs_model = f"; the cost model {model[name] * 1e6:.1f} us (measured / model {t / model[name]:.2f})"
+        print(f"  {name}: {t * 1e6:.1f} us, floor {floor * 1e6:.1f} us ({t / floor:.2f}x){vs_model}", flush=True)
     return out
 
 
@@ -312,7 +319,7 @@ def measure_depth(layers: int, args, bw: float) -> dict:
               f"acceptance {res.acceptance_length:.2f}", flush=True)
     if args.backend == "vm":
         return row
-    steps = step_times(be, gens, args.context, args.reps, bw, cfg.num_experts_per_tok)
+    steps = step_times(be, gens, args.context, args.reps, bw, cfg.num_experts_per_tok, schedules)
     row["steps"], row["context"] = steps, args.context
     # Host time a token (plain) and a round (oracle) beyond the kernels, at the rounds' context.
     short = step_times(be, gens, len(prompt) + args.new_tokens // 2, args.reps, bw, cfg.num_experts_per_tok)
