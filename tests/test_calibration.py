@@ -114,10 +114,8 @@ def test_the_cap_fit_recovers_a_planted_cap(tiny_variants, planted, grouped):
              for B, s in tiny_variants]
     cap, table = calibration.fit_sm_bw_cap(steps, gpu)
     best = next(r for r in table if r["sm_bw_cap"] == cap)
-    assert best["rms"] < 1e-9  # the planted cap's simulation reproduces the "measurements"
-    if cap != planted:  # a cap no step tells apart from the planted one (none streams that fast)
-        again = dataclasses.replace(gpu, sm_bw_cap=cap)
-        assert all(simulate(s.schedule, again).step_time * 1e6 == pytest.approx(s.us) for s in steps)
+    assert cap == planted and best["rms"] < 1e-9  # (on mimo-tiny every cap of the grid streams apart)
+    assert best["terms"] == (len(steps) - 2 if grouped else len(steps))
     assert len(table) == len(calibration.CAP_GRID) and min(r["rms"] for r in table) == best["rms"]
 
 
@@ -128,7 +126,8 @@ def test_the_cap_fit_needs_something_to_fit(tiny_variants):
 
 
 def test_a_cap_at_or_above_one_leaves_the_schedulers_placement(tiny_variants):
-    # The scheduler prices tasks with every SM streaming; a cap >= 1 never binds there.
+    # The scheduler prices tasks with every worker streaming; with a worker on every SM a cap >= 1
+    # never binds there.
     from tilert.scheduler import assign_workers
 
     g = tiny_variants[0][1].graph
@@ -137,14 +136,26 @@ def test_a_cap_at_or_above_one_leaves_the_schedulers_placement(tiny_variants):
     assert placements[1.0] == placements[1.4] == placements[3.0]
 
 
+def test_with_fewer_workers_than_sms_the_cap_limits_each_workers_share():
+    # 66 workers of 132 SMs: each would get hbm / 66 but streams at most cap x hbm / 132.
+    g = dataclasses.replace(GPUS["h100"], sm_bw_cap=1.0)
+    fair = g.hbm_bytes_per_s / g.num_sms
+    assert g.sm_bandwidth(66) == pytest.approx(fair)
+    assert dataclasses.replace(g, sm_bw_cap=3.0).sm_bandwidth(66) == pytest.approx(2 * fair)
+    assert g.sm_bandwidth(132) == dataclasses.replace(g, sm_bw_cap=3.0).sm_bandwidth(132) == pytest.approx(fair)
+
+
 def test_the_carried_h100_cap_is_applied_and_bad_caps_are_refused(tmp_path, monkeypatch):
     spec, doc = calibration.calibrated("h100")
     assert spec.sm_bw_cap == doc["sm_bw_cap"] >= 1.0 and doc["sm_bw_cap_fit"]["steps"] > 0
     monkeypatch.setattr(calibration, "SCHEDULES_DIR", tmp_path)
-    for bad in (0.5, "fast", float("nan")):
+    for bad in (0.5, "fast", float("nan"), float("inf"), True):
         (tmp_path / "calibration.h100.json").write_text(json.dumps({"roles": {"q_proj": 1.0}, "sm_bw_cap": bad}))
-        with pytest.raises(UserError, match="sm_bw_cap must be a number >= 1"):
+        with pytest.raises(UserError, match=r"calibration.h100.json: sm_bw_cap must be a number >= 1"):
             calibration.load("h100")
+    (tmp_path / "calibration.h100.json").write_text(json.dumps({"roles": {}, "sm_bw_cap": 1.2, "sm_bw_cap_fit": {}}))
+    with pytest.raises(UserError, match=r"calibration.h100.json: sm_bw_cap_fit must name its sweep"):
+        calibration.load("h100")
 
 
 def test_fit_bandwidth_cap_tool_writes_the_cap_beside_the_factors(tmp_path, monkeypatch, capsys):
@@ -165,9 +176,43 @@ def test_fit_bandwidth_cap_tool_writes_the_cap_beside_the_factors(tmp_path, monk
     doc = json.loads((tmp_path / "calibration.h100.json").read_text())
     assert doc["roles"] == cal["roles"] and doc["measured"] == cal["measured"]  # the factors stay
     assert doc["sm_bw_cap"] in calibration.CAP_GRID and doc["sm_bw_cap_fit"]["steps"] == 3
-    # a sweep it cannot read: one clear error naming the file, the calibration untouched
-    path.write_text(json.dumps({**sweep, "sets": [{"tokens": 1, "variants": [{"set": {}, "us": 1.0}]}]}))
+    assert doc["sm_bw_cap_fit"]["sweep"] == str(path)  # outside the repository: as given
+    # sweeps it cannot read: one clear error naming the file and the field, the calibration untouched
     before = (tmp_path / "calibration.h100.json").read_text()
+    one = [{"set": {}, "us": 1.0}]
+    for bad, words in [({**sweep, "sets": [{"tokens": 1, "variants": one}]}, "two or more variants"),
+                       ({k: v for k, v in sweep.items() if k != "gpu"}, "missing gpu"),
+                       ({**sweep, "gpu": "a100"}, "gpu 'a100'"),
+                       ({**sweep, "model": "nope"}, "model 'nope'"),
+                       ({**sweep, "profiled": [{**sweep["profiled"][0], "us": 0}]}, "profiled[0]: us must be a positive"),
+                       ({**sweep, "profiled": [{**sweep["profiled"][0], "us": float("nan")}]}, "us must be a positive"),
+                       ({**sweep, "profiled": [{**sweep["profiled"][0], "set": {"out_row": 64}}]}, "set names out_row"),
+                       ({**sweep, "sets": [{"tokens": "x", "variants": one * 2}]}, "sets[0]: tokens must be"),
+                       ({**sweep, "sets": [], "profiled": []}, "nothing to fit")]:
+        path.write_text(json.dumps(bad))
+        assert fit_bandwidth_cap.main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "sweep.json: not a readable sweep" in err and words in err, (words, err)
+        assert (tmp_path / "calibration.h100.json").read_text() == before
+    (tmp_path / "calibration.h100.json").unlink()
+    path.write_text(json.dumps(sweep))
     assert fit_bandwidth_cap.main([str(path)]) == 2
-    assert "sweep.json: not a readable sweep" in capsys.readouterr().err
-    assert (tmp_path / "calibration.h100.json").read_text() == before
+    assert "calibration.h100.json: no calibration to add the cap to" in capsys.readouterr().err
+
+
+def test_calibrate_cost_keeps_a_fitted_cap(tmp_path, monkeypatch, tiny_schedule):
+    from tools import calibrate_cost
+
+    monkeypatch.setattr(calibration, "SCHEDULES_DIR", tmp_path)
+    fit_doc = {"sweep": "schedules/sweeps.h100.json", "steps": 3}
+    (tmp_path / "calibration.h100.json").write_text(json.dumps({"roles": {"q_proj": 2.0}, "sm_bw_cap": 1.25,
+                                                                "sm_bw_cap_fit": fit_doc}))
+    cfg = preset("mimo-v2-flash", layers=1, expert_format="mxfp4")
+    schedule = compile_steps(cfg, load_recipe("mimo-v2-flash", "h100"), [1], max_seq_len=64 + 8)[1]
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"tasks": fake_profile(schedule, {"attention": 3.0})}))
+    assert calibrate_cost.main([str(profile), "--layers", "1", "--context", "64", "--device", "x", "--commit", "c",
+                                "--date", "d"]) == 0
+    doc = json.loads((tmp_path / "calibration.h100.json").read_text())
+    assert doc["sm_bw_cap"] == 1.25 and doc["sm_bw_cap_fit"] == fit_doc
+    assert doc["roles"]["attention"] == pytest.approx(3.0, rel=1e-3) and "q_proj" in doc["roles"]

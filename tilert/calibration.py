@@ -64,9 +64,14 @@ def load(gpu: str) -> dict | None:
     if any(not v > 0 for v in roles.values()):
         raise UserError(f"{path}: calibration factors must be positive")
     cap = doc.get("sm_bw_cap")
-    if cap is not None and not (isinstance(cap, (int, float)) and math.isfinite(cap) and cap >= 1.0):
+    if cap is not None and not (isinstance(cap, (int, float)) and not isinstance(cap, bool)
+                                and math.isfinite(cap) and cap >= 1.0):
         raise UserError(f"{path}: sm_bw_cap must be a number >= 1 (one SM's most bandwidth over its fair "
                         f"share), not {cap!r}")
+    fit_doc = doc.get("sm_bw_cap_fit")
+    if fit_doc is not None and not (isinstance(fit_doc, dict) and isinstance(fit_doc.get("sweep"), str)
+                                    and isinstance(fit_doc.get("steps"), int)):
+        raise UserError(f"{path}: sm_bw_cap_fit must name its sweep and count its steps, not {fit_doc!r}")
     return {**doc, "roles": roles}
 
 
@@ -112,7 +117,7 @@ def cap_errors(steps: list[StepTime], gpu: GpuSpec) -> tuple[list[float], list[f
     return ratios, absolute
 
 
-def rms(errors: list[float]) -> float:
+def root_mean_square(errors: list[float]) -> float:
     return math.sqrt(sum(e * e for e in errors) / len(errors)) if errors else 0.0
 
 
@@ -124,8 +129,9 @@ def fit_sm_bw_cap(steps: list[StepTime], gpu: GpuSpec, caps=CAP_GRID) -> tuple[f
     table = []
     for cap in caps:
         ratios, absolute = cap_errors(steps, dataclasses.replace(gpu, sm_bw_cap=cap))
-        table.append({"sm_bw_cap": cap, "rms": rms(ratios + absolute), "ratio_rms": rms(ratios),
-                      "absolute_rms": rms(absolute), "absolute": absolute})
+        table.append({"sm_bw_cap": cap, "rms": root_mean_square(ratios + absolute),
+                      "ratio_rms": root_mean_square(ratios), "absolute_rms": root_mean_square(absolute),
+                      "terms": len(ratios) + len(absolute), "absolute": absolute})
     best = min(table, key=lambda r: r["rms"])
     return best["sm_bw_cap"], table
 

@@ -48,9 +48,11 @@ def main(argv=None) -> int:
                          f"not the same geometry")
     gpu = GPUS[args.gpu]
     roles = fit(schedule, rows, gpu)
+    before = load(args.gpu) or {}  # a fitted per-SM cap is kept (and simulated with)
+    capped = dataclasses.replace(gpu, sm_bw_cap=float(before["sm_bw_cap"])) if "sm_bw_cap" in before else gpu
     measured_ns = step_span_ns(rows)
     plain = estimate(schedule, gpu)["step_time_s"]
-    calibrated = estimate(schedule, dataclasses.replace(gpu, calibration=tuple(sorted(roles.items()))))["step_time_s"]
+    calibrated = estimate(schedule, dataclasses.replace(capped, calibration=tuple(sorted(roles.items()))))["step_time_s"]
     for role, f in sorted(roles.items(), key=lambda kv: -kv[1]):
         print(f"{role:20s} measured / model {f:6.2f}")
     print(f"step: measured {measured_ns / 1e3:.1f} us, model {plain * 1e6:.1f} us, "
@@ -65,7 +67,6 @@ def main(argv=None) -> int:
                         "calibrated_model_us": round(calibrated * 1e6, 1)}}
     if not args.dry_run:
         path = calibration_path(args.gpu)
-        before = load(args.gpu) or {}
         if "sm_bw_cap" in before:  # fitted with the old factors: kept, to be refitted
             out.update({k: before[k] for k in ("sm_bw_cap", "sm_bw_cap_fit") if k in before})
             print(f"kept sm_bw_cap {before['sm_bw_cap']}: refit it to the new factors with "
