@@ -131,7 +131,7 @@ def fit_sm_bw_cap(steps: list[StepTime], gpu: GpuSpec, caps=CAP_GRID) -> tuple[f
         ratios, absolute = cap_errors(steps, dataclasses.replace(gpu, sm_bw_cap=cap))
         table.append({"sm_bw_cap": cap, "rms": root_mean_square(ratios + absolute),
                       "ratio_rms": root_mean_square(ratios), "absolute_rms": root_mean_square(absolute),
-                      "terms": len(ratios) + len(absolute), "absolute": absolute})
+                      "terms": len(ratios) + len(absolute), "ratios": ratios, "absolute": absolute})
     best = min(table, key=lambda r: r["rms"])
     return best["sm_bw_cap"], table
 

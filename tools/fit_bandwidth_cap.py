@@ -154,8 +154,10 @@ def main(argv=None) -> int:
     for r in table:
         mark = "  <- best" if r["sm_bw_cap"] == cap else ("  (now)" if r["sm_bw_cap"] == gpu.sm_bw_cap else "")
         print(f"{r['sm_bw_cap']:9.2f} {100 * r['rms']:7.2f} {100 * r['ratio_rms']:9.2f} {100 * r['absolute_rms']:10.2f}{mark}")
+    by_cap = {r["sm_bw_cap"]: (r["ratios"], r["absolute"]) for r in table}
     for name, c in (("now", gpu.sm_bw_cap), ("fitted", cap)):
-        ratios, absolute = cap_errors(steps, dataclasses.replace(gpu, sm_bw_cap=c))
+        # the fit's own errors; simulated again only for a cap off its grid
+        ratios, absolute = by_cap.get(c) or cap_errors(steps, dataclasses.replace(gpu, sm_bw_cap=c))
         print(f"{name} (cap {c:g}): ratio errors "
               + " ".join(f"{100 * (math.exp(e) - 1):+.1f}%" for e in ratios)
               + " | absolute " + " ".join(f"{100 * (math.exp(e) - 1):+.1f}%" for e in absolute)
